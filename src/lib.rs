@@ -1,0 +1,30 @@
+//! switchyard: a per-host gRPC load-balancing proxy that finds its backends in etcd.
+//!
+//! Where things are:
+//! - [`proxy`]: where a call enters (the h2c listener), how its service is chosen
+//!   ([`route`]), and how it is forwarded ([`proxy::forward`]).
+//! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
+//!   immutable snapshots ([`balance::EndpointSet`]).
+//! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
+//! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
+//! - [`registration`]: the other half of the pattern: leased keys kept alive.
+//! - [`config`]: command-line flags and their environment variables.
+//! - [`status`]: gRPC errors produced by the proxy itself.
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod etcd;
+pub mod proxy;
+pub mod registration;
+pub mod route;
+pub mod status;
+pub mod upstream;
+
+/// Generated code for the example `Echo` service used by demos, tests and benchmarks.
+pub mod echo {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("switchyard.echo.v1");
+}

@@ -1,0 +1,48 @@
+//! The `switchyard` binary: parses the command line and hands off to the library.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+
+/// Per-host gRPC load-balancing proxy with etcd discovery.
+#[derive(Parser, Debug)]
+#[command(name = "switchyard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy: accept gRPC calls and forward them round-robin to etcd-registered backends.
+    Proxy(switchyard::config::ProxyArgs),
+    /// Hold a leased registration key in etcd for a backend (sidecar).
+    Register(switchyard::registration::sidecar::RegisterArgs),
+    /// List the endpoints registered under the prefix.
+    Endpoints(switchyard::registration::list::EndpointsArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Proxy(args) => switchyard::proxy::run(args, switchyard::proxy::shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from),
+        Command::Register(args) => switchyard::registration::sidecar::run(args).await,
+        Command::Endpoints(args) => switchyard::registration::list::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The per-call path: check the request, choose its service, pick a backend
+//! round-robin, and send the stream there, retrying calls that never reached a backend.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::CONTENT_TYPE;
+use http::uri::{Scheme, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use crate::discovery::{BackendAddr, Discovery, Service};
+use crate::route::service_from_path;
+use crate::status::{error_response, http_error, Code};
+
+/// Most backends one call is offered to before the proxy gives up.
+pub const MAX_ATTEMPTS: usize = 5;
+
+/// Where a listener's calls go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Every call goes to this service.
+    Bound(Arc<Service>),
+    /// The service is the gRPC service named in the call's path.
+    ByPath,
+}
+
+/// Handles the calls of one listener.
+#[derive(Debug)]
+pub struct Forwarder {
+    discovery: Arc<Discovery>,
+    target: Target,
+    discovery_timeout: Duration,
+}
+
+impl Forwarder {
+    /// A forwarder for calls to `target`, found through `discovery`.
+    pub fn new(discovery: Arc<Discovery>, target: Target, discovery_timeout: Duration) -> Self {
+        Self {
+            discovery,
+            target,
+            discovery_timeout,
+        }
+    }
+
+    /// Serves one request (one HTTP/2 stream); never fails: errors become responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        Ok(self.call(req).await)
+    }
+
+    async fn call(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if req.version() != Version::HTTP_2 {
+            return http_error(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "switchyard serves gRPC over HTTP/2 only (h2c with prior knowledge)\n",
+            );
+        }
+        if !is_grpc(req.headers()) {
+            return http_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "switchyard forwards gRPC only: content-type must be application/grpc\n",
+            );
+        }
+        let service = match &self.target {
+            Target::Bound(s) => Arc::clone(s),
+            Target::ByPath => {
+                let name = match service_from_path(req.uri().path()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return error_response(
+                            Code::Unimplemented,
+                            &format!("switchyard: {e}: {:?}", req.uri().path()),
+                        )
+                    }
+                };
+                match self.discovery.service(name) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return error_response(Code::ResourceExhausted, &format!("switchyard: {e}"))
+                    }
+                }
+            }
+        };
+        match grpc_timeout(req.headers()) {
+            Some(timeout) => {
+                match tokio::time::timeout(timeout, self.forward(&service, req)).await {
+                    Ok(resp) => resp,
+                    Err(_) => error_response(
+                        Code::DeadlineExceeded,
+                        &format!(
+                            "switchyard: deadline exceeded before a backend of service '{}' answered",
+                            service.name()
+                        ),
+                    ),
+                }
+            }
+            None => self.forward(&service, req).await,
+        }
+    }
+
+    /// Sends the call to the service's backends in round-robin order until one takes it.
+    async fn forward(&self, service: &Service, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        if !service.is_loaded() && !service.wait_loaded(self.discovery_timeout).await {
+            return error_response(
+                Code::Unavailable,
+                &format!(
+                    "switchyard: endpoints of service '{}' not known yet (etcd unreachable?)",
+                    service.name()
+                ),
+            );
+        }
+        let set = service.endpoints_full();
+        if set.is_empty() {
+            return error_response(
+                Code::Unavailable,
+                &format!(
+                    "switchyard: no endpoints registered for service '{}'",
+                    service.name()
+                ),
+            );
+        }
+        let mut pos = service.round_robin().next();
+        let mut last_error: Option<String> = None;
+        for _ in 0..set.len().min(MAX_ATTEMPTS) {
+            let Some((next, upstream)) = set.next_usable(pos) else {
+                break;
+            };
+            pos = next;
+            let mut sender = match upstream.sender().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend not usable; trying next");
+                    last_error = Some(format!("{}: {e}", upstream.addr()));
+                    continue;
+                }
+            };
+            if let Err(e) = set_authority(&mut req, upstream.addr()) {
+                return error_response(Code::Internal, &format!("switchyard: {e}"));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return resp.map(ProxyBody::Upstream),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        // The request never left: safe to offer it to the next backend.
+                        upstream.report_closed();
+                        tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e.error(), "call not sent; retrying on next backend");
+                        last_error = Some(format!("{}: {}", upstream.addr(), e.error()));
+                        req = unsent;
+                    }
+                    None => {
+                        return error_response(
+                            Code::Unavailable,
+                            &format!(
+                                "switchyard: service '{}': backend {} failed the call: {}",
+                                service.name(),
+                                upstream.addr(),
+                                e.error()
+                            ),
+                        )
+                    }
+                },
+            }
+        }
+        error_response(
+            Code::Unavailable,
+            &format!(
+                "switchyard: all {} endpoints of service '{}' are unreachable{}",
+                set.len(),
+                service.name(),
+                last_error.map(|e| format!(" (last: {e})")).unwrap_or_default()
+            ),
+        )
+    }
+}
+
+/// Points the request at `addr`, keeping its path.
+#[inline]
+pub fn set_authority<B>(req: &mut Request<B>, addr: &BackendAddr) -> Result<(), http::Error> {
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(addr.authority().clone());
+    *req.uri_mut() = Uri::from_parts(parts)?;
+    Ok(())
+}
+
+/// Whether the request's content-type is gRPC (`application/grpc`, `+proto`, `;...`).
+#[inline]
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(CONTENT_TYPE) else {
+        return false;
+    };
+    let Some(rest) = ct.as_bytes().strip_prefix(b"application/grpc") else {
+        return false;
+    };
+    matches!(rest.first(), None | Some(b'+') | Some(b';'))
+}
+
+/// Parses `grpc-timeout` (`<up to 8 digits><H|M|S|m|u|n>`); `None` if absent or malformed.
+#[inline]
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(name: &'static str, v: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(v));
+        h
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(
+            grpc_timeout(&headers("grpc-timeout", "100m")),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            grpc_timeout(&headers("grpc-timeout", "2S")),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            grpc_timeout(&headers("grpc-timeout", "1H")),
+            Some(Duration::from_secs(3600))
+        );
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(bad).unwrap());
+            assert_eq!(grpc_timeout(&h), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        assert!(is_grpc(&headers("content-type", "application/grpc")));
+        assert!(is_grpc(&headers("content-type", "application/grpc+proto")));
+        assert!(!is_grpc(&headers("content-type", "application/grpc-web")));
+        assert!(!is_grpc(&headers("content-type", "application/json")));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn authority_is_set_and_path_kept() {
+        let mut req = Request::get("/pkg.Svc/M").body(()).unwrap();
+        set_authority(&mut req, &"127.0.0.1:9".parse().unwrap()).unwrap();
+        assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/pkg.Svc/M");
+    }
+}

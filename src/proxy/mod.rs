@@ -1,0 +1,216 @@
+//! Where a call enters: the h2c listeners, their connections, and graceful shutdown.
+//!
+//! Each accepted connection is served by hyper's HTTP/2 server; each stream on it is
+//! handed to the listener's [`forward::Forwarder`].
+
+pub mod body;
+pub mod forward;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ProxyArgs;
+use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
+use crate::etcd::EtcdError;
+use crate::route::ServiceName;
+use crate::upstream::UpstreamConfig;
+use forward::{Forwarder, Target};
+
+/// A listener already bound, with the service it is bound to (if any).
+#[derive(Debug)]
+pub struct BoundListener {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// If set, every call on this listener goes to this service.
+    pub service: Option<ServiceName>,
+}
+
+/// Errors that stop the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The etcd client could not be set up.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// A bound service could not be set up.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// Binds the configured listeners and serves until `shutdown` completes.
+pub async fn run(
+    args: ProxyArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyError> {
+    let mut listeners = Vec::with_capacity(args.listen.len());
+    for spec in &args.listen {
+        let listener = TcpListener::bind(spec.addr)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: spec.addr,
+                source,
+            })?;
+        listeners.push(BoundListener {
+            listener,
+            service: spec.service.clone(),
+        });
+    }
+    serve(args, listeners, shutdown).await
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The HTTP/2 server settings for client connections.
+fn server_builder(args: &ProxyArgs) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .keep_alive(false);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(args.max_concurrent_streams)
+        .max_header_list_size(args.max_header_list_size)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_frame_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_pending_accept_reset_streams(256)
+        .max_local_error_reset_streams(1024);
+    builder
+}
+
+/// Serves calls on already-bound listeners until `shutdown` completes, then drains.
+pub async fn serve(
+    args: ProxyArgs,
+    listeners: Vec<BoundListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyError> {
+    let etcd = crate::etcd::connect(&args.etcd).await?;
+    let discovery = Discovery::new(
+        etcd,
+        DiscoveryConfig {
+            prefix: args.etcd.prefix.clone(),
+            max_services: args.max_services,
+            upstream: UpstreamConfig {
+                connect_timeout: args.connect_timeout,
+                ..UpstreamConfig::default()
+            },
+        },
+    );
+    let builder = Arc::new(server_builder(&args));
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut accept_tasks = Vec::with_capacity(listeners.len());
+    for bound in listeners {
+        let target = match &bound.service {
+            Some(name) => Target::Bound(discovery.service(name.as_str())?),
+            None => Target::ByPath,
+        };
+        let forwarder = Arc::new(Forwarder::new(
+            Arc::clone(&discovery),
+            target,
+            args.discovery_timeout,
+        ));
+        let addr = bound.listener.local_addr().ok();
+        tracing::info!(listen = ?addr, service = ?bound.service, "listening");
+        accept_tasks.push(tokio::spawn(accept_loop(
+            bound.listener,
+            forwarder,
+            Arc::clone(&builder),
+            Arc::clone(&graceful),
+            stop_rx.clone(),
+        )));
+    }
+    shutdown.await;
+    tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: no new connections, draining calls");
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    // The accept loops are done, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful) {
+        match tokio::time::timeout(args.drain_timeout, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections drained"),
+            Err(_) => tracing::warn!("drain timeout reached; closing remaining connections"),
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    forwarder: Arc<Forwarder>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let fwd = Arc::clone(&forwarder);
+        let service = service_fn(move |req| Arc::clone(&fwd).handle(req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "client connection ended with error");
+            }
+        });
+    }
+}

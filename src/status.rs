@@ -1,0 +1,96 @@
+//! gRPC errors produced by the proxy itself: trailers-only responses
+//! (HTTP 200, `content-type: application/grpc`, `grpc-status`, `grpc-message`).
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+
+use crate::proxy::body::ProxyBody;
+
+/// gRPC status codes the proxy produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    /// The call was cancelled.
+    Cancelled = 1,
+    /// Unknown error.
+    Unknown = 2,
+    /// The request is malformed.
+    InvalidArgument = 3,
+    /// The call's deadline passed before the proxy got an answer.
+    DeadlineExceeded = 4,
+    /// A limit was reached.
+    ResourceExhausted = 8,
+    /// The path names no method.
+    Unimplemented = 12,
+    /// Internal error.
+    Internal = 13,
+    /// No backend could take the call.
+    Unavailable = 14,
+}
+
+impl Code {
+    /// The code as the `grpc-status` header value.
+    pub fn header_value(self) -> HeaderValue {
+        const VALUES: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
+        HeaderValue::from_static(VALUES[self as usize])
+    }
+}
+
+/// Bytes escaped in `grpc-message`: everything outside printable ASCII, plus `%`.
+const GRPC_MESSAGE_ESCAPES: &AsciiSet = &CONTROLS.add(b'%');
+
+/// Percent-encodes a status message as the gRPC spec requires.
+pub fn encode_message(message: &str) -> HeaderValue {
+    let encoded: String = utf8_percent_encode(message, GRPC_MESSAGE_ESCAPES).collect();
+    // Percent-encoding leaves only visible ASCII, which is always a valid header value.
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static("switchyard error"))
+}
+
+/// The `content-type` of gRPC responses.
+pub const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// Builds a trailers-only gRPC error response.
+pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    h.insert("grpc-status", code.header_value());
+    h.insert("grpc-message", encode_message(message));
+    resp
+}
+
+/// Builds a plain HTTP error (for requests that are not gRPC at all).
+pub fn http_error(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::text(message));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(encode_message("no endpoints"), "no endpoints");
+        assert_eq!(encode_message("100% ünïcode\n"), "100%25 %C3%BCn%C3%AFcode%0A");
+    }
+
+    #[test]
+    fn error_responses_are_trailers_only() {
+        let r = error_response(Code::Unavailable, "no endpoints for service 'a'");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(r.headers()["grpc-message"], "no endpoints for service 'a'");
+    }
+}

@@ -1,0 +1,275 @@
+//! Where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
+//!
+//! Each [`Upstream`] owns a background task that connects, keeps the connection, and
+//! reconnects with exponential backoff when it dies. The call path only loads the
+//! current sender (lock-free) and clones it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::discovery::BackendAddr;
+
+/// The body type forwarded to backends: the client's request body, streamed as is.
+pub type RequestBody = Incoming;
+
+/// Settings for backend connections.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Time allowed for TCP connect plus the HTTP/2 handshake.
+    pub connect_timeout: Duration,
+    /// First reconnect delay after a failure.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// HTTP/2 keep-alive ping interval (detects dead peers on idle connections).
+    pub keepalive_interval: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connection state of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Connecting (first time, or right after a connection ended).
+    Connecting = 0,
+    /// Connected; calls go out on the pooled connection.
+    Ready = 1,
+    /// The last connect failed; skipped by the balancer until a reconnect succeeds.
+    Failed = 2,
+}
+
+impl State {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => State::Ready,
+            2 => State::Failed,
+            _ => State::Connecting,
+        }
+    }
+
+    /// Lower-case name, for logs and admin output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Ready => "ready",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Why no sender could be had for a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The backend could not be connected to.
+    #[error("backend unreachable")]
+    Unreachable,
+    /// Connecting took longer than the connect timeout.
+    #[error("backend connect timed out")]
+    Timeout,
+}
+
+/// One backend and its pooled HTTP/2 connection.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: BackendAddr,
+    sender: ArcSwapOption<SendRequest<RequestBody>>,
+    state: AtomicU8,
+    changed: Notify,
+    connect_timeout: Duration,
+}
+
+impl Upstream {
+    /// A backend at `addr`, not yet connected; call [`Upstream::start`] to connect.
+    pub fn new(addr: BackendAddr, config: &UpstreamConfig) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            sender: ArcSwapOption::empty(),
+            state: AtomicU8::new(State::Connecting as u8),
+            changed: Notify::new(),
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    /// Starts the connection task (connect, keep, reconnect with backoff).
+    ///
+    /// The task holds only a weak reference: once the last `Arc<Upstream>` is gone (the
+    /// endpoint left the set and no call uses it), it stops reconnecting, and the HTTP/2
+    /// connection closes after the streams still on it have finished.
+    pub fn start(self: &Arc<Self>, config: UpstreamConfig) {
+        tokio::spawn(connection_loop(Arc::downgrade(self), config));
+    }
+
+    /// The backend's address.
+    pub fn addr(&self) -> &BackendAddr {
+        &self.addr
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Whether the balancer should pick this backend now.
+    #[inline]
+    pub fn is_usable(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != State::Failed as u8
+    }
+
+    fn set_state(&self, s: State) {
+        self.state.store(s as u8, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// A sender on the pooled connection, waiting (up to the connect timeout) while a
+    /// connection is being set up.
+    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        if let Some(s) = self.ready_sender() {
+            return Ok(s);
+        }
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(s) = self.ready_sender() {
+                    return Ok(s);
+                }
+                if self.state() == State::Failed {
+                    return Err(UpstreamError::Unreachable);
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, wait)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+    }
+
+    #[inline]
+    fn ready_sender(&self) -> Option<SendRequest<RequestBody>> {
+        let guard = self.sender.load();
+        match guard.as_ref() {
+            Some(s) if !s.is_closed() => Some(SendRequest::clone(s)),
+            _ => None,
+        }
+    }
+
+    /// Tells the upstream that its connection was found closed by a call, so the next
+    /// calls do not pick it until it has reconnected.
+    pub fn report_closed(&self) {
+        let guard = self.sender.load();
+        if guard.as_ref().is_some_and(|s| s.is_closed()) && self.state() == State::Ready {
+            self.set_state(State::Connecting);
+        }
+    }
+}
+
+/// Opens a TCP connection and performs the HTTP/2 handshake.
+async fn connect(
+    addr: &BackendAddr,
+    config: &UpstreamConfig,
+) -> std::io::Result<(
+    SendRequest<RequestBody>,
+    http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
+)> {
+    let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
+    tcp.set_nodelay(true)?;
+    http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_frame_size(64 * 1024)
+        .keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(Duration::from_secs(5))
+        .max_concurrent_reset_streams(1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Doubles a delay, capped.
+fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
+    (current * 2).min(config.backoff_max)
+}
+
+async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig) {
+    let mut backoff = config.backoff_min;
+    loop {
+        let Some(up) = this.upgrade() else { return };
+        let addr = up.addr.clone();
+        drop(up);
+        let attempt = tokio::time::timeout(config.connect_timeout, connect(&addr, &config)).await;
+        let Some(up) = this.upgrade() else { return };
+        match attempt {
+            Ok(Ok((sender, conn))) => {
+                up.sender.store(Some(Arc::new(sender)));
+                if up.state() != State::Ready {
+                    tracing::info!(backend = %addr, "backend connected");
+                }
+                up.set_state(State::Ready);
+                drop(up);
+                let connected_at = tokio::time::Instant::now();
+                let result = conn.await;
+                let Some(up) = this.upgrade() else { return };
+                up.sender.store(None);
+                up.set_state(State::Connecting);
+                match result {
+                    Ok(()) => tracing::info!(backend = %addr, "backend connection closed"),
+                    Err(e) => tracing::warn!(backend = %addr, error = %e, "backend connection lost"),
+                }
+                // A connection that lived a while is re-established at once; one that died
+                // young backs off, so a backend that accepts and drops is not hammered.
+                if connected_at.elapsed() >= Duration::from_secs(1) {
+                    backoff = config.backoff_min;
+                } else {
+                    drop(up);
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = next_backoff(backoff, &config);
+                }
+                continue;
+            }
+            Ok(Err(e)) => {
+                if up.state() != State::Failed {
+                    tracing::warn!(backend = %addr, error = %e, "backend unreachable; backing off");
+                }
+            }
+            Err(_) => {
+                if up.state() != State::Failed {
+                    tracing::warn!(backend = %addr, timeout = ?config.connect_timeout, "backend connect timed out; backing off");
+                }
+            }
+        }
+        up.set_state(State::Failed);
+        drop(up);
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = next_backoff(backoff, &config);
+    }
+}
+
+/// Spreads reconnects of many upstreams apart (±20%), without a random number crate.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.8 + f64::from(nanos % 400) / 1000.0;
+    d.mul_f64(factor)
+}
