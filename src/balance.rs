@@ -38,19 +38,34 @@ impl EndpointSet {
         self.endpoints.iter()
     }
 
-    /// The first usable endpoint at or after position `from` (wrapping), with the
-    /// position after it, so that retries move on to the next one.
+    /// Picks the next usable endpoint round-robin, skipping those `skip` rejects (e.g.
+    /// already tried by this call). An unusable endpoint's turn is given up by taking
+    /// another tick of the cursor, so the usable ones still share calls evenly.
     #[inline]
-    pub fn next_usable(&self, from: usize) -> Option<(usize, &Arc<Upstream>)> {
+    pub fn pick(
+        &self,
+        rr: &RoundRobin,
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<(usize, &Arc<Upstream>)> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
-        (0..n).find_map(|i| {
-            let pos = from.wrapping_add(i);
-            let ep = &self.endpoints[pos % n];
-            ep.is_usable().then_some((pos.wrapping_add(1), ep))
-        })
+        let start = rr.next();
+        for i in 0..n {
+            // The first tick is the call's own; later ones are taken only when skipping.
+            let pos = if i == 0 { start } else { rr.next() };
+            let idx = pos % n;
+            let ep = &self.endpoints[idx];
+            if ep.is_usable() && !skip(idx) {
+                return Some((idx, ep));
+            }
+        }
+        // Concurrent calls may have moved the cursor past some; fall back to a scan.
+        self.endpoints
+            .iter()
+            .enumerate()
+            .find(|(i, ep)| ep.is_usable() && !skip(*i))
     }
 }
 
@@ -88,7 +103,7 @@ mod tests {
         let rr = RoundRobin::default();
         let mut counts = [0usize; 3];
         for _ in 0..300 {
-            let (_, ep) = s.next_usable(rr.next()).unwrap();
+            let (_, ep) = s.pick(&rr, |_| false).unwrap();
             counts[(ep.addr().port() - 1000) as usize] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
@@ -96,14 +111,19 @@ mod tests {
 
     #[test]
     fn empty_set_picks_nothing() {
-        assert!(set(0).next_usable(7).is_none());
+        assert!(set(0).pick(&RoundRobin::default(), |_| false).is_none());
     }
 
     #[test]
-    fn retries_move_on() {
-        let s = set(3);
-        let (next, a) = s.next_usable(5).unwrap();
-        let (_, b) = s.next_usable(next).unwrap();
-        assert_ne!(a.addr(), b.addr());
+    fn skipped_endpoints_leave_an_even_share() {
+        let s = set(4);
+        let rr = RoundRobin::default();
+        let mut counts = [0usize; 4];
+        for _ in 0..300 {
+            let (_, ep) = s.pick(&rr, |i| i == 1).unwrap();
+            counts[(ep.addr().port() - 1000) as usize] += 1;
+        }
+        assert_eq!(counts, [100, 0, 100, 100]);
+        assert!(s.pick(&rr, |_| true).is_none());
     }
 }

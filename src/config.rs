@@ -27,7 +27,12 @@ pub struct EtcdArgs {
     #[arg(long, env = "SWITCHYARD_ETCD_USER", requires = "etcd_password")]
     pub etcd_user: Option<String>,
     /// etcd password.
-    #[arg(long, env = "SWITCHYARD_ETCD_PASSWORD", requires = "etcd_user", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_ETCD_PASSWORD",
+        requires = "etcd_user",
+        hide_env_values = true
+    )]
     pub etcd_password: Option<String>,
 }
 
@@ -103,12 +108,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// `--admin-listen`: an `ip:port`, or `off` to disable the admin listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" | "none" | "" => Ok(Self(None)),
+            a => a
+                .parse()
+                .map(|a| Self(Some(a)))
+                .map_err(|_| format!("{a:?} is not ip:port (or off)")),
+        }
+    }
+}
+
 /// Flags of `switchyard proxy`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
     /// Listener `ADDR[=SERVICE]`, repeatable. A listener bound to a service sends every
     /// call to it; otherwise the service is taken from the call's path.
-    #[arg(long, env = "SWITCHYARD_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070"
+    )]
     pub listen: Vec<ListenSpec>,
     /// etcd location and key prefix.
     #[command(flatten)]
@@ -123,11 +150,22 @@ pub struct ProxyArgs {
     #[arg(long, env = "SWITCHYARD_MAX_SERVICES", default_value_t = 1024)]
     pub max_services: usize,
     /// Maximum concurrent streams a client may open on one connection.
-    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
     pub max_concurrent_streams: u32,
     /// Maximum size of a request's header list, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024)]
     pub max_header_list_size: u32,
+    /// Admin listener (`/metrics`, `/endpoints`, `/healthz`, `/readyz`); `off` disables it.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7071"
+    )]
+    pub admin_listen: AdminListen,
     /// On SIGTERM, how long in-flight calls may run before the proxy exits.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -145,6 +183,7 @@ impl ProxyArgs {
             max_concurrent_streams: 1024,
             max_header_list_size: 16 * 1024,
             drain_timeout: Duration::from_secs(10),
+            admin_listen: AdminListen(None),
         }
     }
 }

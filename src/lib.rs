@@ -12,11 +12,13 @@
 //! - [`status`]: gRPC errors produced by the proxy itself.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod etcd;
+pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod route;

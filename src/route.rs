@@ -116,7 +116,9 @@ mod tests {
 
     #[test]
     fn bad_paths_are_rejected() {
-        for p in ["", "/", "//M", "/a", "/a/", "a/M", "/a/M/x", "/a b/M", "/ä/M"] {
+        for p in [
+            "", "/", "//M", "/a", "/a/", "a/M", "/a/M/x", "/a b/M", "/ä/M",
+        ] {
             assert!(service_from_path(p).is_err(), "{p:?} accepted");
         }
         let long = format!("/{}/M", "x".repeat(MAX_SERVICE_NAME_LEN + 1));

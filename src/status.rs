@@ -82,7 +82,10 @@ mod tests {
     #[test]
     fn messages_are_percent_encoded() {
         assert_eq!(encode_message("no endpoints"), "no endpoints");
-        assert_eq!(encode_message("100% ünïcode\n"), "100%25 %C3%BCn%C3%AFcode%0A");
+        assert_eq!(
+            encode_message("100% ünïcode\n"),
+            "100%25 %C3%BCn%C3%AFcode%0A"
+        );
     }
 
     #[test]

@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::discovery::BackendAddr;
+use crate::metrics::{EndpointMetrics, ServiceMetrics};
 
-/// The body type forwarded to backends: the client's request body, streamed as is.
-pub type RequestBody = Incoming;
+/// The body type forwarded to backends: the client's request body, streamed as is
+/// (and recorded briefly so a refused call can be replayed).
+pub type RequestBody = crate::proxy::replay::ReplayBody;
 
 /// Settings for backend connections.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct UpstreamConfig {
     pub backoff_max: Duration,
     /// HTTP/2 keep-alive ping interval (detects dead peers on idle connections).
     pub keepalive_interval: Duration,
+    /// Metrics of the service these backends belong to, if measured.
+    pub metrics: Option<Arc<ServiceMetrics>>,
 }
 
 impl Default for UpstreamConfig {
@@ -40,6 +43,7 @@ impl Default for UpstreamConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
@@ -94,17 +98,19 @@ pub struct Upstream {
     state: AtomicU8,
     changed: Notify,
     connect_timeout: Duration,
+    metrics: Option<Arc<EndpointMetrics>>,
 }
 
 impl Upstream {
     /// A backend at `addr`, not yet connected; call [`Upstream::start`] to connect.
     pub fn new(addr: BackendAddr, config: &UpstreamConfig) -> Arc<Self> {
         Arc::new(Self {
-            addr,
             sender: ArcSwapOption::empty(),
             state: AtomicU8::new(State::Connecting as u8),
             changed: Notify::new(),
             connect_timeout: config.connect_timeout,
+            metrics: config.metrics.as_ref().map(|m| m.endpoint(&addr)),
+            addr,
         })
     }
 
@@ -120,6 +126,11 @@ impl Upstream {
     /// The backend's address.
     pub fn addr(&self) -> &BackendAddr {
         &self.addr
+    }
+
+    /// This backend's metric handles, if measured.
+    pub fn metrics(&self) -> Option<&Arc<EndpointMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// The current connection state.
@@ -205,6 +216,22 @@ async fn connect(
         .map_err(std::io::Error::other)
 }
 
+/// Sends one gRPC health check (empty request) and waits for any response headers:
+/// proof that the peer speaks HTTP/2. Its answer (even UNIMPLEMENTED) is not judged.
+async fn probe(sender: &mut SendRequest<RequestBody>) -> Result<(), hyper::Error> {
+    let body = RequestBody::fixed(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]));
+    let mut req = http::Request::new(body);
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static("http://switchyard.probe/grpc.health.v1.Health/Check");
+    let h = req.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    sender.send_request(req).await.map(drop)
+}
+
 /// Doubles a delay, capped.
 fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
     (current * 2).min(config.backoff_max)
@@ -219,7 +246,31 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
         let attempt = tokio::time::timeout(config.connect_timeout, connect(&addr, &config)).await;
         let Some(up) = this.upgrade() else { return };
         match attempt {
-            Ok(Ok((sender, conn))) => {
+            Ok(Ok((mut sender, conn))) => {
+                // The HTTP/2 handshake only sends our preface; make sure the peer really
+                // answers HTTP/2 before calls are sent its way.
+                tokio::pin!(conn);
+                let probed = tokio::select! {
+                    r = tokio::time::timeout(config.connect_timeout, probe(&mut sender)) => match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no HTTP/2 answer within {:?}", config.connect_timeout)),
+                    },
+                    r = &mut conn => Err(match r {
+                        Ok(()) => "connection closed during probe".to_owned(),
+                        Err(e) => e.to_string(),
+                    }),
+                };
+                if let Err(e) = probed {
+                    if up.state() != State::Failed {
+                        tracing::warn!(backend = %addr, error = %e, "backend does not answer HTTP/2; backing off");
+                    }
+                    up.set_state(State::Failed);
+                    drop(up);
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = next_backoff(backoff, &config);
+                    continue;
+                }
                 up.sender.store(Some(Arc::new(sender)));
                 if up.state() != State::Ready {
                     tracing::info!(backend = %addr, "backend connected");
@@ -233,7 +284,9 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
                 up.set_state(State::Connecting);
                 match result {
                     Ok(()) => tracing::info!(backend = %addr, "backend connection closed"),
-                    Err(e) => tracing::warn!(backend = %addr, error = %e, "backend connection lost"),
+                    Err(e) => {
+                        tracing::warn!(backend = %addr, error = %e, "backend connection lost")
+                    }
                 }
                 // A connection that lived a while is re-established at once; one that died
                 // young backs off, so a backend that accepts and drops is not hammered.

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::balance::{EndpointSet, RoundRobin};
+use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
 
@@ -42,6 +43,8 @@ pub struct DiscoveryConfig {
     pub max_services: usize,
     /// Settings for the backend connections of discovered endpoints.
     pub upstream: UpstreamConfig,
+    /// Where calls and endpoints are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Map from service name to its state; replaced whole (copy on write) when a service is added.
@@ -99,12 +102,17 @@ impl Discovery {
                 name.to_string(),
             ));
         }
-        let service = Arc::new(Service::new(name.clone()));
+        let metrics = self.config.metrics.service(name.as_str());
+        let service = Arc::new(Service::new(name.clone(), Arc::clone(&metrics)));
+        let upstream_config = UpstreamConfig {
+            metrics: Some(metrics),
+            ..self.config.upstream.clone()
+        };
         let task = tokio::spawn(watch::run(
             Arc::clone(&service),
             self.etcd.clone(),
             value::service_prefix(&self.config.prefix, name.as_str()),
-            self.config.upstream.clone(),
+            upstream_config,
         ));
         if let Ok(mut t) = service.task.lock() {
             *t = Some(task.abort_handle());
@@ -114,6 +122,11 @@ impl Discovery {
         self.services.store(Arc::new(next));
         tracing::info!(service = %name, "watching service");
         Ok(service)
+    }
+
+    /// The metrics registry calls are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.config.metrics
     }
 
     /// All services watched so far.
@@ -142,10 +155,11 @@ pub struct Service {
     loaded_notify: Notify,
     etcd_reachable: AtomicBool,
     task: Mutex<Option<AbortHandle>>,
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl Service {
-    fn new(name: ServiceName) -> Self {
+    fn new(name: ServiceName, metrics: Arc<ServiceMetrics>) -> Self {
         Self {
             name,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
@@ -154,7 +168,14 @@ impl Service {
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
             task: Mutex::new(None),
+            metrics,
         }
+    }
+
+    /// The service's metric handles.
+    #[inline]
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
     }
 
     /// The service's name.

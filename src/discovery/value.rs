@@ -237,10 +237,9 @@ mod tests {
 
     #[test]
     fn naming_json_decodes() {
-        let v = EndpointValue::decode(
-            br#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"zone":"a"}}"#,
-        )
-        .unwrap();
+        let v =
+            EndpointValue::decode(br#"{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{"zone":"a"}}"#)
+                .unwrap();
         assert_eq!(v.addr.as_str(), "10.0.0.5:50051");
         assert_eq!(v.metadata, Some(serde_json::json!({"zone":"a"})));
         assert_eq!(v.format, ValueFormat::EtcdNaming);

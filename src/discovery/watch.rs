@@ -52,7 +52,10 @@ impl WatchState {
         match EndpointValue::decode(kv.value()) {
             Ok(v) => self.keys.insert(kv.key().to_vec(), v.addr.clone()) != Some(v.addr),
             Err(e) => {
-                if self.logged_bad.insert((kv.key().to_vec(), kv.mod_revision())) {
+                if self
+                    .logged_bad
+                    .insert((kv.key().to_vec(), kv.mod_revision()))
+                {
                     tracing::warn!(
                         service = %self.service.name(),
                         key = %String::from_utf8_lossy(kv.key()),
@@ -150,14 +153,11 @@ async fn sync(
     state: &mut WatchState,
     backoff: &mut Duration,
 ) -> SyncError {
-    let listing = match with_timeout(
-        client.get(key_prefix, Some(GetOptions::new().with_prefix())),
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(e) => return e,
-    };
+    let listing =
+        match with_timeout(client.get(key_prefix, Some(GetOptions::new().with_prefix()))).await {
+            Ok(l) => l,
+            Err(e) => return e,
+        };
     let revision = listing.header().map_or(0, |h| h.revision());
     state.replace(listing.kvs());
     state.publish();

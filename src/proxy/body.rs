@@ -10,6 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::metrics::CallRecord;
 use crate::status::{encode_message, Code};
 
 /// A response body: streamed from a backend, or produced by the proxy.
@@ -19,8 +20,14 @@ pub enum ProxyBody {
     Empty,
     /// A short fixed body (plain HTTP errors).
     Text(Option<Bytes>),
-    /// A backend's response body, streamed through unchanged.
-    Upstream(Incoming),
+    /// A backend's response body, streamed through unchanged; its call is counted when
+    /// it ends or is dropped.
+    Upstream {
+        /// The backend's body.
+        inner: Incoming,
+        /// The call's metrics record, if measured.
+        record: Option<CallRecord>,
+    },
 }
 
 impl ProxyBody {
@@ -56,16 +63,29 @@ impl Body for ProxyBody {
         match this {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(inner) => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "backend response stream failed");
-                    let trailers = broken_stream_trailers(&e);
-                    *this = ProxyBody::Empty;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            ProxyBody::Upstream { inner, record } => loop {
+                match Pin::new(&mut *inner).poll_frame(cx) {
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "backend response stream failed");
+                        let trailers = broken_stream_trailers(&e);
+                        if let Some(r) = record {
+                            r.status(trailers.get("grpc-status"));
+                        }
+                        *this = ProxyBody::Empty;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    // Empty DATA frames carry nothing and only spend the client's
+                    // small-frame budget: drop them.
+                    Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(r), Some(t)) = (record.as_mut(), f.trailers_ref()) {
+                            r.status(t.get("grpc-status"));
+                        }
+                        return Poll::Ready(Some(Ok(f)));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
                 }
-                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
             },
         }
     }
@@ -74,7 +94,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Text(t) => t.is_none(),
-            ProxyBody::Upstream(inner) => inner.is_end_stream(),
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -82,7 +102,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Upstream(inner) => inner.size_hint(),
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }
 }

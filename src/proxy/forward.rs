@@ -11,7 +11,9 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
+use super::replay::ReplayBody;
 use crate::discovery::{BackendAddr, Discovery, Service};
+use crate::metrics::EndpointMetrics;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
 
@@ -86,51 +88,72 @@ impl Forwarder {
                 }
             }
         };
-        match grpc_timeout(req.headers()) {
-            Some(timeout) => {
-                match tokio::time::timeout(timeout, self.forward(&service, req)).await {
-                    Ok(resp) => resp,
-                    Err(_) => error_response(
+        let timer = service.metrics().start();
+        let timeout = grpc_timeout(req.headers());
+        let forwarded = self.forward(&service, req);
+        let result = match timeout {
+            Some(timeout) => tokio::time::timeout(timeout, forwarded)
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
                         Code::DeadlineExceeded,
-                        &format!(
+                        format!(
                             "switchyard: deadline exceeded before a backend of service '{}' answered",
                             service.name()
                         ),
-                    ),
-                }
+                    ))
+                }),
+            None => forwarded.await,
+        };
+        match result {
+            Ok((resp, endpoint)) => {
+                let (parts, inner) = resp.into_parts();
+                let record = endpoint.map(|e| {
+                    let mut r = timer.upstream(&e);
+                    r.status(parts.headers.get("grpc-status"));
+                    r
+                });
+                Response::from_parts(parts, ProxyBody::Upstream { inner, record })
             }
-            None => self.forward(&service, req).await,
+            Err((code, message)) => {
+                timer.own(code as u8);
+                error_response(code, &message)
+            }
         }
     }
 
-    /// Sends the call to the service's backends in round-robin order until one takes it.
-    async fn forward(&self, service: &Service, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Sends the call to the service's backends in round-robin order until one takes it;
+    /// returns the backend's response and the metrics of the backend that answered.
+    async fn forward(&self, service: &Service, req: Request<Incoming>) -> Forwarded {
         if !service.is_loaded() && !service.wait_loaded(self.discovery_timeout).await {
-            return error_response(
+            return Err((
                 Code::Unavailable,
-                &format!(
+                format!(
                     "switchyard: endpoints of service '{}' not known yet (etcd unreachable?)",
                     service.name()
                 ),
-            );
+            ));
         }
         let set = service.endpoints_full();
         if set.is_empty() {
-            return error_response(
+            return Err((
                 Code::Unavailable,
-                &format!(
+                format!(
                     "switchyard: no endpoints registered for service '{}'",
                     service.name()
                 ),
-            );
+            ));
         }
-        let mut pos = service.round_robin().next();
+        let (parts, body) = req.into_parts();
+        let mut body = ReplayBody::new(body);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last_error: Option<String> = None;
-        for _ in 0..set.len().min(MAX_ATTEMPTS) {
-            let Some((next, upstream)) = set.next_usable(pos) else {
+        for attempt in 0..set.len().min(MAX_ATTEMPTS) {
+            let Some((idx, upstream)) = set.pick(service.round_robin(), |i| tried.contains(&i))
+            else {
                 break;
             };
-            pos = next;
+            tried[attempt] = idx;
             let mut sender = match upstream.sender().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -139,43 +162,77 @@ impl Forwarder {
                     continue;
                 }
             };
+            let retry_body = body.try_clone();
+            let mut req = Request::from_parts(parts.clone(), body);
             if let Err(e) = set_authority(&mut req, upstream.addr()) {
-                return error_response(Code::Internal, &format!("switchyard: {e}"));
+                return Err((Code::Internal, format!("switchyard: {e}")));
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return resp.map(ProxyBody::Upstream),
+            let error = match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    if let Some(b) = &retry_body {
+                        b.commit();
+                    }
+                    return Ok((resp, upstream.metrics().cloned()));
+                }
                 Err(mut e) => match e.take_message() {
+                    // The request never left: offer it to the next backend as it is.
                     Some(unsent) => {
-                        // The request never left: safe to offer it to the next backend.
                         upstream.report_closed();
-                        tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e.error(), "call not sent; retrying on next backend");
-                        last_error = Some(format!("{}: {}", upstream.addr(), e.error()));
-                        req = unsent;
+                        body = unsent.into_body();
+                        e.into_error()
                     }
                     None => {
-                        return error_response(
-                            Code::Unavailable,
-                            &format!(
-                                "switchyard: service '{}': backend {} failed the call: {}",
-                                service.name(),
-                                upstream.addr(),
-                                e.error()
-                            ),
-                        )
+                        let err = e.into_error();
+                        match retry_body {
+                            // Refused before the backend processed it: replay elsewhere.
+                            Some(b) if never_processed(&err) => {
+                                body = b;
+                                err
+                            }
+                            _ => return Err((
+                                Code::Unavailable,
+                                format!(
+                                    "switchyard: service '{}': backend {} failed the call: {err}",
+                                    service.name(),
+                                    upstream.addr(),
+                                ),
+                            )),
+                        }
                     }
                 },
-            }
+            };
+            tracing::debug!(service = %service.name(), backend = %upstream.addr(), %error, "call not taken by backend; retrying on next");
+            last_error = Some(format!("{}: {error}", upstream.addr()));
         }
-        error_response(
+        Err((
             Code::Unavailable,
-            &format!(
+            format!(
                 "switchyard: all {} endpoints of service '{}' are unreachable{}",
                 set.len(),
                 service.name(),
-                last_error.map(|e| format!(" (last: {e})")).unwrap_or_default()
+                last_error
+                    .map(|e| format!(" (last: {e})"))
+                    .unwrap_or_default()
             ),
-        )
+        ))
     }
+}
+
+/// What forwarding gives: the backend's response and its metrics, or a proxy error.
+type Forwarded = Result<(Response<Incoming>, Option<Arc<EndpointMetrics>>), (Code, String)>;
+
+/// Whether an error says the backend refused the stream before processing it
+/// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).
+fn never_processed(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Points the request at `addr`, keeping its path.

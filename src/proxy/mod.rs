@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod replay;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,9 +19,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::AdminState;
 use crate::config::ProxyArgs;
 use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
 use crate::etcd::EtcdError;
+use crate::metrics::Metrics;
 use crate::route::ServiceName;
 use crate::upstream::UpstreamConfig;
 use forward::{Forwarder, Target};
@@ -130,7 +133,7 @@ pub async fn serve(
 ) -> Result<(), ProxyError> {
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let discovery = Discovery::new(
-        etcd,
+        etcd.clone(),
         DiscoveryConfig {
             prefix: args.etcd.prefix.clone(),
             max_services: args.max_services,
@@ -138,12 +141,12 @@ pub async fn serve(
                 connect_timeout: args.connect_timeout,
                 ..UpstreamConfig::default()
             },
+            metrics: Metrics::new(),
         },
     );
-    let builder = Arc::new(server_builder(&args));
-    let graceful = Arc::new(GracefulShutdown::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut accept_tasks = Vec::with_capacity(listeners.len());
+    let admin = AdminState::new(Arc::clone(&discovery));
+    // Resolve and bind everything that can fail before any task is started.
+    let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
         let target = match &bound.service {
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
@@ -154,6 +157,30 @@ pub async fn serve(
             target,
             args.discovery_timeout,
         ));
+        serving.push((bound, forwarder));
+    }
+    let admin_listener = match args.admin_listen.0 {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
+    let builder = Arc::new(server_builder(&args));
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
+    if let Some(listener) = admin_listener {
+        tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
+        accept_tasks.push(tokio::spawn(crate::admin::serve(
+            listener,
+            Arc::clone(&admin),
+            stop_rx.clone(),
+        )));
+    }
+    for (bound, forwarder) in serving {
         let addr = bound.listener.local_addr().ok();
         tracing::info!(listen = ?addr, service = ?bound.service, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
@@ -164,7 +191,11 @@ pub async fn serve(
             stop_rx.clone(),
         )));
     }
+    admin
+        .listening
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     shutdown.await;
+    probe.abort();
     tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: no new connections, draining calls");
     let _ = stop_tx.send(true);
     for t in accept_tasks {

@@ -1,0 +1,221 @@
+//! The admin listener: `/metrics` (Prometheus text), `/endpoints` (JSON), `/healthz`
+//! (alive) and `/readyz` (etcd reached at least once and listeners bound).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::discovery::Discovery;
+use crate::upstream::State;
+
+/// What the admin endpoints report on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The services and their endpoints.
+    pub discovery: Arc<Discovery>,
+    /// Set once etcd has answered.
+    pub etcd_reached: AtomicBool,
+    /// Set once all listeners are bound and serving.
+    pub listening: AtomicBool,
+}
+
+impl AdminState {
+    /// State for a proxy using `discovery`.
+    pub fn new(discovery: Arc<Discovery>) -> Arc<Self> {
+        Arc::new(Self {
+            discovery,
+            etcd_reached: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+        })
+    }
+
+    fn ready(&self) -> bool {
+        self.etcd_reached.load(Ordering::Relaxed) && self.listening.load(Ordering::Relaxed)
+    }
+
+    /// Updates the gauges that are computed from discovery state.
+    fn refresh_gauges(&self) {
+        let m = self.discovery.metrics();
+        m.endpoints.reset();
+        m.watch_up.reset();
+        for svc in self.discovery.services() {
+            let name = svc.name().as_str();
+            let mut counts = [0i64; 3];
+            for ep in svc.endpoints().iter() {
+                counts[ep.state() as usize] += 1;
+            }
+            for state in [State::Connecting, State::Ready, State::Failed] {
+                m.endpoints
+                    .with_label_values(&[name, state.as_str()])
+                    .set(counts[state as usize]);
+            }
+            m.watch_up
+                .with_label_values(&[name])
+                .set(i64::from(svc.etcd_reachable()));
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EndpointJson<'a> {
+    address: &'a str,
+    state: &'static str,
+    inflight: i64,
+}
+
+#[derive(Serialize)]
+struct ServiceJson<'a> {
+    service: &'a str,
+    etcd_watch_up: bool,
+    loaded: bool,
+    endpoints: Vec<EndpointJson<'a>>,
+}
+
+fn endpoints_json(state: &AdminState) -> Vec<u8> {
+    let services = state.discovery.services();
+    let snaps: Vec<_> = services.iter().map(|s| s.endpoints_full()).collect();
+    let out: Vec<ServiceJson<'_>> = services
+        .iter()
+        .zip(&snaps)
+        .map(|(svc, snap)| ServiceJson {
+            service: svc.name().as_str(),
+            etcd_watch_up: svc.etcd_reachable(),
+            loaded: svc.is_loaded(),
+            endpoints: snap
+                .iter()
+                .map(|ep| EndpointJson {
+                    address: ep.addr().as_str(),
+                    state: ep.state().as_str(),
+                    inflight: ep.metrics().map_or(0, |m| m.inflight()),
+                })
+                .collect(),
+        })
+        .collect();
+    serde_json::to_vec_pretty(&out).unwrap_or_default()
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+async fn handle(
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n"));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => {
+            state.refresh_gauges();
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.discovery.metrics().render(),
+            )
+        }
+        "/endpoints" => reply(StatusCode::OK, "application/json", endpoints_json(&state)),
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
+        "/readyz" => {
+            if state.ready() {
+                reply(StatusCode::OK, TEXT, "ready\n")
+            } else if !state.etcd_reached.load(Ordering::Relaxed) {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "not ready: etcd not reached yet\n",
+                )
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "not ready: listeners not bound yet\n",
+                )
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found; try /metrics, /endpoints, /healthz, /readyz\n",
+        ),
+    })
+}
+
+/// Serves the admin endpoints on `listener` until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(Arc::clone(&state), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+/// Probes etcd every few seconds; records reachability for `/readyz` and `switchyard_etcd_up`.
+pub async fn probe_etcd(mut client: etcd_client::Client, state: Arc<AdminState>) {
+    let mut was_up: Option<bool> = None;
+    loop {
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(3), client.status()).await,
+            Ok(Ok(_))
+        );
+        state.discovery.metrics().etcd_up.set(i64::from(up));
+        if up {
+            state.etcd_reached.store(true, Ordering::Relaxed);
+        }
+        if was_up != Some(up) {
+            if up {
+                tracing::info!("etcd reachable");
+            } else {
+                tracing::warn!("etcd unreachable; serving last known endpoints");
+            }
+            was_up = Some(up);
+        }
+        tokio::time::sleep(if up {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        })
+        .await;
+    }
+}

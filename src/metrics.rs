@@ -1,0 +1,334 @@
+//! Prometheus metrics. Handles are resolved once per service and per endpoint, so a
+//! call only touches atomics (no label lookup, no lock, no formatting).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::discovery::BackendAddr;
+
+/// Number of gRPC status codes (0..=16); index 17 counts calls that ended without one.
+const STATUS_SLOTS: usize = 18;
+const STATUS_LABELS: [&str; STATUS_SLOTS] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "none",
+];
+
+/// All metrics of one proxy process, and the registry that exposes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    calls: IntCounterVec,
+    duration: HistogramVec,
+    inflight: IntGaugeVec,
+    endpoint_inflight: IntGaugeVec,
+    /// Endpoints per service and state (set at scrape time).
+    pub endpoints: IntGaugeVec,
+    /// 1 while a service's etcd watch is connected (set at scrape time).
+    pub watch_up: IntGaugeVec,
+    /// 1 while etcd answers the proxy's health probe.
+    pub etcd_up: IntGauge,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    // Names are static and distinct, so registration cannot collide.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+impl Metrics {
+    /// Creates and registers all metrics (plus process CPU/memory metrics on Linux).
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            if let Err(e) = registry.register(Box::new(pc)) {
+                tracing::warn!(error = %e, "process metrics unavailable");
+            }
+        }
+        let calls = IntCounterVec::new(
+            Opts::new("switchyard_calls_total", "Calls finished, by service, endpoint and grpc-status (endpoint \"\" = answered by the proxy itself; status \"none\" = ended without one, e.g. cancelled)."),
+            &["service", "endpoint", "grpc_status"],
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_call_duration_seconds",
+                "Call duration from request headers to the end of the response, by service.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["service"],
+        );
+        let inflight = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_inflight_streams",
+                "Calls in flight, by service.",
+            ),
+            &["service"],
+        );
+        let endpoint_inflight = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_endpoint_inflight_streams",
+                "Calls in flight on a backend, by service and endpoint.",
+            ),
+            &["service", "endpoint"],
+        );
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_endpoints",
+                "Known endpoints by service and connection state (connecting, ready, failed).",
+            ),
+            &["service", "state"],
+        );
+        let watch_up = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_etcd_watch_up",
+                "1 while the service's etcd watch is established, 0 while serving last known endpoints.",
+            ),
+            &["service"],
+        );
+        let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
+        // The options above are all valid (static names, distinct labels).
+        let (
+            Ok(calls),
+            Ok(duration),
+            Ok(inflight),
+            Ok(endpoint_inflight),
+            Ok(endpoints),
+            Ok(watch_up),
+            Ok(etcd_up),
+        ) = (
+            calls,
+            duration,
+            inflight,
+            endpoint_inflight,
+            endpoints,
+            watch_up,
+            etcd_up,
+        )
+        else {
+            unreachable!("static metric definitions are valid")
+        };
+        Arc::new(Self {
+            calls: register(&registry, calls),
+            duration: register(&registry, duration),
+            inflight: register(&registry, inflight),
+            endpoint_inflight: register(&registry, endpoint_inflight),
+            endpoints: register(&registry, endpoints),
+            watch_up: register(&registry, watch_up),
+            etcd_up: register(&registry, etcd_up),
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of all metrics.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        buf
+    }
+
+    /// Handles for one service.
+    pub fn service(self: &Arc<Self>, service: &str) -> Arc<ServiceMetrics> {
+        Arc::new(ServiceMetrics {
+            metrics: Arc::clone(self),
+            service: service.into(),
+            duration: self.duration.with_label_values(&[service]),
+            inflight: self.inflight.with_label_values(&[service]),
+            own: Default::default(),
+        })
+    }
+}
+
+/// Metric handles of one service.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    metrics: Arc<Metrics>,
+    service: Box<str>,
+    duration: Histogram,
+    inflight: IntGauge,
+    /// Calls answered by the proxy itself, by status.
+    own: [OnceLock<IntCounter>; STATUS_SLOTS],
+}
+
+impl ServiceMetrics {
+    /// Handles for one endpoint of this service.
+    pub fn endpoint(self: &Arc<Self>, addr: &BackendAddr) -> Arc<EndpointMetrics> {
+        Arc::new(EndpointMetrics {
+            service: Arc::clone(self),
+            endpoint: addr.as_str().into(),
+            inflight_gauge: self
+                .metrics
+                .endpoint_inflight
+                .with_label_values(&[&self.service, addr.as_str()]),
+            inflight: AtomicI64::new(0),
+            by_status: Default::default(),
+        })
+    }
+
+    /// Starts timing a call of this service.
+    #[inline]
+    pub fn start(self: &Arc<Self>) -> CallTimer {
+        self.inflight.inc();
+        CallTimer {
+            service: Arc::clone(self),
+            start: Instant::now(),
+        }
+    }
+
+    fn counter(&self, endpoint: &str, slot: usize, cell: &OnceLock<IntCounter>) -> IntCounter {
+        cell.get_or_init(|| {
+            self.metrics
+                .calls
+                .with_label_values(&[&self.service, endpoint, STATUS_LABELS[slot]])
+        })
+        .clone()
+    }
+}
+
+/// Metric handles of one endpoint of one service.
+#[derive(Debug)]
+pub struct EndpointMetrics {
+    service: Arc<ServiceMetrics>,
+    endpoint: Box<str>,
+    inflight_gauge: IntGauge,
+    inflight: AtomicI64,
+    by_status: [OnceLock<IntCounter>; STATUS_SLOTS],
+}
+
+impl EndpointMetrics {
+    /// Calls in flight on this endpoint.
+    pub fn inflight(&self) -> i64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// Maps a `grpc-status` value to its slot.
+#[inline]
+pub fn status_slot(v: Option<&http::HeaderValue>) -> usize {
+    match v.map(|v| v.as_bytes()) {
+        Some([d]) if d.is_ascii_digit() => usize::from(d - b'0'),
+        Some([b'1', d]) if (b'0'..=b'6').contains(d) => 10 + usize::from(d - b'0'),
+        _ => STATUS_SLOTS - 1,
+    }
+}
+
+/// Times one call from its arrival; finished by [`CallTimer::own`] or turned into a
+/// [`CallRecord`] once a backend answers.
+#[derive(Debug)]
+pub struct CallTimer {
+    service: Arc<ServiceMetrics>,
+    start: Instant,
+}
+
+impl CallTimer {
+    /// The call was answered by the proxy itself with `status`.
+    pub fn own(self, status: u8) {
+        let slot = usize::from(status).min(STATUS_SLOTS - 1);
+        let s = &self.service;
+        s.counter("", slot, &s.own[slot]).inc();
+    }
+
+    /// The call went to the backend measured by `endpoint`.
+    #[inline]
+    pub fn upstream(self, endpoint: &Arc<EndpointMetrics>) -> CallRecord {
+        endpoint.inflight.fetch_add(1, Ordering::Relaxed);
+        endpoint.inflight_gauge.inc();
+        CallRecord {
+            _timer: self,
+            endpoint: Arc::clone(endpoint),
+            slot: STATUS_SLOTS - 1,
+        }
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        self.service.inflight.dec();
+        self.service
+            .duration
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A call forwarded to a backend; counted with its grpc-status when its response ends
+/// (or dropped, e.g. cancelled).
+#[derive(Debug)]
+pub struct CallRecord {
+    /// Dropped with the record, which ends the call's timing.
+    _timer: CallTimer,
+    endpoint: Arc<EndpointMetrics>,
+    slot: usize,
+}
+
+impl CallRecord {
+    /// Notes the call's `grpc-status` (from trailers, or headers of a trailers-only reply).
+    #[inline]
+    pub fn status(&mut self, v: Option<&http::HeaderValue>) {
+        if v.is_some() {
+            self.slot = status_slot(v);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let e = &self.endpoint;
+        e.inflight.fetch_sub(1, Ordering::Relaxed);
+        e.inflight_gauge.dec();
+        e.service
+            .counter(&e.endpoint, self.slot, &e.by_status[self.slot])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_slots() {
+        let v = |s: &'static str| http::HeaderValue::from_static(s);
+        assert_eq!(status_slot(Some(&v("0"))), 0);
+        assert_eq!(status_slot(Some(&v("14"))), 14);
+        assert_eq!(status_slot(Some(&v("16"))), 16);
+        assert_eq!(status_slot(Some(&v("17"))), 17);
+        assert_eq!(status_slot(Some(&v("x"))), 17);
+        assert_eq!(status_slot(None), 17);
+    }
+
+    #[test]
+    fn calls_are_counted() {
+        let m = Metrics::new();
+        let s = m.service("a");
+        let e = s.endpoint(&"127.0.0.1:1".parse().unwrap());
+        {
+            let mut rec = s.start().upstream(&e);
+            assert_eq!(e.inflight(), 1);
+            rec.status(Some(&http::HeaderValue::from_static("0")));
+        }
+        s.start().own(14);
+        assert_eq!(e.inflight(), 0);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            r#"switchyard_calls_total{endpoint="127.0.0.1:1",grpc_status="0",service="a"} 1"#
+        ));
+        assert!(
+            text.contains(r#"switchyard_calls_total{endpoint="",grpc_status="14",service="a"} 1"#)
+        );
+        assert!(text.contains(r#"switchyard_inflight_streams{service="a"} 0"#));
+        assert!(text.contains(r#"switchyard_call_duration_seconds_count{service="a"} 2"#));
+    }
+}

@@ -1,0 +1,178 @@
+//! A request body that can be sent again: it records the frames it yields until the
+//! call's response headers arrive (or a size cap is passed), so that a call refused by a
+//! backend (REFUSED_STREAM, GOAWAY above its stream id) can be replayed on the next one.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+
+/// Most request bytes kept for a replay; a call that sent more is not retried.
+pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug)]
+struct Shared {
+    /// The client's body; `None` for a fixed body made by the proxy.
+    inner: Option<Incoming>,
+    /// Data frames yielded so far, while still replayable.
+    recorded: Vec<Bytes>,
+    recorded_len: usize,
+    /// Trailers, once seen.
+    trailers: Option<HeaderMap>,
+    /// The inner body has ended.
+    done: bool,
+    /// Recording stopped: too large, or the call was committed to a backend.
+    committed: bool,
+}
+
+/// One attempt's view of the request body.
+#[derive(Debug)]
+pub struct ReplayBody {
+    shared: Arc<Mutex<Shared>>,
+    /// Position in `recorded` this attempt has replayed up to.
+    pos: usize,
+    /// This attempt yielded its trailers or end.
+    finished: bool,
+}
+
+impl ReplayBody {
+    /// Wraps a request body for the first attempt.
+    pub fn new(inner: Incoming) -> Self {
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                inner: Some(inner),
+                recorded: Vec::new(),
+                recorded_len: 0,
+                trailers: None,
+                done: false,
+                committed: false,
+            })),
+            pos: 0,
+            finished: false,
+        }
+    }
+
+    /// A fixed body made by the proxy itself (e.g. a probe request).
+    pub fn fixed(data: Bytes) -> Self {
+        let len = data.len();
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                inner: None,
+                recorded: vec![data],
+                recorded_len: len,
+                trailers: None,
+                done: true,
+                committed: true,
+            })),
+            pos: 0,
+            finished: false,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh body replaying everything from the start, if the call is still replayable.
+    pub fn try_clone(&self) -> Option<Self> {
+        if self.lock().committed {
+            return None;
+        }
+        Some(Self {
+            shared: Arc::clone(&self.shared),
+            pos: 0,
+            finished: false,
+        })
+    }
+
+    /// The call reached a backend for good: stop recording. (What was recorded stays
+    /// until the call ends, since the attempt that won may still be replaying it.)
+    pub fn commit(&self) {
+        self.lock().committed = true;
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let mut s = this.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if this.pos < s.recorded.len() {
+            let chunk = s.recorded[this.pos].clone();
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if s.done {
+            drop(s);
+            return this.finish();
+        }
+        let Some(inner) = s.inner.as_mut() else {
+            drop(s);
+            return this.finish();
+        };
+        let frame = loop {
+            match Pin::new(&mut *inner).poll_frame(cx) {
+                // An empty DATA frame carries nothing; forwarding it would spend the
+                // backend's small-frame budget (h2 answers a flood with ENHANCE_YOUR_CALM).
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
+                other => break other,
+            }
+        };
+        match frame {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                s.done = true;
+                this.finished = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    if !s.committed {
+                        s.recorded_len += data.len();
+                        if s.recorded_len > MAX_REPLAY_BYTES {
+                            s.committed = true;
+                            s.recorded = Vec::new();
+                        } else {
+                            s.recorded.push(data.clone());
+                            this.pos = s.recorded.len();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    s.done = true;
+                    s.trailers.clone_from(&trailers);
+                    this.finished = true;
+                    Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+}
+
+impl ReplayBody {
+    /// Ends a replaying attempt: its trailers if the original had any, else the end.
+    fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.finished = true;
+        let trailers = self.lock().trailers.clone();
+        Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+    }
+}
