@@ -1,6 +1,7 @@
 //! Command-line flags (each also settable by an environment variable `SWITCHYARD_<FLAG>`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -34,6 +35,15 @@ pub struct EtcdArgs {
         hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+    /// PEM CA bundle for etcd's server certificates (enables TLS to etcd; use https:// endpoints).
+    #[arg(long, env = "SWITCHYARD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (mTLS; needs --etcd-key).
+    #[arg(long, env = "SWITCHYARD_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key for --etcd-cert.
+    #[arg(long, env = "SWITCHYARD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl EtcdArgs {
@@ -45,6 +55,9 @@ impl EtcdArgs {
             etcd_connect_timeout: Duration::from_secs(2),
             etcd_user: None,
             etcd_password: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }
@@ -166,6 +179,18 @@ pub struct ProxyArgs {
         default_value = "127.0.0.1:7071"
     )]
     pub admin_listen: AdminListen,
+    /// TLS on the listeners and to backends.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Maximum number of client connections at once (further ones wait in the backlog).
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// A client connection with no open stream for this long is closed.
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// A client connection that sends no request within this time is closed.
+    #[arg(long, env = "SWITCHYARD_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_request_timeout: Duration,
     /// On SIGTERM, how long in-flight calls may run before the proxy exits.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -183,7 +208,11 @@ impl ProxyArgs {
             max_concurrent_streams: 1024,
             max_header_list_size: 16 * 1024,
             drain_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            first_request_timeout: Duration::from_secs(10),
             admin_listen: AdminListen(None),
+            tls: crate::tls::TlsArgs::default(),
         }
     }
 }

@@ -12,6 +12,9 @@ pub enum EtcdError {
     /// No endpoint was given.
     #[error("no etcd endpoints given (--etcd-endpoints)")]
     NoEndpoints,
+    /// The TLS files are unusable.
+    #[error("etcd TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The client could not be built (bad endpoint URL, TLS setup, auth).
     #[error("etcd client for {endpoints:?}: {source}")]
     Client {
@@ -37,6 +40,13 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
         .with_keep_alive_while_idle(true);
     if let (Some(user), Some(password)) = (&args.etcd_user, &args.etcd_password) {
         opts = opts.with_user(user.clone(), password.clone());
+    }
+    if let Some(tls) = crate::tls::etcd_tls(
+        args.etcd_ca.as_deref(),
+        args.etcd_cert.as_deref(),
+        args.etcd_key.as_deref(),
+    )? {
+        opts = opts.with_tls(tls);
     }
     Client::connect(&args.etcd_endpoints, Some(opts))
         .await

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod registration;
 pub mod route;
 pub mod status;
+pub mod tls;
 pub mod upstream;
 
 /// Generated code for the example `Echo` service used by demos, tests and benchmarks.

@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 
 use crate::discovery::BackendAddr;
 use crate::metrics::{EndpointMetrics, ServiceMetrics};
+use crate::tls::UpstreamTls;
+use tokio_util::either::Either;
 
 /// The body type forwarded to backends: the client's request body, streamed as is
 /// (and recorded briefly so a refused call can be replayed).
@@ -34,6 +36,8 @@ pub struct UpstreamConfig {
     pub keepalive_interval: Duration,
     /// Metrics of the service these backends belong to, if measured.
     pub metrics: Option<Arc<ServiceMetrics>>,
+    /// TLS to backends, if enabled.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Default for UpstreamConfig {
@@ -44,6 +48,7 @@ impl Default for UpstreamConfig {
             backoff_max: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(10),
             metrics: None,
+            tls: None,
         }
     }
 }
@@ -193,16 +198,29 @@ impl Upstream {
     }
 }
 
-/// Opens a TCP connection and performs the HTTP/2 handshake.
+/// A backend connection's transport: plain TCP or TLS over TCP.
+type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Opens a TCP connection (with TLS if configured) and performs the HTTP/2 handshake.
 async fn connect(
     addr: &BackendAddr,
     config: &UpstreamConfig,
 ) -> std::io::Result<(
     SendRequest<RequestBody>,
-    http2::Connection<TokioIo<TcpStream>, RequestBody, TokioExecutor>,
+    http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
 )> {
     let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
     tcp.set_nodelay(true)?;
+    let io = match &config.tls {
+        None => Either::Left(tcp),
+        Some(tls) => {
+            let name = tls.server_name(addr.host()).ok_or_else(|| {
+                std::io::Error::other(format!("{addr}: host is not a valid TLS server name"))
+            })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+            Either::Right(connector.connect(name, tcp).await?)
+        }
+    };
     http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)
@@ -211,7 +229,7 @@ async fn connect(
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(Duration::from_secs(5))
         .max_concurrent_reset_streams(1024)
-        .handshake(TokioIo::new(tcp))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(std::io::Error::other)
 }

@@ -189,14 +189,16 @@ impl Forwarder {
                                 body = b;
                                 err
                             }
-                            _ => return Err((
-                                Code::Unavailable,
-                                format!(
+                            _ => {
+                                return Err((
+                                    Code::Unavailable,
+                                    format!(
                                     "switchyard: service '{}': backend {} failed the call: {err}",
                                     service.name(),
                                     upstream.addr(),
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                 },

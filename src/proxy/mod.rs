@@ -4,6 +4,7 @@
 //! handed to the listener's [`forward::Forwarder`].
 
 pub mod body;
+pub mod conn;
 pub mod forward;
 pub mod replay;
 
@@ -12,12 +13,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
 use crate::config::ProxyArgs;
@@ -25,7 +25,13 @@ use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
 use crate::etcd::EtcdError;
 use crate::metrics::Metrics;
 use crate::route::ServiceName;
+use crate::tls::UpstreamTls;
 use crate::upstream::UpstreamConfig;
+use tokio_rustls::TlsAcceptor;
+
+/// Time allowed for a client's TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use conn::ConnLimits;
 use forward::{Forwarder, Target};
 
 /// A listener already bound, with the service it is bound to (if any).
@@ -52,6 +58,9 @@ pub enum ProxyError {
     /// The etcd client could not be set up.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A bound service could not be set up.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -131,6 +140,10 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
+    let acceptor = match (&args.tls.tls_cert, &args.tls.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
+        _ => None,
+    };
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let discovery = Discovery::new(
         etcd.clone(),
@@ -139,6 +152,7 @@ pub async fn serve(
             max_services: args.max_services,
             upstream: UpstreamConfig {
                 connect_timeout: args.connect_timeout,
+                tls: UpstreamTls::from_args(&args.tls)?,
                 ..UpstreamConfig::default()
             },
             metrics: Metrics::new(),
@@ -169,7 +183,12 @@ pub async fn serve(
     };
     let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
     let builder = Arc::new(server_builder(&args));
-    let graceful = Arc::new(GracefulShutdown::new());
+    let tracker = TaskTracker::new();
+    let connections = Arc::new(Semaphore::new(args.max_connections));
+    let limits = ConnLimits {
+        idle_timeout: args.idle_timeout,
+        first_request_timeout: args.first_request_timeout,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
     if let Some(listener) = admin_listener {
@@ -185,9 +204,12 @@ pub async fn serve(
         tracing::info!(listen = ?addr, service = ?bound.service, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
             bound.listener,
+            acceptor.clone(),
             forwarder,
             Arc::clone(&builder),
-            Arc::clone(&graceful),
+            tracker.clone(),
+            Arc::clone(&connections),
+            limits,
             stop_rx.clone(),
         )));
     }
@@ -201,24 +223,38 @@ pub async fn serve(
     for t in accept_tasks {
         let _ = t.await;
     }
-    // The accept loops are done, so this is the last reference.
-    if let Ok(graceful) = Arc::try_unwrap(graceful) {
-        match tokio::time::timeout(args.drain_timeout, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("all connections drained"),
-            Err(_) => tracing::warn!("drain timeout reached; closing remaining connections"),
-        }
+    // Every connection task saw the stop signal and sent GOAWAY; wait for their streams.
+    tracker.close();
+    match tokio::time::timeout(args.drain_timeout, tracker.wait()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(
+            open = tracker.len(),
+            "drain timeout reached; closing remaining connections"
+        ),
     }
     Ok(())
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
     forwarder: Arc<Forwarder>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: Arc<GracefulShutdown>,
+    tracker: TaskTracker,
+    connections: Arc<Semaphore>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        // Bound the number of client connections: past the limit, new ones wait in the
+        // kernel's backlog instead of taking memory and file descriptors here.
+        let permit = tokio::select! {
+            p = Arc::clone(&connections).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -233,15 +269,28 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let fwd = Arc::clone(&forwarder);
-        let service = service_fn(move |req| Arc::clone(&fwd).handle(req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "client connection ended with error");
+        let builder = Arc::clone(&builder);
+        let stop = stop.clone();
+        match &acceptor {
+            None => {
+                tracker.spawn(async move {
+                    conn::serve(stream, builder, fwd, stop, limits, peer).await;
+                    drop(permit);
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake runs in the connection's own task so a slow client cannot
+                // stall the accept loop; it is bounded in time.
+                let handshake = acceptor.accept(stream);
+                tracker.spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(tls)) => conn::serve(tls, builder, fwd, stop, limits, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
 }
