@@ -182,12 +182,16 @@ pub async fn serve(
         None => None,
     };
     let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
-    let builder = Arc::new(server_builder(&args));
     let tracker = TaskTracker::new();
-    let connections = Arc::new(Semaphore::new(args.max_connections));
-    let limits = ConnLimits {
-        idle_timeout: args.idle_timeout,
-        first_request_timeout: args.first_request_timeout,
+    let accepting = Accepting {
+        acceptor,
+        builder: Arc::new(server_builder(&args)),
+        tracker: tracker.clone(),
+        connections: Arc::new(Semaphore::new(args.max_connections)),
+        limits: ConnLimits {
+            idle_timeout: args.idle_timeout,
+            first_request_timeout: args.first_request_timeout,
+        },
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
@@ -204,12 +208,8 @@ pub async fn serve(
         tracing::info!(listen = ?addr, service = ?bound.service, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
             bound.listener,
-            acceptor.clone(),
             forwarder,
-            Arc::clone(&builder),
-            tracker.clone(),
-            Arc::clone(&connections),
-            limits,
+            accepting.clone(),
             stop_rx.clone(),
         )));
     }
@@ -235,16 +235,29 @@ pub async fn serve(
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// What every accept loop shares: how connections are set up, bounded and tracked.
+#[derive(Clone)]
+struct Accepting {
     acceptor: Option<TlsAcceptor>,
-    forwarder: Arc<Forwarder>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tracker: TaskTracker,
     connections: Arc<Semaphore>,
     limits: ConnLimits,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    forwarder: Arc<Forwarder>,
+    shared: Accepting,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Accepting {
+        acceptor,
+        builder,
+        tracker,
+        connections,
+        limits,
+    } = shared;
     loop {
         // Bound the number of client connections: past the limit, new ones wait in the
         // kernel's backlog instead of taking memory and file descriptors here.
