@@ -10,6 +10,8 @@
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`config`]: command-line flags and their environment variables.
 //! - [`status`]: gRPC errors produced by the proxy itself.
+//! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
+//!   the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +25,7 @@ pub mod proxy;
 pub mod registration;
 pub mod route;
 pub mod status;
+pub mod testkit;
 pub mod tls;
 pub mod upstream;
 

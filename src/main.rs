@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy: accept gRPC calls and forward them round-robin to etcd-registered backends.
-    Proxy(switchyard::config::ProxyArgs),
+    Proxy(Box<switchyard::config::ProxyArgs>),
     /// Hold a leased registration key in etcd for a backend (sidecar).
     Register(switchyard::registration::sidecar::RegisterArgs),
     /// List the endpoints registered under the prefix.
@@ -32,7 +32,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Proxy(args) => switchyard::proxy::run(args, switchyard::proxy::shutdown_signal())
+        Command::Proxy(args) => switchyard::proxy::run(*args, switchyard::proxy::shutdown_signal())
             .await
             .map_err(anyhow::Error::from),
         Command::Register(args) => switchyard::registration::sidecar::run(args).await,
