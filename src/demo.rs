@@ -391,3 +391,30 @@ impl Drop for EchoBackend {
         }
     }
 }
+
+/// Flags of `switchyard demo-backend`: one example Echo backend process.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoBackendArgs {
+    /// Where to listen (`ip:port`).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Name reported in every reply (`server` field and `x-served-by` header).
+    #[arg(long, default_value = "echo")]
+    pub name: String,
+}
+
+/// Runs one example backend until SIGTERM/SIGINT, then stops gracefully.
+pub async fn run_backend(args: DemoBackendArgs) -> std::io::Result<()> {
+    let listener = TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, name = %args.name, "echo backend listening");
+    serve(
+        listener,
+        EchoService::new(args.name.as_str()),
+        crate::proxy::shutdown_signal(),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    tracing::info!(%addr, "echo backend stopped");
+    Ok(())
+}

@@ -19,6 +19,8 @@ enum Command {
     Register(switchyard::registration::sidecar::RegisterArgs),
     /// List the endpoints registered under the prefix.
     Endpoints(switchyard::registration::list::EndpointsArgs),
+    /// Run an example Echo backend (for the demo, tests and benchmarks).
+    DemoBackend(switchyard::demo::DemoBackendArgs),
 }
 
 fn init_tracing() {
@@ -37,6 +39,9 @@ async fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from),
         Command::Register(args) => switchyard::registration::sidecar::run(args).await,
         Command::Endpoints(args) => switchyard::registration::list::run(args).await,
+        Command::DemoBackend(args) => switchyard::demo::run_backend(args)
+            .await
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
