@@ -1,1 +1,170 @@
-fn main() {}
+//! Micro benchmarks of the per-call hot path (criterion): choosing the service from a
+//! request, picking an endpoint from a snapshot of 3 and of 1,000 endpoints, building the
+//! upstream request, and the per-call metrics.
+//!
+//! `cargo bench --bench hot_path` (a few seconds per benchmark). The end-to-end
+//! comparison with direct calls, nginx and HAProxy is `benches/e2e.rs`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderValue, Method, Request};
+
+use switchyard::balance::{EndpointSet, RoundRobin};
+use switchyard::discovery::{BackendAddr, Discovery, DiscoveryConfig};
+use switchyard::metrics::Metrics;
+use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
+use switchyard::proxy::replay::ReplayBody;
+use switchyard::route::service_from_path;
+use switchyard::upstream::{Upstream, UpstreamConfig};
+
+const PATH: &str = "/switchyard.echo.v1.Echo/Unary";
+
+/// The headers a typical gRPC client (tonic, grpc-go) sends with a unary call.
+fn grpc_request() -> Request<()> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(PATH)
+        .version(http::Version::HTTP_2)
+        .body(())
+        .expect("static request");
+    let h = req.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("te", HeaderValue::from_static("trailers"));
+    h.insert("grpc-timeout", HeaderValue::from_static("998m"));
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static("grpc-go/1.64.0 switchyard-bench"),
+    );
+    h.insert("grpc-accept-encoding", HeaderValue::from_static("gzip"));
+    req
+}
+
+fn endpoint_set(n: usize) -> EndpointSet {
+    let cfg = UpstreamConfig::default();
+    EndpointSet::new(
+        (0..n)
+            .map(|i| {
+                let addr: BackendAddr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1)
+                    .parse()
+                    .expect("valid address");
+                Upstream::new(addr, &cfg)
+            })
+            .collect(),
+    )
+}
+
+/// Route: content-type check, service from the path, lookup of the watched service.
+fn bench_route(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = rt.enter();
+    // The client connects lazily: nothing listens there, and the lookups below never
+    // reach etcd (the watch task started by the first lookup just backs off).
+    let etcd = rt
+        .block_on(etcd_client::Client::connect(["http://127.0.0.1:9"], None))
+        .expect("lazy etcd client");
+    let discovery = Discovery::new(
+        etcd,
+        DiscoveryConfig {
+            prefix: "services".into(),
+            max_services: 1024,
+            upstream: UpstreamConfig::default(),
+            metrics: Metrics::new(),
+        },
+    );
+    // 100 watched services, as on a busy host.
+    for i in 0..99 {
+        discovery
+            .service(&format!("pkg.v1.Service{i}"))
+            .expect("service");
+    }
+    discovery
+        .service("switchyard.echo.v1.Echo")
+        .expect("service");
+    let req = grpc_request();
+    c.bench_function("route/service_from_path", |b| {
+        b.iter(|| service_from_path(black_box(req.uri().path())))
+    });
+    c.bench_function("route/checks+lookup (100 services)", |b| {
+        b.iter(|| {
+            let req = black_box(&req);
+            assert!(is_grpc(req.headers()));
+            let timeout = grpc_timeout(req.headers());
+            let name = service_from_path(req.uri().path()).expect("valid path");
+            (discovery.service(name).expect("watched"), timeout)
+        })
+    });
+}
+
+/// Pick: round-robin over a snapshot, as `forward` does it (with its tried-set check).
+fn bench_pick(c: &mut Criterion) {
+    for n in [3usize, 1000] {
+        let set = Arc::new(endpoint_set(n));
+        let rr = RoundRobin::default();
+        c.bench_function(&format!("pick/round_robin of {n}"), |b| {
+            b.iter(|| {
+                let tried = [usize::MAX; MAX_ATTEMPTS];
+                let (idx, up) = set
+                    .pick(&rr, |i| tried.contains(&i))
+                    .expect("usable endpoint");
+                black_box((idx, up.addr().port()))
+            })
+        });
+        let shared = arc_swap::ArcSwap::new(Arc::clone(&set));
+        c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
+            b.iter(|| {
+                let set = shared.load_full();
+                let (idx, up) = set.pick(&rr, |_| false).expect("usable endpoint");
+                black_box((idx, Arc::clone(up)))
+            })
+        });
+    }
+}
+
+/// Build: the upstream request from the client's (parts kept for a retry, authority set),
+/// and the replayable body wrapper.
+fn bench_build(c: &mut Criterion) {
+    let addr: BackendAddr = "127.0.0.1:50051".parse().expect("valid address");
+    let (parts, ()) = grpc_request().into_parts();
+    c.bench_function("build/upstream request (clone parts + authority)", |b| {
+        b.iter(|| {
+            let mut req = Request::from_parts(parts.clone(), ());
+            set_authority(&mut req, black_box(&addr)).expect("valid uri");
+            req
+        })
+    });
+    c.bench_function("build/replayable body (wrap, try_clone, commit)", |b| {
+        b.iter_batched(
+            || bytes::Bytes::from_static(b"\0\0\0\0\x08\x12\x06hello!"),
+            |data| {
+                let body = ReplayBody::fixed(data);
+                let retry = body.try_clone();
+                body.commit();
+                (body, retry)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// Metrics: what every forwarded call records (timer, in-flight gauges, status counter).
+fn bench_metrics(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let service = metrics.service("switchyard.echo.v1.Echo");
+    let endpoint = service.endpoint(&"127.0.0.1:50051".parse().expect("valid address"));
+    let ok = HeaderValue::from_static("0");
+    c.bench_function("metrics/call record (start, upstream, status, end)", |b| {
+        b.iter(|| {
+            let mut rec = service.start().upstream(&endpoint);
+            rec.status(Some(black_box(&ok)));
+            drop(rec);
+        })
+    });
+}
+
+criterion_group!(benches, bench_route, bench_pick, bench_build, bench_metrics);
+criterion_main!(benches);
