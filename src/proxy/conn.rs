@@ -129,13 +129,16 @@ pub async fn serve<I>(
     let service = service_fn(move |req| {
         let guard = StreamGuard::begin(&act);
         let fwd = Arc::clone(&forwarder);
-        async move {
+        // Boxed: hyper spawns a task per stream around this future, and tokio copies a
+        // task's future on spawn and on completion; a pointer is cheaper to copy than the
+        // ~2 KiB state machine of a call.
+        Box::pin(async move {
             let resp = fwd.handle(req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked {
                 inner,
                 _guard: guard,
             }))
-        }
+        })
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
