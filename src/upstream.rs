@@ -2,15 +2,20 @@
 //!
 //! Each [`Upstream`] owns a background task that connects, keeps the connection, and
 //! reconnects with exponential backoff when it dies. The call path only loads the
-//! current sender (lock-free) and clones it.
+//! current connection (lock-free) and clones its sender.
+//!
+//! Backend connections use the `h2` crate directly rather than hyper's client: a call's
+//! HEADERS and its first DATA frame are then queued together and leave in one write, and
+//! a unary call needs no task besides its own (hyper spawns two per request), which
+//! measurably lowers the proxy's CPU per call (see `benches/RESULTS.md`).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -19,9 +24,24 @@ use crate::metrics::{EndpointMetrics, ServiceMetrics};
 use crate::tls::UpstreamTls;
 use tokio_util::either::Either;
 
-/// The body type forwarded to backends: the client's request body, streamed as is
-/// (and recorded briefly so a refused call can be replayed).
-pub type RequestBody = crate::proxy::replay::ReplayBody;
+/// How long a keep-alive ping may wait for its answer before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One established HTTP/2 connection to a backend: clone `send` to start a call.
+#[derive(Debug)]
+pub struct Connection {
+    /// Opens streams on the connection.
+    pub send: SendRequest<Bytes>,
+    /// Set once the connection is known to be closed.
+    closed: AtomicBool,
+}
+
+impl Connection {
+    /// Whether the connection is known to be closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
 
 /// Settings for backend connections.
 #[derive(Debug, Clone)]
@@ -99,7 +119,7 @@ pub enum UpstreamError {
 #[derive(Debug)]
 pub struct Upstream {
     addr: BackendAddr,
-    sender: ArcSwapOption<SendRequest<RequestBody>>,
+    conn: ArcSwapOption<Connection>,
     state: AtomicU8,
     changed: Notify,
     connect_timeout: Duration,
@@ -110,7 +130,7 @@ impl Upstream {
     /// A backend at `addr`, not yet connected; call [`Upstream::start`] to connect.
     pub fn new(addr: BackendAddr, config: &UpstreamConfig) -> Arc<Self> {
         Arc::new(Self {
-            sender: ArcSwapOption::empty(),
+            conn: ArcSwapOption::empty(),
             state: AtomicU8::new(State::Connecting as u8),
             changed: Notify::new(),
             connect_timeout: config.connect_timeout,
@@ -154,19 +174,20 @@ impl Upstream {
         self.changed.notify_waiters();
     }
 
-    /// A sender on the pooled connection, waiting (up to the connect timeout) while a
-    /// connection is being set up.
-    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
-        if let Some(s) = self.ready_sender() {
-            return Ok(s);
+    /// The pooled connection, waiting (up to the connect timeout) while a connection is
+    /// being set up.
+    #[inline]
+    pub async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        if let Some(c) = self.ready_connection() {
+            return Ok(c);
         }
         let wait = async {
             loop {
                 let notified = self.changed.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if let Some(s) = self.ready_sender() {
-                    return Ok(s);
+                if let Some(c) = self.ready_connection() {
+                    return Ok(c);
                 }
                 if self.state() == State::Failed {
                     return Err(UpstreamError::Unreachable);
@@ -174,25 +195,29 @@ impl Upstream {
                 notified.await;
             }
         };
-        tokio::time::timeout(self.connect_timeout, wait)
+        // Boxed: the slow path should not weigh on every call's future.
+        Box::pin(tokio::time::timeout(self.connect_timeout, wait))
             .await
             .unwrap_or(Err(UpstreamError::Timeout))
     }
 
+    /// The pooled connection if it is up.
     #[inline]
-    fn ready_sender(&self) -> Option<SendRequest<RequestBody>> {
-        let guard = self.sender.load();
+    pub fn ready_connection(&self) -> Option<Arc<Connection>> {
+        let guard = self.conn.load();
         match guard.as_ref() {
-            Some(s) if !s.is_closed() => Some(SendRequest::clone(s)),
+            Some(c) if !c.is_closed() => Some(Arc::clone(c)),
             _ => None,
         }
     }
 
-    /// Tells the upstream that its connection was found closed by a call, so the next
-    /// calls do not pick it until it has reconnected.
-    pub fn report_closed(&self) {
-        let guard = self.sender.load();
-        if guard.as_ref().is_some_and(|s| s.is_closed()) && self.state() == State::Ready {
+    /// Tells the upstream that `conn` was found closed by a call, so the next calls do
+    /// not pick it until it has reconnected.
+    pub fn report_closed(&self, conn: &Connection) {
+        conn.closed.store(true, Ordering::Release);
+        let current = self.conn.load();
+        let is_current = current.as_deref().is_some_and(|c| std::ptr::eq(c, conn));
+        if is_current && self.state() == State::Ready {
             self.set_state(State::Connecting);
         }
     }
@@ -206,8 +231,8 @@ async fn connect(
     addr: &BackendAddr,
     config: &UpstreamConfig,
 ) -> std::io::Result<(
-    SendRequest<RequestBody>,
-    http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
+    SendRequest<Bytes>,
+    h2::client::Connection<UpstreamIo, Bytes>,
 )> {
     let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
     tcp.set_nodelay(true)?;
@@ -221,24 +246,23 @@ async fn connect(
             Either::Right(connector.connect(name, tcp).await?)
         }
     };
-    http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
+    h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_frame_size(64 * 1024)
-        .keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(Duration::from_secs(5))
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1 << 20)
         .max_concurrent_reset_streams(1024)
-        .handshake(TokioIo::new(io))
+        .handshake(io)
         .await
         .map_err(std::io::Error::other)
 }
 
 /// Sends one gRPC health check (empty request) and waits for any response headers:
 /// proof that the peer speaks HTTP/2. Its answer (even UNIMPLEMENTED) is not judged.
-async fn probe(sender: &mut SendRequest<RequestBody>) -> Result<(), hyper::Error> {
-    let body = RequestBody::fixed(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]));
-    let mut req = http::Request::new(body);
+async fn probe(sender: &SendRequest<Bytes>) -> Result<(), h2::Error> {
+    let mut req = http::Request::new(());
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = http::Uri::from_static("http://switchyard.probe/grpc.health.v1.Health/Check");
     let h = req.headers_mut();
@@ -247,7 +271,25 @@ async fn probe(sender: &mut SendRequest<RequestBody>) -> Result<(), hyper::Error
         http::HeaderValue::from_static("application/grpc"),
     );
     h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    sender.send_request(req).await.map(drop)
+    let (response, mut body) = sender.clone().send_request(req, false)?;
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    response.await.map(drop)
+}
+
+/// Pings the backend every `interval`; returns why the connection is dead once a ping
+/// fails or goes unanswered for [`KEEPALIVE_TIMEOUT`].
+async fn keepalive(ping: Option<h2::PingPong>, interval: Duration) -> String {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keep-alive ping failed: {e}"),
+            Err(_) => return format!("keep-alive ping unanswered for {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
 }
 
 /// Doubles a delay, capped.
@@ -264,12 +306,13 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
         let attempt = tokio::time::timeout(config.connect_timeout, connect(&addr, &config)).await;
         let Some(up) = this.upgrade() else { return };
         match attempt {
-            Ok(Ok((mut sender, conn))) => {
+            Ok(Ok((sender, mut conn))) => {
+                let ping = conn.ping_pong();
                 // The HTTP/2 handshake only sends our preface; make sure the peer really
                 // answers HTTP/2 before calls are sent its way.
                 tokio::pin!(conn);
                 let probed = tokio::select! {
-                    r = tokio::time::timeout(config.connect_timeout, probe(&mut sender)) => match r {
+                    r = tokio::time::timeout(config.connect_timeout, probe(&sender)) => match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err(format!("no HTTP/2 answer within {:?}", config.connect_timeout)),
@@ -289,16 +332,25 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
                     backoff = next_backoff(backoff, &config);
                     continue;
                 }
-                up.sender.store(Some(Arc::new(sender)));
+                let connection = Arc::new(Connection {
+                    send: sender,
+                    closed: AtomicBool::new(false),
+                });
+                up.conn.store(Some(Arc::clone(&connection)));
                 if up.state() != State::Ready {
                     tracing::info!(backend = %addr, "backend connected");
                 }
                 up.set_state(State::Ready);
                 drop(up);
                 let connected_at = tokio::time::Instant::now();
-                let result = conn.await;
+                let result = tokio::select! {
+                    r = &mut conn => r.map_err(|e| e.to_string()),
+                    e = keepalive(ping, config.keepalive_interval) => Err(e),
+                };
+                connection.closed.store(true, Ordering::Release);
+                drop(connection);
                 let Some(up) = this.upgrade() else { return };
-                up.sender.store(None);
+                up.conn.store(None);
                 up.set_state(State::Connecting);
                 match result {
                     Ok(()) => tracing::info!(backend = %addr, "backend connection closed"),

@@ -6,9 +6,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::metrics::CallRecord;
 use crate::status::{encode_message, Code};
@@ -23,12 +22,17 @@ pub enum ProxyBody {
     /// A backend's response body, streamed through unchanged; its call is counted when
     /// it ends or is dropped.
     Upstream {
-        /// The backend's body.
-        inner: Incoming,
+        /// The backend's stream.
+        inner: h2::RecvStream,
+        /// All DATA has been read; trailers (if any) come next.
+        data_done: bool,
         /// The call's metrics record, if measured.
         record: Option<CallRecord>,
     },
 }
+
+/// `grpc-status`, parsed once.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 impl ProxyBody {
     /// An empty body.
@@ -40,15 +44,40 @@ impl ProxyBody {
     pub fn text(text: &'static str) -> Self {
         Self::Text(Some(Bytes::from_static(text.as_bytes())))
     }
+
+    /// A backend's response stream, passed through.
+    pub fn upstream(inner: h2::RecvStream, record: Option<CallRecord>) -> Self {
+        Self::Upstream {
+            inner,
+            data_done: false,
+            record,
+        }
+    }
 }
 
 /// Trailers that end a response whose backend stream broke mid-way.
-fn broken_stream_trailers(err: &hyper::Error) -> HeaderMap {
+fn broken_stream_trailers(err: &h2::Error) -> HeaderMap {
     let mut t = HeaderMap::with_capacity(2);
     t.insert("grpc-status", Code::Unavailable.header_value());
     let msg = format!("switchyard: backend stream failed: {err}");
     t.insert("grpc-message", encode_message(&msg));
     t
+}
+
+impl ProxyBody {
+    /// Ends a response whose backend stream broke: UNAVAILABLE trailers.
+    fn broken(&mut self, e: &h2::Error) -> Option<Result<Frame<Bytes>, Infallible>> {
+        tracing::debug!(error = %e, "backend response stream failed");
+        let trailers = broken_stream_trailers(e);
+        if let ProxyBody::Upstream {
+            record: Some(r), ..
+        } = self
+        {
+            r.status(trailers.get(&GRPC_STATUS));
+        }
+        *self = ProxyBody::Empty;
+        Some(Ok(Frame::trailers(trailers)))
+    }
 }
 
 impl Body for ProxyBody {
@@ -63,30 +92,39 @@ impl Body for ProxyBody {
         match this {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream { inner, record } => loop {
-                match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Ready(Some(Err(e))) => {
-                        tracing::debug!(error = %e, "backend response stream failed");
-                        let trailers = broken_stream_trailers(&e);
-                        if let Some(r) = record {
-                            r.status(trailers.get("grpc-status"));
+            ProxyBody::Upstream {
+                inner,
+                data_done,
+                record,
+            } => {
+                while !*data_done {
+                    match inner.poll_data(cx) {
+                        Poll::Ready(Some(Ok(data))) => {
+                            // Passed on: the backend may send more (what hyper's body did).
+                            let _ = inner.flow_control().release_capacity(data.len());
+                            // Empty DATA frames carry nothing and only spend the client's
+                            // small-frame budget: drop them.
+                            if !data.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
                         }
-                        *this = ProxyBody::Empty;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(this.broken(&e)),
+                        Poll::Ready(None) => *data_done = true,
+                        Poll::Pending => return Poll::Pending,
                     }
-                    // Empty DATA frames carry nothing and only spend the client's
-                    // small-frame budget: drop them.
-                    Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
-                    Poll::Ready(Some(Ok(f))) => {
-                        if let (Some(r), Some(t)) = (record.as_mut(), f.trailers_ref()) {
-                            r.status(t.get("grpc-status"));
-                        }
-                        return Poll::Ready(Some(Ok(f)));
-                    }
-                    Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Pending => return Poll::Pending,
                 }
-            },
+                match inner.poll_trailers(cx) {
+                    Poll::Ready(Ok(Some(trailers))) => {
+                        if let Some(r) = record.as_mut() {
+                            r.status(trailers.get(&GRPC_STATUS));
+                        }
+                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    Poll::Ready(Ok(None)) => Poll::Ready(None),
+                    Poll::Ready(Err(e)) => Poll::Ready(this.broken(&e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -102,7 +140,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+            ProxyBody::Upstream { .. } => SizeHint::default(),
         }
     }
 }

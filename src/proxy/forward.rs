@@ -2,8 +2,15 @@
 //! round-robin, and send the stream there, retrying calls that never reached a backend.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body;
+use tokio::sync::oneshot;
 
 use http::header::CONTENT_TYPE;
 use http::uri::{Scheme, Uri};
@@ -113,7 +120,7 @@ impl Forwarder {
                     r.status(parts.headers.get("grpc-status"));
                     r
                 });
-                Response::from_parts(parts, ProxyBody::Upstream { inner, record })
+                Response::from_parts(parts, ProxyBody::upstream(inner, record))
             }
             Err((code, message)) => {
                 timer.own(code as u8);
@@ -154,52 +161,56 @@ impl Forwarder {
                 break;
             };
             tried[attempt] = idx;
-            let mut sender = match upstream.sender().await {
-                Ok(s) => s,
+            let conn = match upstream.ready_connection() {
+                Some(c) => c,
+                None => match upstream.connection().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend not usable; trying next");
+                        last_error = Some(format!("{}: {e}", upstream.addr()));
+                        continue;
+                    }
+                },
+            };
+            let mut head = Request::from_parts(parts.clone(), ());
+            if let Err(e) = set_authority(&mut head, upstream.addr()) {
+                return Err((Code::Internal, format!("switchyard: {e}")));
+            }
+            let (response, send_body) = match conn.send.clone().send_request(head, false) {
+                Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend not usable; trying next");
+                    // The request never left: offer it to the next backend as it is.
+                    upstream.report_closed(&conn);
+                    tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend connection closed; trying next");
                     last_error = Some(format!("{}: {e}", upstream.addr()));
                     continue;
                 }
             };
             let retry_body = body.try_clone();
-            let mut req = Request::from_parts(parts.clone(), body);
-            if let Err(e) = set_authority(&mut req, upstream.addr()) {
-                return Err((Code::Internal, format!("switchyard: {e}")));
-            }
-            let error = match sender.try_send_request(req).await {
+            let pump = Pump::start(body, send_body);
+            let error = match response.await {
                 Ok(resp) => {
+                    pump.disarm();
                     if let Some(b) = &retry_body {
                         b.commit();
                     }
                     return Ok((resp, upstream.metrics().cloned()));
                 }
-                Err(mut e) => match e.take_message() {
-                    // The request never left: offer it to the next backend as it is.
-                    Some(unsent) => {
-                        upstream.report_closed();
-                        body = unsent.into_body();
-                        e.into_error()
+                Err(err) => match retry_body {
+                    // Refused before the backend processed it: replay elsewhere.
+                    Some(b) if never_processed(&err) => {
+                        body = b;
+                        err
                     }
-                    None => {
-                        let err = e.into_error();
-                        match retry_body {
-                            // Refused before the backend processed it: replay elsewhere.
-                            Some(b) if never_processed(&err) => {
-                                body = b;
-                                err
-                            }
-                            _ => {
-                                return Err((
-                                    Code::Unavailable,
-                                    format!(
-                                    "switchyard: service '{}': backend {} failed the call: {err}",
-                                    service.name(),
-                                    upstream.addr(),
-                                ),
-                                ))
-                            }
-                        }
+                    _ => {
+                        return Err((
+                            Code::Unavailable,
+                            format!(
+                                "switchyard: service '{}': backend {} failed the call: {err}",
+                                service.name(),
+                                upstream.addr(),
+                            ),
+                        ))
                     }
                 },
             };
@@ -220,21 +231,161 @@ impl Forwarder {
     }
 }
 
-/// What forwarding gives: the backend's response and its metrics, or a proxy error.
-type Forwarded = Result<(Response<Incoming>, Option<Arc<EndpointMetrics>>), (Code, String)>;
+/// Sends a call's request body to its backend stream, with HTTP/2 flow control.
+///
+/// [`Pump::start`] runs it inline first: a unary call's whole body is usually there
+/// already, and then goes out at once, its first DATA frame queued with the HEADERS. A
+/// body still streaming is handed to a task of its own, which resets the backend stream
+/// if the call is abandoned before the backend's response headers arrive.
+struct Pump {
+    body: ReplayBody,
+    tx: h2::SendStream<Bytes>,
+    /// Nothing sent yet: the first chunk is queued without waiting for window capacity
+    /// (h2 holds it until the stream opens and the window allows).
+    first: bool,
+    /// A chunk waiting for window capacity, and whether it ends the stream.
+    waiting: Option<(Bytes, bool)>,
+    /// Fires when the call is abandoned before its response headers.
+    cancel: Option<oneshot::Receiver<()>>,
+}
 
-/// Whether an error says the backend refused the stream before processing it
-/// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).
-fn never_processed(err: &hyper::Error) -> bool {
+/// Held by the call while it waits for response headers; dropping it before
+/// [`PumpGuard::disarm`] cancels a body pump still running.
+struct PumpGuard(Option<oneshot::Sender<()>>);
+
+impl Drop for PumpGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Pump {
+    fn start(body: ReplayBody, tx: h2::SendStream<Bytes>) -> PumpGuard {
+        let mut pump = Pump {
+            body,
+            tx,
+            first: true,
+            waiting: None,
+            cancel: None,
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        if Pin::new(&mut pump).poll(&mut cx).is_ready() {
+            return PumpGuard(None);
+        }
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        pump.cancel = Some(cancel_rx);
+        tokio::spawn(pump);
+        PumpGuard(Some(cancel_tx))
+    }
+}
+
+impl PumpGuard {
+    /// The backend answered: let the body pump run to its end.
+    fn disarm(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Future for Pump {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Some(rx) = this.cancel.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    this.tx.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                // The call got its answer: go on until the body ends.
+                Poll::Ready(Err(_)) => this.cancel = None,
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            // The backend reset the stream (or the connection died): nothing more to send.
+            if this.tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((data, eos)) = this.waiting.take() {
+                while this.tx.capacity() == 0 {
+                    match this.tx.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                        Poll::Pending => {
+                            this.waiting = Some((data, eos));
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                if this.tx.send_data(data, eos).is_err() || eos {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let _ = this.tx.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "client request stream failed; resetting backend stream");
+                    this.tx.send_reset(h2_reason(&e));
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let eos = this.body.is_end_stream();
+                    if std::mem::take(&mut this.first) {
+                        if this.tx.send_data(data, eos).is_err() || eos {
+                            return Poll::Ready(());
+                        }
+                    } else {
+                        // Claim a little window first; h2 raises the claim to the chunk's
+                        // size when it is sent.
+                        this.tx.reserve_capacity(1);
+                        this.waiting = Some((data, eos));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        this.tx.reserve_capacity(0);
+                        let _ = this.tx.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP/2 reason to reset a backend stream with when the client's stream failed:
+/// the client's own reason (e.g. CANCEL), else INTERNAL_ERROR.
+fn h2_reason(err: &hyper::Error) -> h2::Reason {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
         }
         source = e.source();
     }
-    false
+    h2::Reason::INTERNAL_ERROR
+}
+
+/// What forwarding gives: the backend's response and its metrics, or a proxy error.
+type Forwarded = Result<(Response<h2::RecvStream>, Option<Arc<EndpointMetrics>>), (Code, String)>;
+
+/// Whether an error says the backend refused the stream before processing it
+/// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).
+fn never_processed(err: &h2::Error) -> bool {
+    err.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (err.is_go_away() && err.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// Points the request at `addr`, keeping its path.
