@@ -163,8 +163,20 @@ impl Body for ReplayBody {
         }
     }
 
+    /// True once nothing but the end is left, so that the last DATA frame can carry
+    /// END_STREAM itself instead of being followed by an empty one.
     fn is_end_stream(&self) -> bool {
-        self.finished
+        if self.finished {
+            return true;
+        }
+        let s = self.lock();
+        if self.pos < s.recorded.len() {
+            return false;
+        }
+        if s.done {
+            return s.trailers.is_none();
+        }
+        s.inner.as_ref().is_some_and(Body::is_end_stream)
     }
 }
 
