@@ -12,6 +12,9 @@ pub enum EtcdError {
     /// No endpoint was given.
     #[error("no etcd endpoints given (--etcd-endpoints)")]
     NoEndpoints,
+    /// Only one of user and password is set.
+    #[error("--etcd-user and --etcd-password go together; only one is set")]
+    IncompleteAuth,
     /// The TLS files are unusable.
     #[error("etcd TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -38,8 +41,10 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
         .with_connect_timeout(args.etcd_connect_timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true);
-    if let (Some(user), Some(password)) = (&args.etcd_user, &args.etcd_password) {
-        opts = opts.with_user(user.clone(), password.clone());
+    match (&args.etcd_user, &args.etcd_password) {
+        (Some(user), Some(password)) => opts = opts.with_user(user.clone(), password.clone()),
+        (None, None) => {}
+        _ => return Err(EtcdError::IncompleteAuth),
     }
     if let Some(tls) = crate::tls::etcd_tls(
         args.etcd_ca.as_deref(),
