@@ -203,3 +203,70 @@ pub async fn delete(etcd: &str, key: &str) {
 pub async fn served_by(client: &mut EchoClient<Channel>) -> Result<String, tonic::Status> {
     Ok(client.unary(req("hi")).await?.into_inner().server)
 }
+
+/// An answer of the admin listener.
+#[derive(Debug)]
+pub struct AdminReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET path` on the admin listener at `addr` (HTTP/1.1); `None` if nothing answers.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<AdminReply> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(AdminReply {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The value of the sample `name` whose labels include all of `labels`, in Prometheus
+/// text exposition `text` (the first match).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|kv| kv == format!("{k}=\"{v}\"").as_str())
+            });
+            if all {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
+}
