@@ -820,6 +820,19 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if let Some(ep) = e
+        .etcd_endpoints
+        .iter()
+        .find(|ep| ep.starts_with("http://") && e.etcd_ca.is_some())
+    {
+        return Err(s.field_error(
+            "etcd_endpoints",
+            format!(
+                "{ep} is http:// but TLS to etcd is on ({}); use https://",
+                s.describe("etcd_ca")
+            ),
+        ));
+    }
     if e.prefix.trim_matches('/').is_empty() {
         return Err(s.field_error("prefix", "the key prefix is empty".into()));
     }
