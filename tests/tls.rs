@@ -287,7 +287,7 @@ async fn etcd_over_mtls() {
     .unwrap();
 
     let admin = switchyard::testkit::free_addr().unwrap();
-    let proxy = Proxy::start_with(&[etcd.endpoint.clone()], &[], |a| {
+    let proxy = Proxy::start_with(std::slice::from_ref(&etcd.endpoint), &[], |a| {
         a.etcd.etcd_ca = Some(pki.ca());
         a.etcd.etcd_cert = Some(cert.clone());
         a.etcd.etcd_key = Some(key.clone());
@@ -306,7 +306,7 @@ async fn etcd_over_mtls() {
 
     // Without a client certificate etcd refuses: never ready, calls fail.
     let admin = switchyard::testkit::free_addr().unwrap();
-    let proxy = Proxy::start_with(&[etcd.endpoint.clone()], &[], |a| {
+    let proxy = Proxy::start_with(std::slice::from_ref(&etcd.endpoint), &[], |a| {
         a.etcd.etcd_ca = Some(pki.ca());
         a.admin_listen = AdminListen(Some(admin));
         a.discovery_timeout = Duration::from_secs(2);
