@@ -89,7 +89,9 @@ async fn main() -> std::process::ExitCode {
         },
         Command::CheckConfig(args) => match switchyard::config::check(&args.file) {
             Ok(settings) => {
-                println!("{}: ok\n{settings}", args.file.display());
+                use std::io::Write;
+                // A closed stdout (e.g. `| head -1`) is not an error of the check.
+                let _ = writeln!(std::io::stdout(), "{}: ok\n{settings}", args.file.display());
                 Ok(())
             }
             Err(e) => Err(e.into()),
