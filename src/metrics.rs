@@ -448,4 +448,19 @@ mod tests {
         assert!(text.contains(r#"switchyard_inflight_streams{service="a"} 0"#));
         assert!(text.contains(r#"switchyard_call_duration_seconds_count{service="a"} 2"#));
     }
+
+    #[test]
+    fn registrations_are_exposed() {
+        let m = Metrics::new();
+        m.registrations.set_held("a", 2);
+        m.registrations.event("a", RegistrationEvent::Registered);
+        m.registrations.event("a", RegistrationEvent::LeaseLost);
+        m.registrations.event("a", RegistrationEvent::Registered);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"switchyard_registrations{service="a"} 2"#));
+        assert!(text
+            .contains(r#"switchyard_registration_events_total{event="registered",service="a"} 2"#));
+        assert!(text
+            .contains(r#"switchyard_registration_events_total{event="lease_lost",service="a"} 1"#));
+    }
 }

@@ -259,3 +259,51 @@ async fn readiness_and_etcd_state_follow_etcd() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_a_line_per_endpoint_added_and_per_call_at_debug() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b1 = EchoBackend::start("b1").await.unwrap();
+    let listen = switchyard::testkit::free_addr().unwrap();
+    let p = SwitchyardProcess::spawn(
+        &[
+            "proxy",
+            "--listen",
+            &listen.to_string(),
+            "--admin-listen",
+            "off",
+            "--etcd-endpoints",
+            etcd.endpoint(),
+            "--log-format",
+            "json",
+        ],
+        &[("RUST_LOG", "info,switchyard::call=debug")],
+    );
+    let json = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok();
+    p.wait_line(WAIT, "listening", |l| {
+        json(l).is_some_and(|j| j["message"] == "listening")
+    });
+    let _r = register(etcd.endpoint(), SVC, b1.addr(), 5).await;
+    let c = client(listen).await;
+    eventually(WAIT, "a call through the proxy process", || {
+        let mut c = c.clone();
+        async move { served_by(&mut c).await.is_ok() }
+    })
+    .await;
+    let backend = b1.addr().to_string();
+    let added = p.wait_line(WAIT, "endpoint added", |l| {
+        json(l).is_some_and(|j| j["message"] == "endpoint added")
+    });
+    let added = json(&added).unwrap();
+    assert_eq!(added["service"], SVC, "{added}");
+    assert_eq!(added["backend"], backend.as_str(), "{added}");
+    let call = p.wait_line(WAIT, "a per-call line", |l| {
+        json(l).is_some_and(|j| j["target"] == "switchyard::call")
+    });
+    let call = json(&call).unwrap();
+    assert_eq!(call["level"], "DEBUG", "{call}");
+    assert_eq!(call["service"], SVC, "{call}");
+    assert_eq!(call["endpoint"], backend.as_str(), "{call}");
+    assert_eq!(call["grpc_status"], "0", "{call}");
+    assert!(call["elapsed_us"].is_u64(), "{call}");
+}

@@ -3,10 +3,9 @@
 mod common;
 use common::*;
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use clap::Args;
@@ -404,45 +403,8 @@ fn shipped_example_configs_pass_check_config() {
     }
 }
 
-/// A proxy process; killed when dropped. Its stderr lines arrive on `lines`.
-struct Running {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Running {
-    let mut child = bin(args, env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    Running { child, lines }
-}
-
-impl Running {
-    fn first_line(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the proxy logs a line")
-    }
+fn run(args: &[&str], env: &[(&str, &str)]) -> SwitchyardProcess {
+    SwitchyardProcess::spawn(args, env)
 }
 
 async fn healthy(addr: SocketAddr) -> bool {
@@ -469,7 +431,7 @@ async fn the_running_proxy_applies_flag_over_env_over_file() {
 
     // File only: admin where the file says, JSON logs, the file's listener.
     let p = run(&["proxy", "--config", cfg], &[]);
-    let line = p.first_line();
+    let line = p.next_line();
     let json: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
     assert!(
@@ -512,7 +474,7 @@ async fn the_running_proxy_applies_flag_over_env_over_file() {
         ],
         &[("SWITCHYARD_ADMIN_LISTEN", &env_admin_s)],
     );
-    let line = p.first_line();
+    let line = p.next_line();
     assert!(
         serde_json::from_str::<serde_json::Value>(&line).is_err(),
         "{line}"

@@ -333,3 +333,63 @@ impl TestPki {
         (cert_path, key_path)
     }
 }
+
+/// A `switchyard` process (the real binary) with a clean environment plus `env`; killed
+/// when dropped. Its stderr (the logs) arrives line by line on `lines`.
+pub struct SwitchyardProcess {
+    child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl SwitchyardProcess {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> SwitchyardProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        SwitchyardProcess { child, lines }
+    }
+
+    /// The next log line (waits up to 20 s).
+    pub fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("switchyard logs a line")
+    }
+
+    /// Reads log lines until one satisfies `want` (up to `within`); returns it.
+    pub fn wait_line(&self, within: Duration, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line within {within:?}: {what}"),
+            }
+        }
+    }
+}
+
+impl Drop for SwitchyardProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
