@@ -1037,4 +1037,16 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
     }
+
+    #[test]
+    fn positions_of_offsets_and_keys() {
+        let text = "a = 1\n\n[etcd]\n  prefix = \"x\"\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 7), (3, 1));
+        assert_eq!(line_col(text, text.len()), (5, 1));
+        let off = key_offset(text, "etcd.prefix").unwrap();
+        assert_eq!(line_col(text, off), (4, 3));
+        assert_eq!(key_offset(text, "etcd.user"), None);
+        assert_eq!(key_offset("[etcd\n", "etcd"), None);
+    }
 }
