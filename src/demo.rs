@@ -199,8 +199,6 @@ impl Echo for EchoService {
                     return; // client gone: the guard counts the cancel
                 }
             }
-            // Wait until the response stream is finished or dropped by the server.
-            tx.closed().await;
             guard.done();
         });
         Ok(with_metadata(
@@ -262,7 +260,6 @@ impl Echo for EchoService {
                     return;
                 }
             }
-            tx.closed().await;
             guard.done();
         });
         Ok(with_metadata(
@@ -298,6 +295,8 @@ pub async fn serve_with_health(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let echo = EchoServer::new(service)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     tonic::transport::Server::builder()
