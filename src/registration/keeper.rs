@@ -105,6 +105,8 @@ pub(super) struct Keeper {
     /// After a failure, ask etcd whether the lease still exists before using it again.
     check_lease: bool,
     backoff: Backoff,
+    /// Since when etcd requests have been failing (for logging once per outage).
+    failing_since: Option<Instant>,
 }
 
 impl Keeper {
@@ -127,6 +129,7 @@ impl Keeper {
             key_state: KeyState::Absent,
             expires_at: Instant::now(),
             check_lease: false,
+            failing_since: None,
             backoff: Backoff::new((checked.ttl / 3).min(Duration::from_secs(1))),
         }
     }
@@ -146,7 +149,6 @@ impl Keeper {
             .await;
             return Err(e);
         }
-        tracing::info!(key = %self.key, lease, ttl_s = self.ttl_secs, "registered");
         Ok(())
     }
 
@@ -183,13 +185,14 @@ impl Keeper {
                     self.check_lease = true;
                     self.publish();
                     let delay = self.backoff.next();
-                    tracing::warn!(
-                        key = %self.key,
-                        lease = self.lease.unwrap_or_default(),
-                        error = %e,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "registration: etcd request failed; retrying"
-                    );
+                    let retry_in_ms = delay.as_millis() as u64;
+                    let lease = self.lease.unwrap_or_default();
+                    if self.failing_since.is_none() {
+                        self.failing_since = Some(Instant::now());
+                        tracing::warn!(key = %self.key, lease, error = %e, retry_in_ms, "registration: etcd request failed; retrying");
+                    } else {
+                        tracing::debug!(key = %self.key, lease, error = %e, retry_in_ms, "registration: etcd request failed again; retrying");
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -223,11 +226,7 @@ impl Keeper {
                 lease
             }
             Some(lease) => lease,
-            None => {
-                let lease = self.grant().await?;
-                tracing::info!(key = %self.key, lease, "new lease granted");
-                lease
-            }
+            None => self.grant().await?,
         };
         self.sync_key(lease).await?;
 
@@ -242,6 +241,14 @@ impl Keeper {
         // The opening request renewed the lease.
         self.expires_at = opened + self.ttl;
         self.backoff.reset();
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                key = %self.key,
+                lease,
+                failing_for_ms = since.elapsed().as_millis() as u64,
+                "registration: etcd reachable again; lease kept alive"
+            );
+        }
         self.publish();
 
         let period = self.ttl / 3;
@@ -362,7 +369,19 @@ impl Keeper {
             if *s == new {
                 false
             } else {
-                tracing::debug!(key = %self.key, from = ?*s, to = ?new, "registration state");
+                match (*s, new) {
+                    (_, RegistrationState::Registered { lease }) => {
+                        tracing::info!(key = %self.key, lease, ttl_s = self.ttl_secs, "registered");
+                    }
+                    (RegistrationState::Registered { lease }, RegistrationState::Pending)
+                        if self.lease.is_some() =>
+                    {
+                        tracing::warn!(key = %self.key, lease, "lease expired while etcd was unreachable: not registered until etcd answers");
+                    }
+                    (from, to) => {
+                        tracing::debug!(key = %self.key, ?from, ?to, "registration state");
+                    }
+                }
                 *s = new;
                 true
             }

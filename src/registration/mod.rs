@@ -322,7 +322,8 @@ impl Registration {
     /// Holds the key (`true`, the default) or deletes it while keeping the lease (`false`),
     /// e.g. to follow the backend's health. Applied in the background.
     pub fn set_active(&self, active: bool) {
-        self.active.send_if_modified(|a| std::mem::replace(a, active) != active);
+        self.active
+            .send_if_modified(|a| std::mem::replace(a, active) != active);
     }
 
     /// Stops the keep-alive, deletes the key and revokes the lease.
