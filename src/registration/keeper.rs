@@ -376,7 +376,7 @@ impl Keeper {
                     (RegistrationState::Registered { lease }, RegistrationState::Pending)
                         if self.lease.is_some() =>
                     {
-                        tracing::warn!(key = %self.key, lease, "lease expired while etcd was unreachable: not registered until etcd answers");
+                        tracing::warn!(key = %self.key, lease, "etcd unreachable past the lease TTL: the key has likely expired; registering again once etcd answers");
                     }
                     (from, to) => {
                         tracing::debug!(key = %self.key, ?from, ?to, "registration state");
