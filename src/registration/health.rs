@@ -114,6 +114,9 @@ impl HealthGate {
                 tokio::time::sleep(self.config.interval).await;
             }
             let result = self.probe().await;
+            if let Err(reason) = &result {
+                tracing::debug!(addr = %self.config.addr, %reason, "health probe failed");
+            }
             let passed = result.is_ok();
             if passed == self.healthy {
                 self.streak = 0;
