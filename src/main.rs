@@ -21,6 +21,8 @@ enum Command {
     Endpoints(switchyard::registration::list::EndpointsArgs),
     /// Run an example Echo backend (for the demo, tests and benchmarks).
     DemoBackend(switchyard::demo::DemoBackendArgs),
+    /// Call the example Echo service through the proxy and show which backend answered.
+    DemoClient(switchyard::demo::DemoClientArgs),
 }
 
 fn init_tracing() {
@@ -52,6 +54,9 @@ async fn main() -> std::process::ExitCode {
             .await
             .map_err(anyhow::Error::from),
         Command::DemoBackend(args) => switchyard::demo::run_backend(args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::DemoClient(args) => switchyard::demo::run_client(args)
             .await
             .map_err(anyhow::Error::from),
     };
