@@ -28,6 +28,8 @@ pub struct EchoStats {
     pub calls: AtomicU64,
     /// Calls whose client went away (cancel, deadline, reset) before the backend finished.
     pub cancelled: AtomicU64,
+    /// Stream replies handed to the transport (server-streaming and bidi).
+    pub sent: AtomicU64,
     /// The `grpc-timeout` header of the last call that carried one.
     pub last_grpc_timeout: Mutex<Option<String>>,
 }
@@ -198,6 +200,7 @@ impl Echo for EchoService {
                 if tx.send(Ok(this.reply(&req, seq))).await.is_err() {
                     return; // client gone: the guard counts the cancel
                 }
+                this.stats.sent.fetch_add(1, Ordering::SeqCst);
             }
             guard.done();
         });

@@ -529,3 +529,36 @@ async fn a_registered_but_dead_backend_costs_no_failed_call() {
         r.expect("no concurrent call may fail");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_slows_the_backend_to_a_slow_reader() {
+    let s = setup(1).await;
+    let b = &s.backends[0];
+    let mut c = client(s.proxy.addr).await;
+    // 200 replies of 1 MiB: far more than all HTTP/2 windows and buffers on the way.
+    let mut stream = c
+        .server_stream(EchoRequest {
+            count: 200,
+            reply_size: 1 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.payload.len(), 1 << 20);
+    // The client stops reading; the backend must stall well short of 200.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = b.stats().sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent < 40,
+        "backend sent {sent} MiB to a client that stopped reading"
+    );
+    // Reading again drains the rest in order.
+    let mut n = 1;
+    while let Some(item) = stream.next().await {
+        assert_eq!(item.unwrap().seq, n);
+        n += 1;
+    }
+    assert_eq!(n, 200);
+}
