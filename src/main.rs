@@ -28,6 +28,8 @@ enum Command {
     Endpoints(switchyard::registration::list::EndpointsArgs),
     /// Run an example Echo backend (for the demo, tests and benchmarks).
     DemoBackend(switchyard::demo::DemoBackendArgs),
+    /// Call the example Echo service through the proxy and show which backend answered.
+    DemoClient(switchyard::demo::DemoClientArgs),
 }
 
 /// Arguments of `switchyard check-config`.
@@ -61,6 +63,14 @@ async fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if let Command::Register(args) = &cli.command {
+        // Checks between flags; like clap's own errors: a message naming them, exit 2.
+        if let Err(msg) = args.validate() {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, msg)
+                .exit();
+        }
+    }
     // The proxy's settings (and its log format) may come from a config file: load them
     // before logging starts.
     let settings = match (&cli.command, matches.subcommand_matches("proxy")) {
@@ -96,9 +106,16 @@ async fn main() -> std::process::ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Command::Register(args) => switchyard::registration::sidecar::run(args).await,
-        Command::Endpoints(args) => switchyard::registration::list::run(args).await,
+        Command::Register(args) => switchyard::registration::sidecar::run(args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::Endpoints(args) => switchyard::registration::list::run(args)
+            .await
+            .map_err(anyhow::Error::from),
         Command::DemoBackend(args) => switchyard::demo::run_backend(args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::DemoClient(args) => switchyard::demo::run_client(args)
             .await
             .map_err(anyhow::Error::from),
     };
