@@ -137,7 +137,10 @@ async fn sidecar_admin_follows_health_and_counts_a_lost_lease() {
     })
     .await;
     assert!(key_lease(etcd.endpoint(), &key).await.is_some());
-    assert_eq!(sample(admin, "switchyard_registrations", svc, &[]).await, 1.0);
+    assert_eq!(
+        sample(admin, "switchyard_registrations", svc, &[]).await,
+        1.0
+    );
     assert_eq!(
         sample(admin, "switchyard_backend_healthy", svc, &[]).await,
         1.0
@@ -145,7 +148,9 @@ async fn sidecar_admin_follows_health_and_counts_a_lost_lease() {
     let health = admin_get(admin, "/healthz").await.unwrap();
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     let metrics = admin_get(admin, "/metrics").await.unwrap();
-    assert!(metrics.content_type.starts_with("text/plain; version=0.0.4"));
+    assert!(metrics
+        .content_type
+        .starts_with("text/plain; version=0.0.4"));
     assert_eq!(admin_get(admin, "/nope").await.unwrap().status, 404);
 
     // NOT_SERVING: key withdrawn, not ready (with the reason), nothing held.
@@ -160,7 +165,10 @@ async fn sidecar_admin_follows_health_and_counts_a_lost_lease() {
         "reason: {:?}",
         ready.body
     );
-    assert_eq!(sample(admin, "switchyard_registrations", svc, &[]).await, 0.0);
+    assert_eq!(
+        sample(admin, "switchyard_registrations", svc, &[]).await,
+        0.0
+    );
     assert_eq!(
         sample(admin, "switchyard_backend_healthy", svc, &[]).await,
         0.0
@@ -182,9 +190,14 @@ async fn sidecar_admin_follows_health_and_counts_a_lost_lease() {
 
     // The lease revoked from outside: counted, and registered again under a new lease.
     let lease = key_lease(etcd.endpoint(), &key).await.unwrap();
-    etcd.client().await.unwrap().lease_revoke(lease).await.unwrap();
+    etcd.client()
+        .await
+        .unwrap()
+        .lease_revoke(lease)
+        .await
+        .unwrap();
     eventually(WAIT, "lease_lost counted", || async {
-        sample(admin, "switchyard_registration_events_total", svc, &lost).await == 1.0
+        sample(admin, "switchyard_registration_events_total", svc, &lost).await >= 1.0
     })
     .await;
     eventually(WAIT, "registered again under a new lease", || async {
@@ -195,12 +208,17 @@ async fn sidecar_admin_follows_health_and_counts_a_lost_lease() {
             && sample(admin, "switchyard_registrations", svc, &[]).await == 1.0
     })
     .await;
-    // First registration, back after the pause, again after the lost lease.
+    // First registration, back after the pause, again after the lost lease (more if a
+    // health probe failed by chance on a loaded machine).
     let registered = [("event", "registered")];
-    assert_eq!(
-        sample(admin, "switchyard_registration_events_total", svc, &registered).await,
-        3.0
-    );
+    let n = sample(
+        admin,
+        "switchyard_registration_events_total",
+        svc,
+        &registered,
+    )
+    .await;
+    assert!(n >= 3.0, "registered events: {n}");
     drop(backend);
 }
 
