@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use super::body::ProxyBody;
 use super::replay::ReplayBody;
 use crate::discovery::{BackendAddr, Discovery, Service};
-use crate::metrics::EndpointMetrics;
+use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
 
@@ -116,7 +116,7 @@ impl Forwarder {
             Ok((resp, endpoint)) => {
                 let (parts, inner) = resp.into_parts();
                 let record = endpoint.map(|e| {
-                    let mut r = timer.upstream(&e);
+                    let mut r = timer.upstream(e);
                     r.status(parts.headers.get("grpc-status"));
                     r
                 });
@@ -187,6 +187,8 @@ impl Forwarder {
                 }
             };
             let retry_body = body.try_clone();
+            // In flight on this endpoint from now until the response ends.
+            let sent = upstream.metrics().map(|m| m.send());
             let pump = Pump::start(body, send_body);
             let error = match response.await {
                 Ok(resp) => {
@@ -194,7 +196,7 @@ impl Forwarder {
                     if let Some(b) = &retry_body {
                         b.commit();
                     }
-                    return Ok((resp, upstream.metrics().cloned()));
+                    return Ok((resp, sent));
                 }
                 Err(err) => match retry_body {
                     // Refused before the backend processed it: replay elsewhere.
@@ -378,8 +380,9 @@ fn h2_reason(err: &hyper::Error) -> h2::Reason {
     h2::Reason::INTERNAL_ERROR
 }
 
-/// What forwarding gives: the backend's response and its metrics, or a proxy error.
-type Forwarded = Result<(Response<h2::RecvStream>, Option<Arc<EndpointMetrics>>), (Code, String)>;
+/// What forwarding gives: the backend's response and the call's count in flight on the
+/// backend that answered, or a proxy error.
+type Forwarded = Result<(Response<h2::RecvStream>, Option<EndpointCall>), (Code, String)>;
 
 /// Whether an error says the backend refused the stream before processing it
 /// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).
