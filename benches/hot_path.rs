@@ -159,7 +159,7 @@ fn bench_metrics(c: &mut Criterion) {
     let ok = HeaderValue::from_static("0");
     c.bench_function("metrics/call record (start, upstream, status, end)", |b| {
         b.iter(|| {
-            let mut rec = service.start().upstream(&endpoint);
+            let mut rec = service.start().upstream(endpoint.send());
             rec.status(Some(black_box(&ok)));
             drop(rec);
         })
