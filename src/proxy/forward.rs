@@ -9,12 +9,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http_body::Body;
 use tokio::sync::oneshot;
 
 use http::header::CONTENT_TYPE;
+use http::request::Parts;
 use http::uri::{Scheme, Uri};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
@@ -23,6 +25,18 @@ use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
+use crate::upstream::Connection;
+
+/// `grpc-status`, parsed once.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// A request that passed the checks, bound for `service`.
+struct Call {
+    service: Arc<Service>,
+    parts: Box<Parts>,
+    body: Incoming,
+    timeout: Option<Duration>,
+}
 
 /// Most backends one call is offered to before the proxy gives up.
 pub const MAX_ATTEMPTS: usize = 5;
@@ -55,25 +69,37 @@ impl Forwarder {
     }
 
     /// Serves one request (one HTTP/2 stream); never fails: errors become responses.
-    pub async fn handle(
+    ///
+    /// The checks and the routing run before the returned future is first polled; the
+    /// future keeps only what the call needs across its awaits (its request head boxed),
+    /// so that each call's state stays small (every open stream holds one until the
+    /// backend's response headers arrive).
+    pub fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        Ok(self.call(req).await)
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
+        match self.route(req) {
+            Ok(call) => Either::Left(async move { Ok(self.call(call).await) }),
+            Err(resp) => Either::Right(std::future::ready(Ok(resp))),
+        }
     }
 
-    async fn call(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Checks the request and chooses its service; a request that cannot be forwarded
+    /// gets its answer at once.
+    // The error is the answer itself, returned straight to hyper: no point boxing it.
+    #[allow(clippy::result_large_err)]
+    fn route(&self, req: Request<Incoming>) -> Result<Call, Response<ProxyBody>> {
         if req.version() != Version::HTTP_2 {
-            return http_error(
+            return Err(http_error(
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                 "switchyard serves gRPC over HTTP/2 only (h2c with prior knowledge)\n",
-            );
+            ));
         }
         if !is_grpc(req.headers()) {
-            return http_error(
+            return Err(http_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "switchyard forwards gRPC only: content-type must be application/grpc\n",
-            );
+            ));
         }
         let service = match &self.target {
             Target::Bound(s) => Arc::clone(s),
@@ -81,43 +107,67 @@ impl Forwarder {
                 let name = match service_from_path(req.uri().path()) {
                     Ok(n) => n,
                     Err(e) => {
-                        return error_response(
+                        return Err(error_response(
                             Code::Unimplemented,
                             &format!("switchyard: {e}: {:?}", req.uri().path()),
-                        )
+                        ))
                     }
                 };
                 match self.discovery.service(name) {
                     Ok(s) => s,
                     Err(e) => {
-                        return error_response(Code::ResourceExhausted, &format!("switchyard: {e}"))
+                        return Err(error_response(
+                            Code::ResourceExhausted,
+                            &format!("switchyard: {e}"),
+                        ))
                     }
                 }
             }
         };
-        let timer = service.metrics().start();
         let timeout = grpc_timeout(req.headers());
-        let forwarded = self.forward(&service, req);
+        let (parts, body) = req.into_parts();
+        Ok(Call {
+            service,
+            parts: Box::new(parts),
+            body,
+            timeout,
+        })
+    }
+
+    async fn call(&self, call: Call) -> Response<ProxyBody> {
+        let Call {
+            service,
+            parts,
+            body,
+            timeout,
+        } = call;
+        let timer = service.metrics().start();
+        let forwarded = self.forward(&service, &parts, body);
         let result = match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, forwarded)
-                .await
-                .unwrap_or_else(|_| {
-                    Err((
+            Some(timeout) => {
+                // Boxed: only calls with a deadline pay for the timer.
+                let deadline = Box::pin(tokio::time::sleep(timeout));
+                tokio::select! {
+                    biased;
+                    r = forwarded => r,
+                    _ = deadline => Err((
                         Code::DeadlineExceeded,
                         format!(
                             "switchyard: deadline exceeded before a backend of service '{}' answered",
                             service.name()
                         ),
-                    ))
-                }),
+                    )),
+                }
+            }
             None => forwarded.await,
         };
+        drop(parts);
         match result {
             Ok((resp, endpoint)) => {
                 let (parts, inner) = resp.into_parts();
                 let record = endpoint.map(|e| {
                     let mut r = timer.upstream(e);
-                    r.status(parts.headers.get("grpc-status"));
+                    r.status(parts.headers.get(&GRPC_STATUS));
                     r
                 });
                 Response::from_parts(parts, ProxyBody::upstream(inner, record))
@@ -131,8 +181,8 @@ impl Forwarder {
 
     /// Sends the call to the service's backends in round-robin order until one takes it;
     /// returns the backend's response and the metrics of the backend that answered.
-    async fn forward(&self, service: &Service, req: Request<Incoming>) -> Forwarded {
-        if !service.is_loaded() && !service.wait_loaded(self.discovery_timeout).await {
+    async fn forward(&self, service: &Service, parts: &Parts, body: Incoming) -> Forwarded {
+        if !service.is_loaded() && !Box::pin(service.wait_loaded(self.discovery_timeout)).await {
             return Err((
                 Code::Unavailable,
                 format!(
@@ -151,7 +201,6 @@ impl Forwarder {
                 ),
             ));
         }
-        let (parts, body) = req.into_parts();
         let mut body = ReplayBody::new(body);
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last_error: Option<String> = None;
@@ -172,19 +221,16 @@ impl Forwarder {
                     }
                 },
             };
-            let mut head = Request::from_parts(parts.clone(), ());
-            if let Err(e) = set_authority(&mut head, upstream.addr()) {
-                return Err((Code::Internal, format!("switchyard: {e}")));
-            }
-            let (response, send_body) = match conn.send.clone().send_request(head, false) {
-                Ok(r) => r,
-                Err(e) => {
+            let (response, send_body) = match open_stream(&conn, parts, upstream.addr()) {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
                     // The request never left: offer it to the next backend as it is.
                     upstream.report_closed(&conn);
                     tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend connection closed; trying next");
                     last_error = Some(format!("{}: {e}", upstream.addr()));
                     continue;
                 }
+                Err(e) => return Err((Code::Internal, format!("switchyard: {e}"))),
             };
             let retry_body = body.try_clone();
             // In flight on this endpoint from now until the response ends.
@@ -231,6 +277,19 @@ impl Forwarder {
             ),
         ))
     }
+}
+
+/// Opens the call's stream on `conn`: its request head, pointed at `addr`, is queued.
+/// (A function of its own so that the head is not kept in the call's future.)
+#[allow(clippy::type_complexity)]
+fn open_stream(
+    conn: &Connection,
+    parts: &Parts,
+    addr: &BackendAddr,
+) -> Result<Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error>, http::Error> {
+    let mut head = Request::from_parts(parts.clone(), ());
+    set_authority(&mut head, addr)?;
+    Ok(conn.send.clone().send_request(head, false))
 }
 
 /// Sends a call's request body to its backend stream, with HTTP/2 flow control.
