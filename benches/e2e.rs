@@ -305,7 +305,9 @@ fn backend_main(args: &[String]) -> Result<()> {
             let l = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("bind {addr}"))?;
-            incoming.push(tokio_stream::wrappers::TcpListenerStream::new(l));
+            // TCP_NODELAY on accepted connections, as gRPC servers commonly set (tonic's
+            // `tcp_nodelay` does not reach streams from a listener we bind ourselves).
+            incoming.push(tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true)));
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<BenchEcho>>().await;
