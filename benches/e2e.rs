@@ -58,6 +58,9 @@ const FRESH_SERVICE: &str = "bench.fresh";
 /// The unary request's text: 5-byte frame header + 8 bytes of protobuf = 13 bytes.
 const MESSAGE: &str = "hello!";
 const BACKEND_NAMES: [&str; 3] = ["b1", "b2", "b3"];
+/// Everything the load can be driven at; `switchyard-1w` is switchyard with one tokio
+/// worker thread (`TOKIO_WORKER_THREADS=1`).
+const TARGETS: [&str; 5] = ["direct", "switchyard", "switchyard-1w", "nginx", "haproxy"];
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const RESULTS_BEGIN: &str =
@@ -73,7 +76,8 @@ options:
   --calls N          unary calls per throughput run (default 200000; concurrency-1 runs use N/10)
   --rate N           offered load of the fixed-rate run, calls/s in all (default 20000)
   --stream-mib N     MiB per server-streaming run (default 256, in 1 MiB messages)
-  --targets LIST     comma-separated subset of direct,switchyard,nginx,haproxy (default all)
+  --targets LIST     comma-separated subset of direct,switchyard,switchyard-1w,nginx,haproxy
+                     (default all; switchyard-1w = one tokio worker thread)
   --no-extras        skip put-to-first-call, 10,000 open streams and 1,000x10 start-up
   --extras-only      only those
   --no-build         do not run `cargo build --release --bin switchyard` first
@@ -106,7 +110,7 @@ impl Options {
             calls: 200_000,
             rate: 20_000,
             stream_mib: 256,
-            targets: ["direct", "switchyard", "nginx", "haproxy"]
+            targets: ["direct", "switchyard", "switchyard-1w", "nginx", "haproxy"]
                 .map(String::from)
                 .to_vec(),
             main_table: true,
@@ -135,7 +139,7 @@ impl Options {
                     let list = it.next().ok_or_else(|| anyhow!("--targets needs a list"))?;
                     o.targets = list.split(',').map(|s| s.trim().to_owned()).collect();
                     for t in &o.targets {
-                        if !["direct", "switchyard", "nginx", "haproxy"].contains(&t.as_str()) {
+                        if !TARGETS.contains(&t.as_str()) {
                             bail!("--targets: unknown target {t:?}");
                         }
                     }
@@ -533,8 +537,17 @@ fn switchyard_binary() -> PathBuf {
     target.join("release").join("switchyard")
 }
 
-fn spawn_switchyard(listen: &[String], etcd: &str, extra: &[&str]) -> Result<Proc> {
+fn spawn_switchyard(
+    listen: &[String],
+    etcd: &str,
+    extra: &[&str],
+    workers: Option<usize>,
+) -> Result<Proc> {
     let mut cmd = Command::new(switchyard_binary());
+    if let Some(n) = workers {
+        // Read by the runtime `#[tokio::main]` builds.
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
     cmd.arg("proxy");
     for l in listen {
         cmd.arg("--listen").arg(l);
@@ -1015,6 +1028,7 @@ async fn startup_many(
         &[listen.to_string()],
         etcd_endpoint,
         &["--prefix", "wide", "--max-services", "2000"],
+        None,
     )?;
     let result = async {
         wait_listening(listen, Duration::from_secs(30)).await?;
@@ -1150,11 +1164,22 @@ async fn run(opts: Options) -> Result<()> {
             &[sy_addr.to_string(), format!("{fresh_addr}={FRESH_SERVICE}")],
             etcd_proc.endpoint(),
             &[],
+            None,
         )?;
         wait_listening(sy_addr, Duration::from_secs(10)).await?;
         targets.push(Target {
             name: "switchyard",
             addr: sy_addr,
+            proc: Some(p),
+        });
+    }
+    if want("switchyard-1w") {
+        let addr = free_addr()?;
+        let p = spawn_switchyard(&[addr.to_string()], etcd_proc.endpoint(), &[], Some(1))?;
+        wait_listening(addr, Duration::from_secs(10)).await?;
+        targets.push(Target {
+            name: "switchyard-1w",
+            addr,
             proc: Some(p),
         });
     }
@@ -1251,7 +1276,7 @@ async fn run(opts: Options) -> Result<()> {
             rate: None,
         },
         Shape {
-            label: "unary, fixed 20k calls/s, 64 streams",
+            label: "unary, fixed offered load, 64 streams",
             clients: 4,
             streams_per_client: 16,
             calls: opts.rate * 5,
@@ -1510,14 +1535,18 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "Setup: 3 tonic Echo backends (1 worker thread each) registered in etcd; direct = h2load \
-         to one of them. switchyard: default flags (tokio, {} worker threads); nginx: 2 workers, \
-         `grpc_pass` with upstream keepalive; HAProxy: `nbthread 2`, `proto h2`, roundrobin. \
-         Unary load by h2load (`-t 1`), {} calls per throughput run, request 13 bytes; streaming by \
-         a tonic client checking every grpc-status. CPU = utime+stime of the proxy's processes; \
-         RSS = peak (VmHWM) during the run.\n",
+        "Setup: 3 tonic Echo backends (1 worker thread each, TCP_NODELAY) registered in etcd; \
+         direct = h2load to one of them. switchyard: default flags (tokio, {} worker threads), \
+         switchyard-1w: the same with TOKIO_WORKER_THREADS=1; nginx: 2 workers, `grpc_pass` with \
+         upstream keepalive; HAProxy: `nbthread 2`, `proto h2`, roundrobin. Unary load by h2load \
+         (`-t 1`), {} calls per throughput run (a tenth at 1 stream), request 13 bytes; the fixed \
+         offered load is {} calls/s in all (`--rps`); streaming by a tonic client checking every \
+         grpc-status (4 streams at once). CPU = utime+stime of the proxy's processes; RSS = peak \
+         (VmHWM, reset before each run). Latency percentiles are per call (per message for \
+         streaming), measured by the load generator.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        opts.calls
+        opts.calls,
+        opts.rate
     );
     for n in notes {
         let _ = writeln!(s, "Note: {n}  ");
@@ -1604,22 +1633,24 @@ fn render(
             let Some(m) = by_scenario.get(shape.label) else {
                 continue;
             };
-            let Some(sy) = m.get("switchyard") else {
-                continue;
-            };
-            let mut parts = Vec::new();
-            for peer in ["haproxy", "nginx"] {
-                if let Some(p) = m.get(peer) {
-                    parts.push(format!(
-                        "{:.2}× {peer}'s calls/s, p99 {} vs {}",
-                        sy.calls_per_sec / p.calls_per_sec,
-                        fmt_us(sy.p99_us),
-                        fmt_us(p.p99_us)
-                    ));
+            for name in ["switchyard", "switchyard-1w"] {
+                let Some(sy) = m.get(name) else {
+                    continue;
+                };
+                let mut parts = Vec::new();
+                for peer in ["haproxy", "nginx"] {
+                    if let Some(p) = m.get(peer) {
+                        parts.push(format!(
+                            "{:.2}× {peer}'s calls/s, p99 {} vs {}",
+                            sy.calls_per_sec / p.calls_per_sec,
+                            fmt_us(sy.p99_us),
+                            fmt_us(p.p99_us)
+                        ));
+                    }
                 }
-            }
-            if !parts.is_empty() {
-                let _ = writeln!(s, "- {}: switchyard at {}.", shape.label, parts.join("; "));
+                if !parts.is_empty() {
+                    let _ = writeln!(s, "- {}: {name} at {}.", shape.label, parts.join("; "));
+                }
             }
         }
         if let Some(m) = shapes
@@ -1634,7 +1665,7 @@ fn render(
                 })
             };
             let mut parts = Vec::new();
-            for t in ["switchyard", "haproxy", "nginx"] {
+            for t in ["switchyard", "switchyard-1w", "haproxy", "nginx"] {
                 if let Some(v) = per_call(t) {
                     parts.push(format!("{t} {v:.1} µs"));
                 }
