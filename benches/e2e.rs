@@ -154,7 +154,9 @@ impl Options {
                 }
                 "--no-write" => o.out = None,
                 "--hold" => o.hold = Some(Duration::from_secs(num(it.next(), "--hold")?.min(3600))),
-                // `cargo bench` passes --bench; criterion-style filters are ignored too.
+                // `cargo bench` passes --bench (after the user's arguments).
+                "--bench" => {}
+                // Without `run`, criterion-style arguments of a plain `cargo bench` are ignored.
                 _ if !o.run => {}
                 other => bail!("unknown argument {other:?}\n\n{USAGE}"),
             }
