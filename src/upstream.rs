@@ -4,7 +4,7 @@
 //! reconnects with exponential backoff when it dies. The call path only loads the
 //! current sender (lock-free) and clones it.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +102,11 @@ pub struct Upstream {
     sender: ArcSwapOption<SendRequest<RequestBody>>,
     state: AtomicU8,
     changed: Notify,
+    /// A call gave up waiting for this backend's answer; its connection is being
+    /// re-probed, and calls prefer other backends until the probe answers.
+    suspect: AtomicBool,
+    /// Wakes the connection task to probe the live connection.
+    check: Arc<Notify>,
     connect_timeout: Duration,
     metrics: Option<Arc<EndpointMetrics>>,
 }
@@ -113,6 +118,8 @@ impl Upstream {
             sender: ArcSwapOption::empty(),
             state: AtomicU8::new(State::Connecting as u8),
             changed: Notify::new(),
+            suspect: AtomicBool::new(false),
+            check: Arc::new(Notify::new()),
             connect_timeout: config.connect_timeout,
             metrics: config.metrics.as_ref().map(|m| m.endpoint(&addr)),
             addr,
@@ -125,7 +132,11 @@ impl Upstream {
     /// endpoint left the set and no call uses it), it stops reconnecting, and the HTTP/2
     /// connection closes after the streams still on it have finished.
     pub fn start(self: &Arc<Self>, config: UpstreamConfig) {
-        tokio::spawn(connection_loop(Arc::downgrade(self), config));
+        tokio::spawn(connection_loop(
+            Arc::downgrade(self),
+            Arc::clone(&self.check),
+            config,
+        ));
     }
 
     /// The backend's address.
@@ -147,6 +158,24 @@ impl Upstream {
     #[inline]
     pub fn is_usable(&self) -> bool {
         self.state.load(Ordering::Relaxed) != State::Failed as u8
+    }
+
+    /// Whether calls should prefer this backend: connected, and not suspected of
+    /// having stopped answering.
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == State::Ready as u8
+            && !self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// Tells the upstream that a call gave up waiting for its response (deadline or
+    /// cancel): its connection is probed at once, and dropped if the probe goes
+    /// unanswered, so a backend that froze is not sent calls until keep-alive notices.
+    pub fn report_unresponsive(&self) {
+        if self.state() == State::Ready && !self.suspect.swap(true, Ordering::Relaxed) {
+            tracing::debug!(backend = %self.addr, "call abandoned waiting for backend; probing its connection");
+            self.check.notify_one();
+        }
     }
 
     fn set_state(&self, s: State) {
@@ -255,7 +284,67 @@ fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
     (current * 2).min(config.backoff_max)
 }
 
-async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig) {
+/// How a connection's time in service ended.
+enum ConnEnd {
+    /// The connection itself ended (closed by either side, or failed).
+    Closed(Result<(), hyper::Error>),
+    /// A probe on the live connection went unanswered; the connection was dropped.
+    Unresponsive(String),
+}
+
+/// Waits until the connection ends, probing it whenever a call reports the backend
+/// unresponsive; returns `None` when the upstream is gone.
+async fn serve_connection(
+    this: &std::sync::Weak<Upstream>,
+    check: &Notify,
+    mut conn: std::pin::Pin<
+        &mut http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
+    >,
+    config: &UpstreamConfig,
+) -> Option<ConnEnd> {
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return Some(ConnEnd::Closed(r)),
+            _ = check.notified() => {}
+        }
+        // Take a sender for the probe only (holding one for good would keep the
+        // connection open after the upstream is gone).
+        let mut sender = {
+            let up = this.upgrade()?;
+            let guard = up.sender.load();
+            match guard.as_ref() {
+                Some(s) => SendRequest::clone(s),
+                None => continue,
+            }
+        };
+        let probed = tokio::select! {
+            r = tokio::time::timeout(config.connect_timeout, probe(&mut sender)) => r,
+            r = conn.as_mut() => return Some(ConnEnd::Closed(r)),
+        };
+        drop(sender);
+        let up = this.upgrade()?;
+        match probed {
+            Ok(Ok(())) => {
+                if up.suspect.swap(false, Ordering::Relaxed) {
+                    tracing::debug!(backend = %up.addr, "backend answered the probe");
+                }
+            }
+            Ok(Err(e)) => return Some(ConnEnd::Unresponsive(e.to_string())),
+            Err(_) => {
+                return Some(ConnEnd::Unresponsive(format!(
+                    "no answer to a probe within {:?}",
+                    config.connect_timeout
+                )))
+            }
+        }
+    }
+}
+
+async fn connection_loop(
+    this: std::sync::Weak<Upstream>,
+    check: Arc<Notify>,
+    config: UpstreamConfig,
+) {
     let mut backoff = config.backoff_min;
     loop {
         let Some(up) = this.upgrade() else { return };
@@ -290,20 +379,35 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
                     continue;
                 }
                 up.sender.store(Some(Arc::new(sender)));
+                up.suspect.store(false, Ordering::Relaxed);
                 if up.state() != State::Ready {
                     tracing::info!(backend = %addr, "backend connected");
                 }
                 up.set_state(State::Ready);
                 drop(up);
                 let connected_at = tokio::time::Instant::now();
-                let result = conn.await;
+                let Some(end) = serve_connection(&this, &check, conn, &config).await else {
+                    return;
+                };
                 let Some(up) = this.upgrade() else { return };
                 up.sender.store(None);
-                up.set_state(State::Connecting);
-                match result {
-                    Ok(()) => tracing::info!(backend = %addr, "backend connection closed"),
-                    Err(e) => {
-                        tracing::warn!(backend = %addr, error = %e, "backend connection lost")
+                match end {
+                    ConnEnd::Closed(Ok(())) => {
+                        up.set_state(State::Connecting);
+                        tracing::info!(backend = %addr, "backend connection closed");
+                    }
+                    ConnEnd::Closed(Err(e)) => {
+                        up.set_state(State::Connecting);
+                        tracing::warn!(backend = %addr, error = %e, "backend connection lost");
+                    }
+                    ConnEnd::Unresponsive(e) => {
+                        // Skipped until a new connection answers its probe.
+                        up.set_state(State::Failed);
+                        tracing::warn!(backend = %addr, error = %e, "backend stopped answering; connection dropped, backing off");
+                        drop(up);
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff = next_backoff(backoff, &config);
+                        continue;
                     }
                 }
                 // A connection that lived a while is re-established at once; one that died

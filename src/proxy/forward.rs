@@ -16,9 +16,14 @@ use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointMetrics;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
+use crate::upstream::Upstream;
 
 /// Most backends one call is offered to before the proxy gives up.
 pub const MAX_ATTEMPTS: usize = 5;
+
+/// A call abandoned (deadline or cancel) after waiting this long for a backend's
+/// response headers makes the proxy probe that backend's connection.
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
 
 /// Where a listener's calls go.
 #[derive(Debug, Clone)]
@@ -154,6 +159,17 @@ impl Forwarder {
                 break;
             };
             tried[attempt] = idx;
+            // A backend still connecting, or suspected of having frozen, gets the call
+            // only if no connected one is left to try: waiting on it could cost the
+            // call its deadline.
+            if !upstream.is_healthy()
+                && set
+                    .iter()
+                    .enumerate()
+                    .any(|(i, u)| u.is_healthy() && !tried.contains(&i))
+            {
+                continue;
+            }
             let mut sender = match upstream.sender().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -167,7 +183,10 @@ impl Forwarder {
             if let Err(e) = set_authority(&mut req, upstream.addr()) {
                 return Err((Code::Internal, format!("switchyard: {e}")));
             }
-            let error = match sender.try_send_request(req).await {
+            let waiting = HeaderWait::new(upstream);
+            let sent = sender.try_send_request(req).await;
+            waiting.disarm();
+            let error = match sent {
                 Ok(resp) => {
                     if let Some(b) = &retry_body {
                         b.commit();
@@ -217,6 +236,37 @@ impl Forwarder {
                     .unwrap_or_default()
             ),
         ))
+    }
+}
+
+/// Armed while a call waits for a backend's response headers: if the call is dropped
+/// (its deadline passed, or the client cancelled) after waiting at least
+/// [`UNRESPONSIVE_AFTER`], the backend is reported as possibly unresponsive.
+struct HeaderWait<'a> {
+    upstream: &'a Upstream,
+    since: tokio::time::Instant,
+    armed: bool,
+}
+
+impl<'a> HeaderWait<'a> {
+    fn new(upstream: &'a Upstream) -> Self {
+        Self {
+            upstream,
+            since: tokio::time::Instant::now(),
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for HeaderWait<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.since.elapsed() >= UNRESPONSIVE_AFTER {
+            self.upstream.report_unresponsive();
+        }
     }
 }
 
