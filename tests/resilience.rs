@@ -321,3 +321,293 @@ async fn registered_backends_refusing_connections_fail_no_call_and_are_not_hamme
         "refusing backend hammered: {attempts} attempts in {elapsed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_churn_every_100ms_fails_no_call() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let names = ["c1", "c2", "c3"];
+    let mut backends = Vec::new();
+    for n in names {
+        backends.push(EchoBackend::start(n).await.unwrap());
+    }
+    let keys: Vec<String> = backends
+        .iter()
+        .map(|b| format!("services/{ECHO}/{}", b.addr()))
+        .collect();
+    let mut kv = etcd.client().await.unwrap();
+    for (k, b) in keys.iter().zip(&backends) {
+        kv.put(k.as_str(), b.addr().to_string(), None)
+            .await
+            .unwrap();
+    }
+    let proxy = warm_proxy(&[etcd.endpoint().to_owned()], &names).await;
+
+    let load = Load::start(proxy.addr, LoadSpec::default()).await;
+    // Every 100 ms one backend is deregistered or registered again, never leaving the
+    // service without a registered (and live) backend.
+    let mut registered = [true; 3];
+    let mut changes = 0;
+    for tick in 0..28 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let i = tick % 3;
+        let count = registered.iter().filter(|r| **r).count();
+        if registered[i] && count > 1 {
+            kv.delete(keys[i].as_str(), None).await.unwrap();
+            registered[i] = false;
+            changes += 1;
+        } else if !registered[i] {
+            kv.put(keys[i].as_str(), backends[i].addr().to_string(), None)
+                .await
+                .unwrap();
+            registered[i] = true;
+            changes += 1;
+        }
+    }
+    let calls = load.finish().await;
+    let failed = failures(&calls);
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed during churn:\n{}",
+        failed.len(),
+        calls.len(),
+        describe(&failed, calls[0].start)
+    );
+    let counts = served_counts(&calls);
+    eprintln!("{} calls over {changes} changes: {counts:?}", calls.len());
+    assert!(changes >= 15);
+    assert_eq!(
+        counts.len(),
+        3,
+        "every backend should have served: {counts:?}"
+    );
+}
+
+/// The number of watchers an etcd member holds (from its `/metrics`).
+async fn watchers_on(member: &str) -> u64 {
+    let host = member.trim_start_matches("http://");
+    let Ok(text) = http_get(host, "/metrics").await else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_member_the_proxy_watches_on_killed_calls_and_discovery_go_on() {
+    init_tracing();
+    let mut cluster = EtcdCluster::start(3).await.unwrap();
+    let endpoints = cluster.endpoints();
+    let e1 = EchoBackend::start("e1").await.unwrap();
+    // A long lease: the test's own keep-alive may be on the member that is killed.
+    let r1 = register(&endpoints[0], ECHO, e1.addr(), 60).await;
+    let proxy = warm_proxy(&endpoints, &["e1"]).await;
+
+    // Which member carries the proxy's watch? (The test itself watches nothing.)
+    let mut watched = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watched.is_none() {
+        for (i, m) in endpoints.iter().enumerate() {
+            if watchers_on(m).await > 0 {
+                watched = Some(i);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no member holds the proxy's watch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let victim = watched.unwrap();
+    let survivor = endpoints[(victim + 1) % 3].clone();
+
+    let load = Load::start(
+        proxy.addr,
+        LoadSpec {
+            max_duration: Duration::from_secs(20),
+            delay_ms: 5,
+            ..LoadSpec::default()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.members[victim].kill();
+
+    // A backend registered after the kill is still discovered ...
+    let e2 = EchoBackend::start("e2").await.unwrap();
+    put_retrying(
+        &survivor,
+        &format!("services/{ECHO}/{}", e2.addr()),
+        &e2.addr().to_string(),
+    )
+    .await;
+    let mut c = client(proxy.addr).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let name = served_by(&mut c)
+            .await
+            .expect("a call failed after the etcd member died");
+        if name == "e2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new backend not discovered after the member died"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and so is a deregistration.
+    delete_retrying(&survivor, &r1.key).await;
+    let mut in_a_row = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_a_row < 10 {
+        let name = served_by(&mut c)
+            .await
+            .expect("a call failed after the etcd member died");
+        in_a_row = if name == "e2" { in_a_row + 1 } else { 0 };
+        assert!(
+            Instant::now() < deadline,
+            "deregistration not seen after the member died"
+        );
+    }
+    let calls = load.finish().await;
+    let failed = failures(&calls);
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed:\n{}",
+        failed.len(),
+        calls.len(),
+        describe(&failed, calls[0].start)
+    );
+    // The watch now lives on a surviving member.
+    let mut moved = false;
+    for (i, m) in endpoints.iter().enumerate() {
+        moved |= i != victim && watchers_on(m).await > 0;
+    }
+    assert!(moved, "no surviving member holds the proxy's watch");
+    eprintln!("{} calls; watch moved off member {victim}", calls.len());
+    drop(r1);
+}
+
+/// Starts one call of `delay_ms` on its own raw HTTP/2 connection to `addr`; the task
+/// returns the reply (or the stream's error).
+fn long_call(
+    addr: std::net::SocketAddr,
+    delay_ms: u32,
+) -> tokio::task::JoinHandle<Result<H2Reply, h2::Error>> {
+    tokio::spawn(async move {
+        let send = h2_connect(addr).await;
+        let msg = grpc_message(&switchyard::echo::EchoRequest {
+            message: "long".into(),
+            delay_ms,
+            ..Default::default()
+        });
+        h2_request(
+            &send,
+            UNARY,
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            msg,
+        )
+        .await
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_sends_goaway_drains_calls_and_exits_0() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b = EchoBackend::start("b").await.unwrap();
+    let _r = register(etcd.endpoint(), ECHO, b.addr(), 30).await;
+    let mut proxy = ProxyProcess::start(&[etcd.endpoint().to_owned()], "info", &[]).await;
+
+    // An idle client connection, and a call that will take 1.5 s, both open at SIGTERM.
+    let mut idle = RawH2::connect(proxy.addr).await;
+    let call = long_call(proxy.addr, 1500);
+    eventually(
+        Duration::from_secs(10),
+        "the long call reached the backend",
+        || async { b.stats().calls() >= 1 },
+    )
+    .await;
+    signal(proxy.pid(), "TERM");
+    let term_at = Instant::now();
+
+    // GOAWAY (NO_ERROR) to the idle client, then its connection is closed.
+    let goaway = idle
+        .until(Duration::from_secs(5), |f| f.kind == frame_type::GOAWAY)
+        .await
+        .expect("connection closed without GOAWAY");
+    assert_eq!(goaway.error_code(), Some(0), "GOAWAY error code");
+    assert!(idle
+        .until(Duration::from_secs(5), |_| false)
+        .await
+        .is_none());
+    // No new connections.
+    eventually(Duration::from_secs(5), "the listener is closed", || async {
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err()
+    })
+    .await;
+    // The call in flight finishes normally ...
+    let reply = call.await.unwrap().expect("the in-flight call failed");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.grpc_status().as_deref(), Some("0"), "{reply:?}");
+    let call_done = Instant::now();
+    // ... and then the proxy exits 0.
+    let code = proxy.wait_exit(Duration::from_secs(8)).await;
+    let exited = Instant::now();
+    assert_eq!(code, Some(0), "exit code; output:\n{}", proxy.log_text());
+    assert!(exited >= call_done);
+    assert!(exited - term_at < Duration::from_secs(8));
+    assert_eq!(b.stats().cancelled(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_timeout_bounds_how_long_calls_may_run() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b = EchoBackend::start("b").await.unwrap();
+    let _r = register(etcd.endpoint(), ECHO, b.addr(), 30).await;
+    let mut proxy = ProxyProcess::start(
+        &[etcd.endpoint().to_owned()],
+        "info",
+        &["--drain-timeout", "1s"],
+    )
+    .await;
+    let call = long_call(proxy.addr, 30_000);
+    eventually(
+        Duration::from_secs(10),
+        "the long call reached the backend",
+        || async { b.stats().calls() >= 1 },
+    )
+    .await;
+    signal(proxy.pid(), "TERM");
+    let term_at = Instant::now();
+    let code = proxy.wait_exit(Duration::from_secs(10)).await;
+    let took = term_at.elapsed();
+    assert_eq!(code, Some(0), "exit code; output:\n{}", proxy.log_text());
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited before the drain timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "drain timeout not enforced: {took:?}"
+    );
+    assert!(
+        proxy.logged(&["drain timeout reached"]),
+        "{}",
+        proxy.log_text()
+    );
+    // The call that outlived the drain did not succeed.
+    let r = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        r.as_ref()
+            .map_or(true, |reply| reply.grpc_status().as_deref() != Some("0")),
+        "{r:?}"
+    );
+}

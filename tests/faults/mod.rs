@@ -689,7 +689,7 @@ impl RawH2 {
     }
 
     /// Reads the next frame; `None` when the connection closed (EOF or reset).
-    /// SETTINGS frames from the server are acknowledged on the way.
+    /// SETTINGS and PING frames from the server are acknowledged on the way.
     pub async fn next(&mut self, within: Duration) -> Option<RawFrame> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -712,6 +712,12 @@ impl RawH2 {
                         let _ = self
                             .tcp
                             .write_all(&encode_frame(frame_type::SETTINGS, 1, 0, &[]))
+                            .await;
+                    }
+                    if f.kind == frame_type::PING && f.flags & 1 == 0 {
+                        let _ = self
+                            .tcp
+                            .write_all(&encode_frame(frame_type::PING, 1, 0, &f.payload))
                             .await;
                     }
                     return Some(f);
@@ -758,5 +764,39 @@ pub async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
             Ok(Ok(0)) | Ok(Err(_)) => return out,
             Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
         }
+    }
+}
+
+/// Puts a key (no lease) through `endpoint`, retrying while the cluster has no leader.
+pub async fn put_retrying(endpoint: &str, key: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = async {
+            let mut c = etcd_client::Client::connect([endpoint], None).await?;
+            c.put(key, value, None).await
+        }
+        .await;
+        match r {
+            Ok(_) => return,
+            Err(e) => assert!(Instant::now() < deadline, "put {key}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deletes a key through `endpoint`, retrying while the cluster has no leader.
+pub async fn delete_retrying(endpoint: &str, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = async {
+            let mut c = etcd_client::Client::connect([endpoint], None).await?;
+            c.delete(key, None).await
+        }
+        .await;
+        match r {
+            Ok(_) => return,
+            Err(e) => assert!(Instant::now() < deadline, "delete {key}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
