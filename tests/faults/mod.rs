@@ -538,7 +538,8 @@ pub async fn h2_request(
     let req = b.body(()).unwrap();
     let mut send = send.clone().ready().await?;
     let (resp, mut stream) = send.send_request(req, false)?;
-    stream.send_data(body, true)?;
+    // The proxy may answer (and close the stream) before reading the body.
+    let _ = stream.send_data(body, true);
     let resp = tokio::time::timeout(Duration::from_secs(10), resp)
         .await
         .expect("no response within 10 s")?;
@@ -664,9 +665,18 @@ pub struct RawH2 {
     /// The socket.
     pub tcp: TcpStream,
     buf: Vec<u8>,
+    /// Whether SETTINGS and PING frames are acknowledged.
+    ack: bool,
 }
 
 impl RawH2 {
+    /// Like [`RawH2::connect`], but never acknowledges SETTINGS or PING frames.
+    pub async fn connect_mute(addr: SocketAddr) -> RawH2 {
+        let mut c = Self::connect(addr).await;
+        c.ack = false;
+        c
+    }
+
     /// Connects and sends the preface and an empty SETTINGS frame.
     pub async fn connect(addr: SocketAddr) -> RawH2 {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -677,6 +687,7 @@ impl RawH2 {
         RawH2 {
             tcp,
             buf: Vec::new(),
+            ack: true,
         }
     }
 
@@ -708,13 +719,13 @@ impl RawH2 {
                         payload: self.buf[9..9 + len].to_vec(),
                     };
                     self.buf.drain(..9 + len);
-                    if f.kind == frame_type::SETTINGS && f.flags & 1 == 0 {
+                    if self.ack && f.kind == frame_type::SETTINGS && f.flags & 1 == 0 {
                         let _ = self
                             .tcp
                             .write_all(&encode_frame(frame_type::SETTINGS, 1, 0, &[]))
                             .await;
                     }
-                    if f.kind == frame_type::PING && f.flags & 1 == 0 {
+                    if self.ack && f.kind == frame_type::PING && f.flags & 1 == 0 {
                         let _ = self
                             .tcp
                             .write_all(&encode_frame(frame_type::PING, 1, 0, &f.payload))
