@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::replay::ReplayBody;
+use crate::balance::EndpointSet;
 use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointMetrics;
 use crate::route::service_from_path;
@@ -158,18 +159,15 @@ impl Forwarder {
             else {
                 break;
             };
-            tried[attempt] = idx;
             // A backend still connecting, or suspected of having frozen, gets the call
-            // only if no connected one is left to try: waiting on it could cost the
-            // call its deadline.
-            if !upstream.is_healthy()
-                && set
-                    .iter()
-                    .enumerate()
-                    .any(|(i, u)| u.is_healthy() && !tried.contains(&i))
-            {
-                continue;
-            }
+            // only if no connected one is left to try (waiting on it could cost the
+            // call its deadline): the next connected one after it takes its turn.
+            let (idx, upstream) = if upstream.is_healthy() {
+                (idx, upstream)
+            } else {
+                next_healthy(&set, idx, &tried).unwrap_or((idx, upstream))
+            };
+            tried[attempt] = idx;
             let mut sender = match upstream.sender().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -237,6 +235,21 @@ impl Forwarder {
             ),
         ))
     }
+}
+
+/// The first connected, unsuspected endpoint after `idx` (cyclically) not yet tried.
+fn next_healthy<'a>(
+    set: &'a EndpointSet,
+    idx: usize,
+    tried: &[usize],
+) -> Option<(usize, &'a Arc<Upstream>)> {
+    let n = set.len();
+    (1..n).map(|k| (idx + k) % n).find_map(|i| {
+        set.iter()
+            .nth(i)
+            .filter(|u| u.is_healthy() && !tried.contains(&i))
+            .map(|u| (i, u))
+    })
 }
 
 /// Armed while a call waits for a backend's response headers: if the call is dropped
