@@ -169,8 +169,8 @@ impl Upstream {
     }
 
     /// Tells the upstream that a call gave up waiting for its response (deadline or
-    /// cancel): its connection is probed at once, and dropped if the probe goes
-    /// unanswered, so a backend that froze is not sent calls until keep-alive notices.
+    /// cancel): calls prefer other backends until a probe on its connection is
+    /// answered, so a backend that froze gets no more calls while others can take them.
     pub fn report_unresponsive(&self) {
         if self.state() == State::Ready && !self.suspect.swap(true, Ordering::Relaxed) {
             tracing::debug!(backend = %self.addr, "call abandoned waiting for backend; probing its connection");
@@ -284,16 +284,11 @@ fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
     (current * 2).min(config.backoff_max)
 }
 
-/// How a connection's time in service ended.
-enum ConnEnd {
-    /// The connection itself ended (closed by either side, or failed).
-    Closed(Result<(), hyper::Error>),
-    /// A probe on the live connection went unanswered; the connection was dropped.
-    Unresponsive(String),
-}
-
-/// Waits until the connection ends, probing it whenever a call reports the backend
-/// unresponsive; returns `None` when the upstream is gone.
+/// Waits until the connection ends. Whenever a call reports the backend unresponsive,
+/// probes it on this connection until it answers (calls prefer other backends
+/// meanwhile). The connection is not dropped for an unanswered probe: a backend busy
+/// with long streams up to its stream limit would lose them all; a dead peer is found
+/// by HTTP/2 keep-alive.
 async fn serve_connection(
     this: &std::sync::Weak<Upstream>,
     check: &Notify,
@@ -301,40 +296,50 @@ async fn serve_connection(
         &mut http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
     >,
     config: &UpstreamConfig,
-) -> Option<ConnEnd> {
+) -> Result<(), hyper::Error> {
     loop {
         tokio::select! {
-            r = conn.as_mut() => return Some(ConnEnd::Closed(r)),
+            r = conn.as_mut() => return r,
             _ = check.notified() => {}
         }
-        // Take a sender for the probe only (holding one for good would keep the
-        // connection open after the upstream is gone).
-        let mut sender = {
-            let up = this.upgrade()?;
-            let guard = up.sender.load();
-            match guard.as_ref() {
-                Some(s) => SendRequest::clone(s),
-                None => continue,
-            }
-        };
-        let probed = tokio::select! {
-            r = tokio::time::timeout(config.connect_timeout, probe(&mut sender)) => r,
-            r = conn.as_mut() => return Some(ConnEnd::Closed(r)),
-        };
-        drop(sender);
-        let up = this.upgrade()?;
-        match probed {
-            Ok(Ok(())) => {
-                if up.suspect.swap(false, Ordering::Relaxed) {
-                    tracing::debug!(backend = %up.addr, "backend answered the probe");
+        let mut warned = false;
+        loop {
+            // Take a sender for the probe only (holding one for good would keep the
+            // connection open after the upstream is gone). Once the upstream is gone,
+            // only wait for the streams still on the connection.
+            let Some(mut sender) = this
+                .upgrade()
+                .and_then(|up| up.sender.load().as_ref().map(|s| SendRequest::clone(s)))
+            else {
+                return conn.await;
+            };
+            let probed = tokio::select! {
+                r = tokio::time::timeout(config.connect_timeout, probe(&mut sender)) => r,
+                r = conn.as_mut() => return r,
+            };
+            drop(sender);
+            let Some(up) = this.upgrade() else {
+                return conn.await;
+            };
+            let error = match probed {
+                Ok(Ok(())) => {
+                    up.suspect.store(false, Ordering::Relaxed);
+                    if warned {
+                        tracing::info!(backend = %up.addr, "backend answers again");
+                    }
+                    break;
                 }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", config.connect_timeout),
+            };
+            if !warned {
+                tracing::warn!(backend = %up.addr, %error, "backend does not answer a probe on its connection; calls prefer other backends");
+                warned = true;
             }
-            Ok(Err(e)) => return Some(ConnEnd::Unresponsive(e.to_string())),
-            Err(_) => {
-                return Some(ConnEnd::Unresponsive(format!(
-                    "no answer to a probe within {:?}",
-                    config.connect_timeout
-                )))
+            drop(up);
+            tokio::select! {
+                _ = tokio::time::sleep(config.connect_timeout) => {}
+                r = conn.as_mut() => return r,
             }
         }
     }
@@ -386,28 +391,14 @@ async fn connection_loop(
                 up.set_state(State::Ready);
                 drop(up);
                 let connected_at = tokio::time::Instant::now();
-                let Some(end) = serve_connection(&this, &check, conn, &config).await else {
-                    return;
-                };
+                let result = serve_connection(&this, &check, conn, &config).await;
                 let Some(up) = this.upgrade() else { return };
                 up.sender.store(None);
-                match end {
-                    ConnEnd::Closed(Ok(())) => {
-                        up.set_state(State::Connecting);
-                        tracing::info!(backend = %addr, "backend connection closed");
-                    }
-                    ConnEnd::Closed(Err(e)) => {
-                        up.set_state(State::Connecting);
-                        tracing::warn!(backend = %addr, error = %e, "backend connection lost");
-                    }
-                    ConnEnd::Unresponsive(e) => {
-                        // Skipped until a new connection answers its probe.
-                        up.set_state(State::Failed);
-                        tracing::warn!(backend = %addr, error = %e, "backend stopped answering; connection dropped, backing off");
-                        drop(up);
-                        tokio::time::sleep(jitter(backoff)).await;
-                        backoff = next_backoff(backoff, &config);
-                        continue;
+                up.set_state(State::Connecting);
+                match result {
+                    Ok(()) => tracing::info!(backend = %addr, "backend connection closed"),
+                    Err(e) => {
+                        tracing::warn!(backend = %addr, error = %e, "backend connection lost")
                     }
                 }
                 // A connection that lived a while is re-established at once; one that died
