@@ -70,17 +70,21 @@ async fn backend_killed_with_sigkill_fails_only_its_calls_in_flight() {
     assert!(calls
         .iter()
         .any(|c| c.start < killed_at && c.server() == Some("k2")));
+    // The kernel closes k2's sockets at the kill; the proxy reads the close a moment
+    // later. A call sent on the dead connection in between was in flight on k2 too.
+    let noticed = killed_at + Duration::from_millis(100);
     for f in &failed {
         let status = f.result.as_ref().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(
-            f.start < killed_at && f.end >= killed_at,
+            f.start < noticed && f.end >= killed_at,
             "failed call was not in flight at the kill: {}",
             describe(&[f], killed_at)
         );
     }
+    // At most one call per worker is in flight at a time.
     assert!(failed.len() <= 4, "more calls failed than were in flight");
-    let after: Vec<_> = calls.iter().filter(|c| c.start >= killed_at).collect();
+    let after: Vec<_> = calls.iter().filter(|c| c.start >= noticed).collect();
     assert!(
         after.len() >= 20,
         "too few calls after the kill: {}",
