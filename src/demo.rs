@@ -28,6 +28,8 @@ pub struct EchoStats {
     pub calls: AtomicU64,
     /// Calls whose client went away (cancel, deadline, reset) before the backend finished.
     pub cancelled: AtomicU64,
+    /// Stream replies handed to the transport (server-streaming and bidi).
+    pub sent: AtomicU64,
     /// The `grpc-timeout` header of the last call that carried one.
     pub last_grpc_timeout: Mutex<Option<String>>,
 }
@@ -198,9 +200,8 @@ impl Echo for EchoService {
                 if tx.send(Ok(this.reply(&req, seq))).await.is_err() {
                     return; // client gone: the guard counts the cancel
                 }
+                this.stats.sent.fetch_add(1, Ordering::SeqCst);
             }
-            // Wait until the response stream is finished or dropped by the server.
-            tx.closed().await;
             guard.done();
         });
         Ok(with_metadata(
@@ -262,7 +263,6 @@ impl Echo for EchoService {
                     return;
                 }
             }
-            tx.closed().await;
             guard.done();
         });
         Ok(with_metadata(
@@ -298,6 +298,8 @@ pub async fn serve_with_health(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let echo = EchoServer::new(service)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     tonic::transport::Server::builder()
@@ -401,20 +403,121 @@ pub struct DemoBackendArgs {
     /// Name reported in every reply (`server` field and `x-served-by` header).
     #[arg(long, default_value = "echo")]
     pub name: String,
+    /// Register in etcd under this service (through the registration library) while
+    /// serving; deregister on shutdown.
+    #[arg(long)]
+    pub service: Option<crate::route::ServiceName>,
+    /// Lease TTL of the registration.
+    #[arg(long, default_value = "5s", value_parser = crate::registration::sidecar::parse_ttl)]
+    pub ttl: Duration,
+    /// etcd location and key prefix (with --service).
+    #[command(flatten)]
+    pub etcd: crate::config::EtcdArgs,
 }
 
-/// Runs one example backend until SIGTERM/SIGINT, then stops gracefully.
-pub async fn run_backend(args: DemoBackendArgs) -> std::io::Result<()> {
+/// Why the example backend stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The listener could not be bound or served.
+    #[error("echo backend: {0}")]
+    Io(#[from] std::io::Error),
+    /// The etcd client could not be built.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// Registration failed.
+    #[error(transparent)]
+    Registration(#[from] crate::registration::RegistrationError),
+    /// The gRPC server failed.
+    #[error("echo backend: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// A demo client call failed.
+    #[error("call {0} failed: {1}")]
+    Call(usize, tonic::Status),
+}
+
+/// Runs one example backend until SIGTERM/SIGINT, then stops gracefully (and
+/// deregisters first, so that no new call is sent its way).
+pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, name = %args.name, "echo backend listening");
-    serve(
+    let registration = match &args.service {
+        Some(service) => {
+            let client = crate::etcd::connect(&args.etcd).await?;
+            let spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
+                .prefix(args.etcd.prefix.clone())
+                .ttl(args.ttl);
+            let reg = crate::registration::Registration::start(client, spec).await?;
+            tracing::info!(key = reg.key(), ttl = ?args.ttl, "registered in etcd");
+            Some(reg)
+        }
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
         listener,
         EchoService::new(args.name.as_str()),
-        crate::proxy::shutdown_signal(),
-    )
-    .await
-    .map_err(std::io::Error::other)?;
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    crate::proxy::shutdown_signal().await;
+    if let Some(reg) = registration {
+        match reg.deregister().await {
+            Ok(()) => tracing::info!("deregistered"),
+            Err(e) => {
+                tracing::warn!(error = %e, "deregistration failed; the key expires with its lease")
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(r) => r?,
+        Err(e) => return Err(std::io::Error::other(e).into()),
+    }
     tracing::info!(%addr, "echo backend stopped");
+    Ok(())
+}
+
+/// Flags of `switchyard demo-client`: calls Echo/Unary and shows who answered.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoClientArgs {
+    /// Where to call (the proxy's listener).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub target: SocketAddr,
+    /// How many calls to make, one after the other on one HTTP/2 connection.
+    #[arg(long, default_value_t = 12)]
+    pub calls: usize,
+    /// Pause between calls.
+    #[arg(long, default_value = "0s", value_parser = crate::config::parse_duration)]
+    pub interval: Duration,
+}
+
+/// Makes `calls` unary calls on one channel; prints each answer and a tally per backend.
+pub async fn run_client(args: DemoClientArgs) -> Result<(), DemoError> {
+    use crate::echo::echo_client::EchoClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.target))
+        .map_err(|e| DemoError::Io(std::io::Error::other(e)))?
+        .connect()
+        .await?;
+    let mut client = EchoClient::new(channel);
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..args.calls {
+        let reply = client
+            .unary(EchoRequest {
+                message: format!("call {i}"),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| DemoError::Call(i, s))?
+            .into_inner();
+        println!("call {i:>3} -> {}", reply.server);
+        *tally.entry(reply.server).or_default() += 1;
+        if !args.interval.is_zero() {
+            tokio::time::sleep(args.interval).await;
+        }
+    }
+    let summary: Vec<String> = tally.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    println!("{} calls, per backend: {}", args.calls, summary.join(", "));
     Ok(())
 }

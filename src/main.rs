@@ -1,7 +1,7 @@
 //! The `switchyard` binary: parses the command line and hands off to the library.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Per-host gRPC load-balancing proxy with etcd discovery.
 #[derive(Parser, Debug)]
@@ -21,6 +21,8 @@ enum Command {
     Endpoints(switchyard::registration::list::EndpointsArgs),
     /// Run an example Echo backend (for the demo, tests and benchmarks).
     DemoBackend(switchyard::demo::DemoBackendArgs),
+    /// Call the example Echo service through the proxy and show which backend answered.
+    DemoClient(switchyard::demo::DemoClientArgs),
 }
 
 fn init_tracing() {
@@ -32,14 +34,29 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Register(args) = &cli.command {
+        // Checks between flags; like clap's own errors: a message naming them, exit 2.
+        if let Err(msg) = args.validate() {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, msg)
+                .exit();
+        }
+    }
     init_tracing();
     let result = match cli.command {
         Command::Proxy(args) => switchyard::proxy::run(*args, switchyard::proxy::shutdown_signal())
             .await
             .map_err(anyhow::Error::from),
-        Command::Register(args) => switchyard::registration::sidecar::run(args).await,
-        Command::Endpoints(args) => switchyard::registration::list::run(args).await,
+        Command::Register(args) => switchyard::registration::sidecar::run(args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::Endpoints(args) => switchyard::registration::list::run(args)
+            .await
+            .map_err(anyhow::Error::from),
         Command::DemoBackend(args) => switchyard::demo::run_backend(args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::DemoClient(args) => switchyard::demo::run_client(args)
             .await
             .map_err(anyhow::Error::from),
     };

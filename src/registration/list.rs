@@ -1,14 +1,313 @@
-//! `switchyard endpoints`: lists what is registered under the prefix.
+//! `switchyard endpoints`: lists what is registered under the prefix, decoded, for
+//! operators. Malformed keys and values are listed as such.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use serde::Serialize;
+
+use crate::config::{parse_duration, EtcdArgs};
+use crate::discovery::value::{service_prefix, EndpointValue, ValueFormat};
+use crate::route::{validate_service_name, ServiceName};
 
 /// Flags of `switchyard endpoints`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EndpointsArgs {
+    /// Only this service (default: all services under the prefix).
+    pub service: Option<ServiceName>,
+    /// Print JSON (an array of objects) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Time allowed for each etcd request.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: crate::config::EtcdArgs,
+    pub etcd: EtcdArgs,
 }
 
-/// Prints the registered endpoints.
-pub async fn run(_args: EndpointsArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// One key under the prefix, decoded as far as it goes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ListedEndpoint {
+    /// The etcd key.
+    pub key: String,
+    /// The service part of the key (empty if the key has none).
+    pub service: String,
+    /// The backend address from the value (absent if malformed).
+    pub addr: Option<String>,
+    /// The value format (absent if malformed).
+    pub format: Option<ValueFormat>,
+    /// The value's metadata, if any.
+    pub metadata: Option<serde_json::Value>,
+    /// The lease the key is attached to (absent: no lease, the key stays until deleted).
+    pub lease: Option<i64>,
+    /// Seconds left on the lease (absent without a lease; negative: the lease is gone).
+    pub ttl_left: Option<i64>,
+    /// Why the key or value is malformed (absent when it is usable).
+    pub error: Option<String>,
+}
+
+/// Why listing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The etcd client could not be set up.
+    #[error(transparent)]
+    Connect(#[from] crate::etcd::EtcdError),
+    /// An etcd request failed.
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        /// The request.
+        op: &'static str,
+        /// What etcd-client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// An etcd request got no answer in time.
+    #[error("etcd {op}: no answer within {after:?}")]
+    Timeout {
+        /// The request.
+        op: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+}
+
+async fn timed<T>(
+    op: &'static str,
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, ListError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(r) => r.map_err(|source| ListError::Etcd { op, source }),
+        Err(_) => Err(ListError::Timeout { op, after: limit }),
+    }
+}
+
+/// Splits a key under `<prefix>/` into (service, rest); `Err` says why it is malformed.
+fn split_key(under_prefix: &str) -> Result<(&str, &str), (&str, String)> {
+    match under_prefix.split_once('/') {
+        None => Err((
+            under_prefix,
+            "key has nothing after the service (<prefix>/<service>/<addr> expected)".to_owned(),
+        )),
+        Some((service, rest)) => {
+            if let Err(e) = validate_service_name(service) {
+                return Err((service, format!("key's service part: {e}")));
+            }
+            if rest.is_empty() {
+                return Err((service, "key has nothing after the service".to_owned()));
+            }
+            Ok((service, rest))
+        }
+    }
+}
+
+/// Lists the keys under `<prefix>/` (or `<prefix>/<service>/`), decoded, in key order.
+pub async fn list(
+    client: &mut Client,
+    prefix: &str,
+    service: Option<&ServiceName>,
+    timeout: Duration,
+) -> Result<Vec<ListedEndpoint>, ListError> {
+    let trimmed = prefix.trim_end_matches('/');
+    let root = if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    };
+    let range = match service {
+        Some(s) => service_prefix(prefix, s.as_str()),
+        None => root.clone(),
+    };
+    let resp = timed(
+        "get",
+        timeout,
+        client.get(range.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+
+    let mut ttls: HashMap<i64, i64> = HashMap::new();
+    let mut out = Vec::with_capacity(resp.kvs().len());
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let lease = (kv.lease() != 0).then_some(kv.lease());
+        let ttl_left = match lease {
+            None => None,
+            Some(id) => match ttls.get(&id) {
+                Some(t) => Some(*t),
+                None => {
+                    let t = timed(
+                        "lease time-to-live",
+                        timeout,
+                        client.lease_time_to_live(id, None),
+                    )
+                    .await?
+                    .ttl();
+                    ttls.insert(id, t);
+                    Some(t)
+                }
+            },
+        };
+        let mut entry = ListedEndpoint {
+            key: key.clone(),
+            service: String::new(),
+            addr: None,
+            format: None,
+            metadata: None,
+            lease,
+            ttl_left,
+            error: None,
+        };
+        let under = key.strip_prefix(root.as_str()).unwrap_or(&key);
+        match split_key(under) {
+            Err((service, why)) => {
+                entry.service = service.to_owned();
+                entry.error = Some(why);
+            }
+            Ok((service, _)) => {
+                entry.service = service.to_owned();
+                match EndpointValue::decode(kv.value()) {
+                    Ok(v) => {
+                        entry.addr = Some(v.addr.to_string());
+                        entry.format = Some(v.format);
+                        entry.metadata = v.metadata;
+                    }
+                    Err(e) => entry.error = Some(e.to_string()),
+                }
+            }
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Renders entries as an aligned text table.
+pub fn render_table(entries: &[ListedEndpoint]) -> String {
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|e| {
+            let ttl = match e.ttl_left {
+                None => "-".to_owned(),
+                Some(t) if t < 0 => "expired".to_owned(),
+                Some(t) => format!("{t}s"),
+            };
+            let (addr, format, detail) = match &e.error {
+                Some(why) => (
+                    "-".to_owned(),
+                    "MALFORMED".to_owned(),
+                    format!("{}: {why}", e.key),
+                ),
+                None => (
+                    e.addr.clone().unwrap_or_default(),
+                    match e.format {
+                        Some(ValueFormat::Plain) => "plain",
+                        Some(ValueFormat::EtcdNaming) => "etcd-naming",
+                        None => "-",
+                    }
+                    .to_owned(),
+                    e.metadata
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                ),
+            };
+            [e.service.clone(), addr, ttl, format, detail]
+        })
+        .collect();
+    let header = [
+        "SERVICE".to_owned(),
+        "ADDRESS".to_owned(),
+        "TTL".to_owned(),
+        "FORMAT".to_owned(),
+        "METADATA".to_owned(),
+    ];
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Prints the registered endpoints (a table, or JSON with `--json`).
+pub async fn run(args: EndpointsArgs) -> Result<(), ListError> {
+    let mut client = crate::etcd::connect(&args.etcd).await?;
+    let entries = list(
+        &mut client,
+        &args.etcd.prefix,
+        args.service.as_ref(),
+        args.timeout,
+    )
+    .await?;
+    if args.json {
+        // Serializing strings, numbers and JSON values cannot fail.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render_table(&entries));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split() {
+        assert_eq!(split_key("a/1.2.3.4:5"), Ok(("a", "1.2.3.4:5")));
+        assert_eq!(split_key("a/x/y"), Ok(("a", "x/y")));
+        assert!(split_key("a").is_err());
+        assert!(split_key("a/").is_err());
+        assert!(split_key("a b/x").is_err());
+    }
+
+    #[test]
+    fn table_lists_malformed_entries() {
+        let ok = ListedEndpoint {
+            key: "services/a/h:1".into(),
+            service: "a".into(),
+            addr: Some("h:1".into()),
+            format: Some(ValueFormat::EtcdNaming),
+            metadata: Some(serde_json::json!({"zone": "z"})),
+            lease: Some(7),
+            ttl_left: Some(9),
+            error: None,
+        };
+        let bad = ListedEndpoint {
+            key: "services/a/x".into(),
+            service: "a".into(),
+            addr: None,
+            format: None,
+            metadata: None,
+            lease: None,
+            ttl_left: None,
+            error: Some("value is not UTF-8".into()),
+        };
+        let t = render_table(&[ok, bad]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("SERVICE"));
+        assert!(lines[1].contains("h:1") && lines[1].contains("9s"));
+        assert!(lines[1].contains(r#"{"zone":"z"}"#));
+        assert!(lines[2].contains("MALFORMED") && lines[2].contains("not UTF-8"));
+    }
 }

@@ -1,5 +1,449 @@
 //! Registration: backends announce themselves in etcd under a lease kept alive.
-//! (Owned by the registration work; see issue 3.)
+//!
+//! [`Registration::start`] grants a lease, puts `<prefix>/<service>/<addr>` under it and
+//! keeps the lease alive from a background task (a renewal every TTL/3). If the lease is
+//! lost (it expired while etcd was unreachable, it was revoked, or etcd's data was wiped)
+//! the task grants a new lease and puts the key again, and logs it. [`Registration::deregister`]
+//! deletes the key and revokes the lease; dropping the handle only stops the keep-alive,
+//! so the key goes when the lease expires.
+//!
+//! ```no_run
+//! # async fn demo(etcd: etcd_client::Client) -> Result<(), switchyard::registration::RegistrationError> {
+//! use std::time::Duration;
+//! use switchyard::registration::{Registration, RegistrationSpec};
+//!
+//! let reg = Registration::start(
+//!     etcd,
+//!     RegistrationSpec::new("switchyard.echo.v1.Echo", "127.0.0.1:50051").ttl(Duration::from_secs(5)),
+//! )
+//! .await?;
+//! // ... serve ...
+//! reg.deregister().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - [`sidecar`]: `switchyard register`, the same for backends in any language, with an
+//!   optional health gate ([`health`]).
+//! - [`list`]: `switchyard endpoints`, what is registered, for operators.
 
+pub mod health;
+mod keeper;
 pub mod list;
 pub mod sidecar;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::discovery::value::{endpoint_key, AddrError, BackendAddr, EndpointValue, ValueFormat};
+use crate::route::{ServiceName, ServiceNameError};
+
+/// Shortest lease TTL accepted: 2 s. etcd (3.4, default timing: 100 ms heartbeat, 1 s
+/// election timeout) grants at least ⌈1.5 × election timeout⌉ = 2 s whatever is asked,
+/// so a shorter TTL would not mean what it says.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Longest lease TTL etcd accepts (its `MaxLeaseTTL`, 9,000,000,000 s).
+pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
+
+/// TTL used when none is given.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// Time allowed for one etcd request when none is given.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a registration could not be made or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    /// The service name is not valid.
+    #[error("service: {0}")]
+    Service(#[from] ServiceNameError),
+    /// The address is not `host:port`.
+    #[error("address: {0}")]
+    Addr(#[from] AddrError),
+    /// The TTL is shorter than [`MIN_TTL`].
+    #[error("ttl {0:?} is below the minimum of {MIN_TTL:?} (etcd grants no shorter lease)")]
+    TtlTooShort(Duration),
+    /// The TTL is longer than [`MAX_TTL`].
+    #[error("ttl {0:?} is above etcd's maximum lease TTL of {MAX_TTL:?}")]
+    TtlTooLong(Duration),
+    /// The TTL is not a whole number of seconds (etcd leases are in seconds).
+    #[error("ttl {0:?} is not a whole number of seconds")]
+    TtlNotWholeSeconds(Duration),
+    /// Metadata was given with the plain value format, which cannot carry it.
+    #[error("metadata needs the etcd-naming value format (plain values are only host:port)")]
+    MetadataNeedsNamingFormat,
+    /// An etcd request failed.
+    #[error("etcd {op} for {key}: {source}")]
+    Etcd {
+        /// The request (`lease grant`, `put`, ...).
+        op: &'static str,
+        /// The registration's key.
+        key: String,
+        /// What etcd-client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// An etcd request got no answer in time.
+    #[error("etcd {op} for {key}: no answer within {after:?}")]
+    Timeout {
+        /// The request.
+        op: &'static str,
+        /// The registration's key.
+        key: String,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The keep-alive stream ended (etcd closed it).
+    #[error("etcd lease keep-alive for {key}: stream closed")]
+    StreamClosed {
+        /// The registration's key.
+        key: String,
+    },
+}
+
+impl RegistrationError {
+    /// Whether trying again later may succeed (etcd unreachable or slow), as opposed to
+    /// a bad spec or a refusal (auth, permissions, invalid request).
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Self::Timeout { .. } | Self::StreamClosed { .. } => true,
+            Self::Etcd { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Unknown
+                        | Code::Aborted
+                        | Code::Cancelled
+                        | Code::Internal
+                        | Code::ResourceExhausted
+                ),
+                etcd_client::Error::TransportError(_)
+                | etcd_client::Error::IoError(_)
+                | etcd_client::Error::LeaseKeepAliveError(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// What to register: built with [`RegistrationSpec::new`] and adjusted with its setters.
+#[derive(Debug, Clone)]
+pub struct RegistrationSpec {
+    service: String,
+    addr: String,
+    prefix: String,
+    ttl: Duration,
+    format: ValueFormat,
+    metadata: Option<serde_json::Value>,
+    request_timeout: Duration,
+}
+
+impl RegistrationSpec {
+    /// Registers `addr` (`host:port`, e.g. a `SocketAddr`) for `service`, under the prefix
+    /// `services`, with a TTL of 10 s, in the etcd-naming format. Checked by
+    /// [`Registration::start`].
+    pub fn new(service: impl Into<String>, addr: impl ToString) -> Self {
+        Self {
+            service: service.into(),
+            addr: addr.to_string(),
+            prefix: "services".to_owned(),
+            ttl: DEFAULT_TTL,
+            format: ValueFormat::default(),
+            metadata: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// Sets the key prefix (`<prefix>/<service>/<addr>`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the lease TTL (whole seconds, at least [`MIN_TTL`]).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the value format.
+    pub fn format(mut self, format: ValueFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Sets the metadata written with the value (etcd-naming format only).
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+
+    /// Sets the time allowed for each etcd request.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Checks the spec and works out the key and value.
+    fn validate(&self) -> Result<Checked, RegistrationError> {
+        let service = ServiceName::new(&self.service)?;
+        let addr: BackendAddr = self.addr.parse()?;
+        let ttl_secs = check_ttl(self.ttl)?;
+        let metadata = match (&self.metadata, self.format) {
+            (None | Some(serde_json::Value::Null), _) => None,
+            (Some(_), ValueFormat::Plain) => {
+                return Err(RegistrationError::MetadataNeedsNamingFormat)
+            }
+            (Some(m), ValueFormat::EtcdNaming) => Some(m.clone()),
+        };
+        let key = endpoint_key(&self.prefix, service.as_str(), &addr);
+        let value = EndpointValue {
+            addr,
+            metadata,
+            format: self.format,
+        }
+        .encode();
+        Ok(Checked {
+            key: key.into(),
+            value,
+            ttl: self.ttl,
+            ttl_secs,
+            request_timeout: self.request_timeout,
+        })
+    }
+}
+
+/// Checks a TTL against etcd's limits and returns it in whole seconds.
+pub fn check_ttl(ttl: Duration) -> Result<i64, RegistrationError> {
+    if ttl.subsec_nanos() != 0 {
+        return Err(RegistrationError::TtlNotWholeSeconds(ttl));
+    }
+    if ttl < MIN_TTL {
+        return Err(RegistrationError::TtlTooShort(ttl));
+    }
+    if ttl > MAX_TTL {
+        return Err(RegistrationError::TtlTooLong(ttl));
+    }
+    i64::try_from(ttl.as_secs()).map_err(|_| RegistrationError::TtlTooLong(ttl))
+}
+
+/// A checked spec.
+#[derive(Debug, Clone)]
+struct Checked {
+    key: Arc<str>,
+    value: String,
+    ttl: Duration,
+    ttl_secs: i64,
+    request_timeout: Duration,
+}
+
+/// Where a registration stands, as published by [`Registration::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationState {
+    /// Not registered right now: getting a lease or putting the key (after the lease
+    /// was lost, or while etcd is unreachable past the lease's expiry).
+    Pending,
+    /// The key is in etcd under this live lease.
+    Registered {
+        /// The lease ID.
+        lease: i64,
+    },
+    /// Held back by [`Registration::set_active`]`(false)`: the key is deleted, the lease
+    /// kept alive.
+    Paused,
+    /// The keep-alive has stopped (handle dropped or deregistered).
+    Stopped,
+}
+
+impl RegistrationState {
+    /// Whether the key is in etcd.
+    pub fn is_registered(&self) -> bool {
+        matches!(self, Self::Registered { .. })
+    }
+}
+
+/// A registered instance; keeps its lease alive until dropped or deregistered.
+pub struct Registration {
+    key: Arc<str>,
+    client: Client,
+    request_timeout: Duration,
+    active: watch::Sender<bool>,
+    state: watch::Sender<RegistrationState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Option<i64>>>,
+}
+
+impl Registration {
+    /// Grants a lease, puts the key under it, and keeps the lease alive in the background.
+    ///
+    /// Returns once the key is in etcd; fails if the spec is invalid or etcd refuses or
+    /// does not answer ([`RegistrationError::is_transient`] tells which).
+    pub async fn start(client: Client, spec: RegistrationSpec) -> Result<Self, RegistrationError> {
+        let checked = spec.validate()?;
+        let (active, active_rx) = watch::channel(true);
+        let state = watch::Sender::new(RegistrationState::Pending);
+        let mut keeper = keeper::Keeper::new(client.clone(), &checked, active_rx, state.clone());
+        keeper.register_first().await?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(keeper.run(stopped));
+        Ok(Self {
+            key: checked.key,
+            client,
+            request_timeout: checked.request_timeout,
+            active,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The etcd key (`<prefix>/<service>/<addr>`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Where the registration stands now.
+    pub fn current_state(&self) -> RegistrationState {
+        *self.state.borrow()
+    }
+
+    /// A receiver of state changes.
+    pub fn state(&self) -> watch::Receiver<RegistrationState> {
+        self.state.subscribe()
+    }
+
+    /// Holds the key (`true`, the default) or deletes it while keeping the lease (`false`),
+    /// e.g. to follow the backend's health. Applied in the background.
+    pub fn set_active(&self, active: bool) {
+        self.active
+            .send_if_modified(|a| std::mem::replace(a, active) != active);
+    }
+
+    /// Stops the keep-alive, deletes the key and revokes the lease.
+    pub async fn deregister(mut self) -> Result<(), RegistrationError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let lease = match self.task.take() {
+            Some(task) => task.await.ok().flatten(),
+            None => None,
+        };
+        let result = match lease {
+            Some(lease) => self.remove(lease).await,
+            None => Ok(()),
+        };
+        self.state.send_replace(RegistrationState::Stopped);
+        if result.is_ok() {
+            tracing::info!(key = %self.key, "deregistered");
+        }
+        result
+    }
+
+    /// Deletes the key if it is still under `lease`, then revokes the lease.
+    async fn remove(&self, lease: i64) -> Result<(), RegistrationError> {
+        let mut client = self.client.clone();
+        let key: &str = &self.key;
+        let txn = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        keeper::timed(key, "delete", self.request_timeout, client.txn(txn)).await?;
+        match keeper::timed(
+            key,
+            "lease revoke",
+            self.request_timeout,
+            client.lease_revoke(lease),
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(RegistrationError::Etcd {
+                source: etcd_client::Error::GRpcStatus(s),
+                ..
+            }) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("key", &self.key)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_validate() {
+        let c = RegistrationSpec::new("a.B-c", "127.0.0.1:5000")
+            .ttl(Duration::from_secs(3))
+            .validate()
+            .unwrap();
+        assert_eq!(&*c.key, "services/a.B-c/127.0.0.1:5000");
+        assert_eq!(c.value, r#"{"Op":0,"Addr":"127.0.0.1:5000"}"#);
+        assert_eq!(c.ttl_secs, 3);
+        let c = RegistrationSpec::new("a", std::net::SocketAddr::from(([127, 0, 0, 1], 9)))
+            .prefix("p/")
+            .format(ValueFormat::Plain)
+            .validate()
+            .unwrap();
+        assert_eq!(&*c.key, "p/a/127.0.0.1:9");
+        assert_eq!(c.value, "127.0.0.1:9");
+        let c = RegistrationSpec::new("a", "h:1")
+            .metadata(serde_json::json!({"zone": "z"}))
+            .validate()
+            .unwrap();
+        assert_eq!(c.value, r#"{"Op":0,"Addr":"h:1","Metadata":{"zone":"z"}}"#);
+    }
+
+    #[test]
+    fn bad_specs_are_typed_errors() {
+        let err = |s: RegistrationSpec| s.validate().unwrap_err();
+        assert!(matches!(
+            err(RegistrationSpec::new("", "h:1")),
+            RegistrationError::Service(_)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a/b", "h:1")),
+            RegistrationError::Service(_)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h")),
+            RegistrationError::Addr(_)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h:1").ttl(Duration::from_secs(1))),
+            RegistrationError::TtlTooShort(_)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h:1").ttl(Duration::from_millis(2500))),
+            RegistrationError::TtlNotWholeSeconds(_)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h:1")
+                .format(ValueFormat::Plain)
+                .metadata(serde_json::json!({"k": "v"}))),
+            RegistrationError::MetadataNeedsNamingFormat
+        ));
+    }
+}

@@ -1,14 +1,239 @@
-//! `switchyard register`: a sidecar that holds a leased key for a backend.
+//! `switchyard register`: a sidecar that holds a leased key for a backend written in any
+//! language.
+//!
+//! It registers the backend (once it is healthy, if a health check is set), keeps the
+//! lease alive, deletes the key while the backend is unhealthy and puts it back on
+//! recovery. On SIGTERM/SIGINT it deregisters (the key goes at once) and exits 0; if it
+//! is killed, the key goes when the lease expires.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::config::{parse_duration, EtcdArgs};
+use crate::discovery::value::{BackendAddr, ValueFormat};
+use crate::route::ServiceName;
+
+use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
+use super::{check_ttl, Registration, RegistrationError, RegistrationSpec};
 
 /// Flags of `switchyard register`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RegisterArgs {
+    /// Service name: the `S` in `<prefix>/S/<addr>` (for gRPC, the full service name,
+    /// e.g. `pkg.Svc`).
+    #[arg(long, env = "SWITCHYARD_SERVICE")]
+    pub service: ServiceName,
+    /// The backend's address as clients reach it, `host:port`.
+    #[arg(long, env = "SWITCHYARD_ADDR", value_parser = parse_register_addr)]
+    pub addr: BackendAddr,
+    /// Lease TTL, whole seconds, at least 2s: the key disappears this long after the
+    /// sidecar dies.
+    #[arg(long, env = "SWITCHYARD_TTL", default_value = "10s", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Metadata `KEY=VALUE` written with the value (etcd-naming format), repeatable.
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
+    pub metadata: Vec<(String, String)>,
+    /// Value format: `etcd-naming` (JSON read by grpc-go's etcd resolver and switchyard)
+    /// or `plain` (`host:port`).
+    #[arg(long, env = "SWITCHYARD_FORMAT", value_enum, default_value_t = ValueFormat::EtcdNaming)]
+    pub format: ValueFormat,
+    /// Health check that gates the registration: the key is held only while it passes.
+    #[arg(long, env = "SWITCHYARD_HEALTH_CHECK", value_enum, default_value_t = HealthCheckKind::None)]
+    pub health_check: HealthCheckKind,
+    /// Service name asked about by the gRPC health check (empty: the whole server).
+    #[arg(long, env = "SWITCHYARD_HEALTH_SERVICE", default_value = "")]
+    pub health_service: String,
+    /// Time between health probes.
+    #[arg(long, env = "SWITCHYARD_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_positive_duration)]
+    pub health_interval: Duration,
+    /// Time allowed for one health probe.
+    #[arg(long, env = "SWITCHYARD_HEALTH_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
+    pub health_timeout: Duration,
+    /// Consecutive failed probes before the key is deleted.
+    #[arg(long, env = "SWITCHYARD_UNHEALTHY_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_after: u32,
+    /// Consecutive passed probes before the key is put back.
+    #[arg(long, env = "SWITCHYARD_HEALTHY_AFTER", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub healthy_after: u32,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: crate::config::EtcdArgs,
+    pub etcd: EtcdArgs,
+}
+
+/// `--addr`: `host:port`, and not a wildcard address that clients cannot reach.
+pub fn parse_register_addr(s: &str) -> Result<BackendAddr, String> {
+    let addr: BackendAddr = s.parse().map_err(|e| format!("{e}"))?;
+    if addr
+        .host()
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "{s:?} is a wildcard address; give the address clients reach the backend at"
+        ));
+    }
+    Ok(addr)
+}
+
+/// `--ttl`: a duration of whole seconds within etcd's lease limits.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    check_ttl(ttl).map_err(|e| e.to_string())?;
+    Ok(ttl)
+}
+
+/// A duration greater than zero.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
+        d => Ok(d),
+    }
+}
+
+/// `--metadata`: `KEY=VALUE` with a non-empty key.
+pub fn parse_metadata(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+impl RegisterArgs {
+    /// Checks the flags that depend on one another; the message names the flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.metadata.is_empty() && self.format == ValueFormat::Plain {
+            return Err(
+                "--metadata needs --format etcd-naming (plain values are only host:port)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The registration these flags describe.
+    pub fn spec(&self) -> RegistrationSpec {
+        let mut spec = RegistrationSpec::new(self.service.as_str(), &self.addr)
+            .prefix(self.etcd.prefix.clone())
+            .ttl(self.ttl)
+            .format(self.format);
+        if !self.metadata.is_empty() {
+            let map: serde_json::Map<String, serde_json::Value> = self
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            spec = spec.metadata(serde_json::Value::Object(map));
+        }
+        spec
+    }
+
+    fn health_gate(&self) -> HealthGateConfig {
+        HealthGateConfig {
+            kind: self.health_check,
+            addr: self.addr.clone(),
+            service: self.health_service.clone(),
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+            unhealthy_after: self.unhealthy_after,
+            healthy_after: self.healthy_after,
+        }
+    }
+}
+
+/// Why the sidecar stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// The etcd client could not be set up.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// The health check could not be set up.
+    #[error(transparent)]
+    Health(#[from] HealthGateError),
+    /// Registering failed for a reason that retrying will not fix.
+    #[error("register: {0}")]
+    Register(#[source] RegistrationError),
+    /// Deregistering failed; the key goes when its lease expires.
+    #[error("deregister: {0} (the key goes when its lease expires)")]
+    Deregister(#[source] RegistrationError),
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT.
-pub async fn run(_args: RegisterArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub async fn run(args: RegisterArgs) -> Result<(), SidecarError> {
+    run_until(args, crate::proxy::shutdown_signal()).await
+}
+
+/// Runs the sidecar until `shutdown` completes, then deregisters.
+pub async fn run_until(
+    args: RegisterArgs,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SidecarError> {
+    let client = crate::etcd::connect(&args.etcd).await?;
+    let spec = args.spec();
+    let mut gate = HealthGate::new(args.health_gate())?;
+    tokio::pin!(shutdown);
+
+    if args.health_check != HealthCheckKind::None {
+        tracing::info!(addr = %args.addr, check = ?args.health_check, "waiting for the backend to be healthy before registering");
+    }
+    let healthy = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        healthy = gate.changed() => healthy,
+    };
+    debug_assert!(healthy);
+
+    // Register, retrying while etcd is unreachable.
+    let mut delay = Duration::from_millis(200);
+    let registration = loop {
+        let attempt = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = Registration::start(client.clone(), spec.clone()) => r,
+        };
+        match attempt {
+            Ok(r) => break r,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot register yet; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(SidecarError::Register(e)),
+        }
+    };
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            healthy = gate.changed() => registration.set_active(healthy),
+        }
+    }
+    tracing::info!(key = %registration.key(), "shutting down: deregistering");
+    registration
+        .deregister()
+        .await
+        .map_err(SidecarError::Deregister)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_parse() {
+        assert!(parse_register_addr("127.0.0.1:5000").is_ok());
+        assert!(parse_register_addr("backend.local:80").is_ok());
+        assert!(parse_register_addr("127.0.0.1").is_err());
+        assert!(parse_register_addr("0.0.0.0:5000").is_err());
+        assert!(parse_register_addr("[::]:5000").is_err());
+        assert_eq!(parse_ttl("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_ttl("1s").is_err());
+        assert!(parse_ttl("2500ms").is_err());
+        assert_eq!(
+            parse_metadata("zone=a=b"),
+            Ok(("zone".to_owned(), "a=b".to_owned()))
+        );
+        assert!(parse_metadata("=v").is_err());
+        assert!(parse_metadata("novalue").is_err());
+    }
 }

@@ -203,3 +203,79 @@ pub async fn delete(etcd: &str, key: &str) {
 pub async fn served_by(client: &mut EchoClient<Channel>) -> Result<String, tonic::Status> {
     Ok(client.unary(req("hi")).await?.into_inner().server)
 }
+
+/// What a raw HTTP/2 call got back: status, headers, body bytes and trailers.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl RawResponse {
+    /// The `grpc-status`, from trailers or (trailers-only) headers.
+    pub fn grpc_status(&self) -> Option<String> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| self.headers.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    /// The `grpc-message`, from trailers or headers.
+    pub fn grpc_message(&self) -> Option<String> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| self.headers.get("grpc-message"))
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+/// Frames a protobuf message as one gRPC message (uncompressed).
+pub fn grpc_frame(msg: &impl prost::Message) -> bytes::Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Sends one request over a fresh HTTP/2 (h2c) connection with hyper, no gRPC client
+/// logic (no client-side deadline), and collects the whole response.
+pub async fn raw_call(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: bytes::Bytes,
+) -> RawResponse {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = send
+        .send_request(b.body(http_body_util::Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    RawResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}

@@ -1,0 +1,407 @@
+//! The background task of a [`Registration`](super::Registration): keeps the lease
+//! alive, and registers again with a new lease when the old one is lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::{Checked, RegistrationError, RegistrationState};
+
+/// Runs one etcd request with a time limit, naming the request and key in the error.
+pub(super) async fn timed<T>(
+    key: &str,
+    op: &'static str,
+    limit: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistrationError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(RegistrationError::Etcd {
+            op,
+            key: key.to_owned(),
+            source,
+        }),
+        Err(_) => Err(RegistrationError::Timeout {
+            op,
+            key: key.to_owned(),
+            after: limit,
+        }),
+    }
+}
+
+/// What we know about the key under the current lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyState {
+    /// Put under the current lease.
+    Present,
+    /// Not in etcd (or not under the current lease).
+    Absent,
+    /// A put or delete failed midway: it may or may not have been applied.
+    Unknown,
+}
+
+/// Why keeping the lease alive stopped.
+enum Interrupted {
+    /// etcd says the lease is gone.
+    LeaseLost,
+    /// A request failed or etcd is unreachable; the lease may still be alive.
+    Failed(RegistrationError),
+}
+
+impl From<RegistrationError> for Interrupted {
+    fn from(e: RegistrationError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// Exponential backoff between failed attempts.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            max: max.max(Self::FIRST),
+        }
+    }
+
+    /// The delay before the next attempt (and doubles the one after).
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// The keep-alive state machine.
+pub(super) struct Keeper {
+    client: Client,
+    key: Arc<str>,
+    value: String,
+    ttl: Duration,
+    ttl_secs: i64,
+    request_timeout: Duration,
+    active: watch::Receiver<bool>,
+    state: watch::Sender<RegistrationState>,
+    /// The lease we hold (granted and not known to be gone).
+    lease: Option<i64>,
+    key_state: KeyState,
+    /// When the lease expires unless renewed (as far as we know).
+    expires_at: Instant,
+    /// After a failure, ask etcd whether the lease still exists before using it again.
+    check_lease: bool,
+    backoff: Backoff,
+    /// Since when etcd requests have been failing (for logging once per outage).
+    failing_since: Option<Instant>,
+}
+
+impl Keeper {
+    pub(super) fn new(
+        client: Client,
+        checked: &Checked,
+        active: watch::Receiver<bool>,
+        state: watch::Sender<RegistrationState>,
+    ) -> Self {
+        Self {
+            client,
+            key: Arc::clone(&checked.key),
+            value: checked.value.clone(),
+            ttl: checked.ttl,
+            ttl_secs: checked.ttl_secs,
+            request_timeout: checked.request_timeout,
+            active,
+            state,
+            lease: None,
+            key_state: KeyState::Absent,
+            expires_at: Instant::now(),
+            check_lease: false,
+            failing_since: None,
+            backoff: Backoff::new((checked.ttl / 3).min(Duration::from_secs(1))),
+        }
+    }
+
+    /// The first registration, done before [`Registration::start`](super::Registration::start)
+    /// returns; on failure the lease (if granted) is revoked.
+    pub(super) async fn register_first(&mut self) -> Result<(), RegistrationError> {
+        let lease = self.grant().await?;
+        if let Err(e) = self.sync_key(lease).await {
+            let mut c = self.client.clone();
+            let _ = timed(
+                &self.key,
+                "lease revoke",
+                self.request_timeout,
+                c.lease_revoke(lease),
+            )
+            .await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Keeps the registration until `stop` fires (or its sender is dropped); returns the
+    /// lease held at that point, for deregistration.
+    pub(super) async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Option<i64> {
+        tokio::select! {
+            biased;
+            _ = &mut stop => {}
+            () = self.keep() => {}
+        }
+        self.state.send_replace(RegistrationState::Stopped);
+        self.lease
+    }
+
+    async fn keep(&mut self) {
+        loop {
+            match self.keep_alive().await {
+                Interrupted::LeaseLost => {
+                    tracing::warn!(
+                        key = %self.key,
+                        lease = self.lease.unwrap_or_default(),
+                        "lease lost (expired or revoked); granting a new one and registering again"
+                    );
+                    self.lease = None;
+                    self.key_state = KeyState::Absent;
+                    self.check_lease = false;
+                    self.publish();
+                    // Short at first (the backoff was reset when the lease was last kept
+                    // alive), longer if etcd keeps losing new leases.
+                    tokio::time::sleep(self.backoff.next()).await;
+                }
+                Interrupted::Failed(e) => {
+                    self.check_lease = true;
+                    self.publish();
+                    let delay = self.backoff.next();
+                    let retry_in_ms = delay.as_millis() as u64;
+                    let lease = self.lease.unwrap_or_default();
+                    if self.failing_since.is_none() {
+                        self.failing_since = Some(Instant::now());
+                        tracing::warn!(key = %self.key, lease, error = %e, retry_in_ms, "registration: etcd request failed; retrying");
+                    } else {
+                        tracing::debug!(key = %self.key, lease, error = %e, retry_in_ms, "registration: etcd request failed again; retrying");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Gets a lease and the key in place, then renews the lease every TTL/3 until
+    /// something goes wrong.
+    async fn keep_alive(&mut self) -> Interrupted {
+        match self.keep_alive_inner().await {
+            Ok(never) => match never {},
+            Err(i) => i,
+        }
+    }
+
+    async fn keep_alive_inner(&mut self) -> Result<std::convert::Infallible, Interrupted> {
+        let lease = match self.lease {
+            Some(lease) if self.check_lease => {
+                let resp = timed(
+                    &self.key,
+                    "lease time-to-live",
+                    self.request_timeout,
+                    self.client.lease_time_to_live(lease, None),
+                )
+                .await?;
+                // etcd answers -1 for a lease it does not know.
+                if resp.ttl() < 0 {
+                    return Err(Interrupted::LeaseLost);
+                }
+                self.check_lease = false;
+                lease
+            }
+            Some(lease) => lease,
+            None => self.grant().await?,
+        };
+        self.sync_key(lease).await?;
+
+        let opened = Instant::now();
+        let (mut keeper, mut responses) = timed(
+            &self.key,
+            "lease keep-alive",
+            self.request_timeout,
+            self.client.lease_keep_alive(lease),
+        )
+        .await?;
+        // The opening request renewed the lease.
+        self.expires_at = opened + self.ttl;
+        self.backoff.reset();
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                key = %self.key,
+                lease,
+                failing_for_ms = since.elapsed().as_millis() as u64,
+                "registration: etcd reachable again; lease kept alive"
+            );
+        }
+        self.publish();
+
+        let period = self.ttl / 3;
+        // An unanswered renewal older than this means the connection is not working.
+        let answer_within = self.request_timeout.min(period * 2);
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.publish();
+                    match sent {
+                        Some(at) if at.elapsed() >= answer_within => {
+                            return Err(RegistrationError::Timeout {
+                                op: "lease keep-alive",
+                                key: self.key.to_string(),
+                                after: at.elapsed(),
+                            }
+                            .into());
+                        }
+                        Some(_) => {}
+                        None => {
+                            keeper.keep_alive().await.map_err(|source| self.etcd_error("lease keep-alive", source))?;
+                            sent = Some(Instant::now());
+                        }
+                    }
+                }
+                response = responses.next() => match response {
+                    Some(Ok(r)) if r.ttl() <= 0 => return Err(Interrupted::LeaseLost),
+                    Some(Ok(r)) => {
+                        let at = sent.take().unwrap_or_else(Instant::now);
+                        self.expires_at = at + Duration::from_secs(r.ttl().unsigned_abs());
+                        self.publish();
+                    }
+                    Some(Err(source)) => return Err(self.etcd_error("lease keep-alive", source).into()),
+                    None => {
+                        return Err(RegistrationError::StreamClosed { key: self.key.to_string() }.into());
+                    }
+                },
+                Ok(()) = self.active.changed() => {
+                    self.sync_key(lease).await?;
+                }
+            }
+        }
+    }
+
+    fn etcd_error(&self, op: &'static str, source: etcd_client::Error) -> RegistrationError {
+        RegistrationError::Etcd {
+            op,
+            key: self.key.to_string(),
+            source,
+        }
+    }
+
+    /// Grants a new lease and makes it the current one.
+    async fn grant(&mut self) -> Result<i64, RegistrationError> {
+        let asked = Instant::now();
+        let resp = timed(
+            &self.key,
+            "lease grant",
+            self.request_timeout,
+            self.client.lease_grant(self.ttl_secs, None),
+        )
+        .await?;
+        self.lease = Some(resp.id());
+        self.key_state = KeyState::Absent;
+        self.check_lease = false;
+        self.expires_at = asked + Duration::from_secs(resp.ttl().unsigned_abs());
+        Ok(resp.id())
+    }
+
+    /// Puts or deletes the key so that it matches what is wanted (`set_active`).
+    async fn sync_key(&mut self, lease: i64) -> Result<(), RegistrationError> {
+        let want = *self.active.borrow_and_update();
+        if want && self.key_state != KeyState::Present {
+            self.key_state = KeyState::Unknown;
+            timed(
+                &self.key,
+                "put",
+                self.request_timeout,
+                self.client.put(
+                    &*self.key,
+                    self.value.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            )
+            .await?;
+            self.key_state = KeyState::Present;
+            tracing::debug!(key = %self.key, lease, "key put");
+        } else if !want && self.key_state != KeyState::Absent {
+            self.key_state = KeyState::Unknown;
+            let key: &str = &self.key;
+            let txn = Txn::new()
+                .when([Compare::lease(key, CompareOp::Equal, lease)])
+                .and_then([TxnOp::delete(key, None)]);
+            timed(key, "delete", self.request_timeout, self.client.txn(txn)).await?;
+            self.key_state = KeyState::Absent;
+            tracing::info!(key = %self.key, lease, "key deleted (registration paused)");
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Publishes the current state (only when it changes).
+    fn publish(&self) {
+        let want = *self.active.borrow();
+        let new = match self.lease {
+            None => RegistrationState::Pending,
+            Some(_) if Instant::now() >= self.expires_at => RegistrationState::Pending,
+            Some(lease) if want && self.key_state == KeyState::Present => {
+                RegistrationState::Registered { lease }
+            }
+            Some(_) if !want && self.key_state == KeyState::Absent => RegistrationState::Paused,
+            Some(_) => RegistrationState::Pending,
+        };
+        self.state.send_if_modified(|s| {
+            if *s == new {
+                false
+            } else {
+                match (*s, new) {
+                    (_, RegistrationState::Registered { lease }) => {
+                        tracing::info!(key = %self.key, lease, ttl_s = self.ttl_secs, "registered");
+                    }
+                    (RegistrationState::Registered { lease }, RegistrationState::Pending)
+                        if self.lease.is_some() =>
+                    {
+                        tracing::warn!(key = %self.key, lease, "etcd unreachable past the lease TTL: the key has likely expired; registering again once etcd answers");
+                    }
+                    (from, to) => {
+                        tracing::debug!(key = %self.key, ?from, ?to, "registration state");
+                    }
+                }
+                *s = new;
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_max_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        assert_eq!(b.next(), Duration::from_millis(100));
+        assert_eq!(b.next(), Duration::from_millis(200));
+        assert_eq!(b.next(), Duration::from_millis(400));
+        assert_eq!(b.next(), Duration::from_millis(500));
+        assert_eq!(b.next(), Duration::from_millis(500));
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(100));
+    }
+}
