@@ -55,6 +55,7 @@ async fn backend_killed_with_sigkill_fails_only_its_calls_in_flight() {
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     // k2 dies at once; it stays registered (its lease is kept alive by the test).
+    let kill_sent = Instant::now();
     procs[1].kill9();
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(1800)).await;
@@ -77,7 +78,7 @@ async fn backend_killed_with_sigkill_fails_only_its_calls_in_flight() {
         let status = f.result.as_ref().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(
-            f.start < noticed && f.end >= killed_at,
+            f.start < noticed && f.end >= kill_sent,
             "failed call was not in flight at the kill: {}",
             describe(&[f], killed_at)
         );
