@@ -305,6 +305,12 @@ async fn concurrent_streams_per_connection_are_bounded() {
         6,
         "streams over the limit not refused: {refused:?}"
     );
+    eventually(
+        Duration::from_secs(10),
+        "the admitted calls reach the backend",
+        || async { s.backend.stats().calls() - before >= 4 },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         s.backend.stats().calls() - before,

@@ -269,13 +269,13 @@ async fn backend_that_freezes_costs_calls_their_deadline_then_calls_go_elsewhere
         );
         // Only calls sent before the first one timed out (and the proxy found out).
         assert!(
-            f.start < frozen_at + deadline + Duration::from_millis(200),
+            f.start < frozen_at + deadline + Duration::from_millis(500),
             "a call failed after the freeze was known: {}",
             describe(&[f], frozen_at)
         );
     }
     assert!(failed.len() <= 8, "{} calls failed", failed.len());
-    let settled = frozen_at + deadline + Duration::from_millis(200);
+    let settled = frozen_at + deadline + Duration::from_millis(500);
     let after: Vec<_> = calls.iter().filter(|c| c.start >= settled).collect();
     assert!(
         after.len() >= 20,
