@@ -7,4 +7,5 @@ scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-features
+deploy/check.sh
 cargo bench --no-run

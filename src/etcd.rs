@@ -12,6 +12,9 @@ pub enum EtcdError {
     /// No endpoint was given.
     #[error("no etcd endpoints given (--etcd-endpoints)")]
     NoEndpoints,
+    /// Only one of user and password is set.
+    #[error("--etcd-user and --etcd-password go together; only one is set")]
+    IncompleteAuth,
     /// The TLS files are unusable.
     #[error("etcd TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -29,7 +32,9 @@ pub enum EtcdError {
 /// Builds an etcd client over all configured endpoints.
 ///
 /// The underlying channel connects lazily and fails over between endpoints, so this
-/// succeeds while etcd is still down; requests fail until it is reachable.
+/// succeeds while etcd is still down; requests fail until it is reachable. With a user,
+/// credentials that etcd rejects are an error; if etcd is unreachable, authentication is
+/// retried in the background until it succeeds (expired tokens are refreshed after that).
 pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
     if args.etcd_endpoints.is_empty() {
         return Err(EtcdError::NoEndpoints);
@@ -37,10 +42,13 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(args.etcd_connect_timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true);
-    if let (Some(user), Some(password)) = (&args.etcd_user, &args.etcd_password) {
-        opts = opts.with_user(user.clone(), password.clone());
-    }
+        .with_keep_alive_while_idle(true)
+        .with_auto_token_refresh(true);
+    let creds = match (&args.etcd_user, &args.etcd_password) {
+        (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+        (None, None) => None,
+        _ => return Err(EtcdError::IncompleteAuth),
+    };
     if let Some(tls) = crate::tls::etcd_tls(
         args.etcd_ca.as_deref(),
         args.etcd_cert.as_deref(),
@@ -48,10 +56,58 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
     )? {
         opts = opts.with_tls(tls);
     }
-    Client::connect(&args.etcd_endpoints, Some(opts))
+    let client_err = |source| EtcdError::Client {
+        endpoints: args.etcd_endpoints.clone(),
+        source,
+    };
+    let mut client = Client::connect(&args.etcd_endpoints, Some(opts))
         .await
-        .map_err(|source| EtcdError::Client {
-            endpoints: args.etcd_endpoints.clone(),
-            source,
-        })
+        .map_err(client_err)?;
+    if let Some(creds) = creds {
+        let first = tokio::time::timeout(
+            args.etcd_connect_timeout + Duration::from_secs(3),
+            client.update_user(Some(creds.clone())),
+        )
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if credentials_rejected(&e) => return Err(client_err(e)),
+            _ => {
+                tracing::warn!(
+                    user = %creds.0,
+                    "etcd unreachable; will authenticate once it answers"
+                );
+                tokio::spawn(authenticate_later(client.clone(), creds));
+            }
+        }
+    }
+    Ok(client)
+}
+
+/// Whether etcd answered that the user or password is wrong.
+fn credentials_rejected(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
+        s.code(),
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    ))
+}
+
+/// Retries authentication with backoff until etcd accepts it (or rejects the credentials).
+async fn authenticate_later(mut client: Client, creds: (String, String)) {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(pause).await;
+        match client.update_user(Some(creds.clone())).await {
+            Ok(()) => {
+                tracing::info!(user = %creds.0, "authenticated to etcd");
+                return;
+            }
+            Err(e) if credentials_rejected(&e) => {
+                tracing::error!(user = %creds.0, error = %e, "etcd rejects the credentials");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "etcd authentication failed; retrying"),
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
 }

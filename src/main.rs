@@ -1,12 +1,17 @@
 //! The `switchyard` binary: parses the command line and hands off to the library.
 #![forbid(unsafe_code)]
 
-use clap::{CommandFactory, Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use switchyard::config::{LogArgs, LogFormat};
 
 /// Per-host gRPC load-balancing proxy with etcd discovery.
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about)]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -15,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the proxy: accept gRPC calls and forward them round-robin to etcd-registered backends.
     Proxy(Box<switchyard::config::ProxyArgs>),
+    /// Check a config file (with the current environment) without starting the proxy.
+    CheckConfig(CheckConfigArgs),
     /// Hold a leased registration key in etcd for a backend (sidecar).
     Register(switchyard::registration::sidecar::RegisterArgs),
     /// List the endpoints registered under the prefix.
@@ -25,15 +32,37 @@ enum Command {
     DemoClient(switchyard::demo::DemoClientArgs),
 }
 
-fn init_tracing() {
+/// Arguments of `switchyard check-config`.
+#[derive(clap::Args, Debug)]
+struct CheckConfigArgs {
+    /// The TOML config file to check.
+    file: PathBuf,
+}
+
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("switchyard: {e:#}");
+    std::process::ExitCode::FAILURE
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Command::Register(args) = &cli.command {
         // Checks between flags; like clap's own errors: a message naming them, exit 2.
         if let Err(msg) = args.validate() {
@@ -42,11 +71,41 @@ async fn main() -> std::process::ExitCode {
                 .exit();
         }
     }
-    init_tracing();
+    // The proxy's settings (and its log format) may come from a config file: load them
+    // before logging starts.
+    let settings = match (&cli.command, matches.subcommand_matches("proxy")) {
+        (Command::Proxy(_), Some(proxy_matches)) => match switchyard::config::load(proxy_matches) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(e),
+        },
+        _ => None,
+    };
+    init_tracing(
+        settings
+            .as_ref()
+            .map_or(cli.log.log_format, |s| s.log_format),
+    );
     let result = match cli.command {
-        Command::Proxy(args) => switchyard::proxy::run(*args, switchyard::proxy::shutdown_signal())
-            .await
-            .map_err(anyhow::Error::from),
+        Command::Proxy(_) => match settings {
+            Some(settings) => {
+                if let Some(file) = settings.config_file() {
+                    tracing::info!(config = %file.display(), "config file loaded");
+                }
+                switchyard::proxy::run(settings.proxy, switchyard::proxy::shutdown_signal())
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+            None => Err(anyhow::anyhow!("internal error: no settings for `proxy`")),
+        },
+        Command::CheckConfig(args) => match switchyard::config::check(&args.file) {
+            Ok(settings) => {
+                use std::io::Write;
+                // A closed stdout (e.g. `| head -1`) is not an error of the check.
+                let _ = writeln!(std::io::stdout(), "{}: ok\n{settings}", args.file.display());
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Register(args) => switchyard::registration::sidecar::run(args)
             .await
             .map_err(anyhow::Error::from),
@@ -62,9 +121,6 @@ async fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("switchyard: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }

@@ -1,5 +1,8 @@
 //! Prometheus metrics. Handles are resolved once per service and per endpoint, so a
 //! call only touches atomics (no label lookup, no lock, no formatting).
+//!
+//! Each finished call is also logged at debug level under the target `switchyard::call`
+//! (`RUST_LOG=switchyard::call=debug`); the line is skipped without cost otherwise.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -33,6 +36,76 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
+    /// Registrations held by this process (the `register` sidecar).
+    pub registrations: RegistrationMetrics,
+}
+
+/// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationEvent {
+    /// The key was written under a new lease.
+    Registered,
+    /// The lease was lost (expired, or keep-alive failed) while the backend still runs.
+    LeaseLost,
+    /// The key was deleted and its lease revoked on a clean shutdown.
+    Deregistered,
+}
+
+impl RegistrationEvent {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Registered => "registered",
+            Self::LeaseLost => "lease_lost",
+            Self::Deregistered => "deregistered",
+        }
+    }
+}
+
+/// Metrics of the leased keys this process holds in etcd for its backends.
+#[derive(Debug, Clone)]
+pub struct RegistrationMetrics {
+    held: IntGaugeVec,
+    events: IntCounterVec,
+}
+
+impl RegistrationMetrics {
+    /// Creates the registration metrics and registers them in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let held = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_registrations",
+                "Keys this process currently holds alive in etcd, by service.",
+            ),
+            &["service"],
+        );
+        let events = IntCounterVec::new(
+            Opts::new(
+                "switchyard_registration_events_total",
+                "Registration events by service and event (registered, lease_lost, deregistered).",
+            ),
+            &["service", "event"],
+        );
+        let (Ok(held), Ok(events)) = (held, events) else {
+            unreachable!("static metric definitions are valid")
+        };
+        Self {
+            held: register(registry, held),
+            events: register(registry, events),
+        }
+    }
+
+    /// Sets how many keys of `service` this process holds alive right now.
+    pub fn set_held(&self, service: &str, keys: i64) {
+        self.held.with_label_values(&[service]).set(keys);
+    }
+
+    /// Counts one `event` for `service`.
+    pub fn event(&self, service: &str, event: RegistrationEvent) {
+        self.events
+            .with_label_values(&[service, event.as_str()])
+            .inc();
+    }
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -127,8 +200,14 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
+            registrations: RegistrationMetrics::new(&registry),
             registry,
         })
+    }
+
+    /// The registry holding every metric (to add more collectors).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The Prometheus text exposition of all metrics.
@@ -213,6 +292,30 @@ impl EndpointMetrics {
     pub fn inflight(&self) -> i64 {
         self.inflight.load(Ordering::Relaxed)
     }
+
+    /// Counts a call in flight on this endpoint from now (it is being sent) until the
+    /// returned handle, or the [`CallRecord`] it becomes, is dropped.
+    #[inline]
+    pub fn send(self: &Arc<Self>) -> EndpointCall {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.inflight_gauge.inc();
+        EndpointCall {
+            endpoint: Arc::clone(self),
+        }
+    }
+}
+
+/// A call sent to one endpoint, counted in flight there while this lives.
+#[derive(Debug)]
+pub struct EndpointCall {
+    endpoint: Arc<EndpointMetrics>,
+}
+
+impl Drop for EndpointCall {
+    fn drop(&mut self) {
+        self.endpoint.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.inflight_gauge.dec();
+    }
 }
 
 /// Maps a `grpc-status` value to its slot.
@@ -239,16 +342,23 @@ impl CallTimer {
         let slot = usize::from(status).min(STATUS_SLOTS - 1);
         let s = &self.service;
         s.counter("", slot, &s.own[slot]).inc();
+        tracing::debug!(
+            target: "switchyard::call",
+            service = &*s.service,
+            endpoint = "",
+            grpc_status = STATUS_LABELS[slot],
+            elapsed_us = self.start.elapsed().as_micros() as u64,
+            "call answered by the proxy"
+        );
     }
 
-    /// The call went to the backend measured by `endpoint`.
+    /// The call went to a backend, which answered; `sent` has counted it in flight there
+    /// since it was sent.
     #[inline]
-    pub fn upstream(self, endpoint: &Arc<EndpointMetrics>) -> CallRecord {
-        endpoint.inflight.fetch_add(1, Ordering::Relaxed);
-        endpoint.inflight_gauge.inc();
+    pub fn upstream(self, sent: EndpointCall) -> CallRecord {
         CallRecord {
-            _timer: self,
-            endpoint: Arc::clone(endpoint),
+            timer: self,
+            sent,
             slot: STATUS_SLOTS - 1,
         }
     }
@@ -268,8 +378,9 @@ impl Drop for CallTimer {
 #[derive(Debug)]
 pub struct CallRecord {
     /// Dropped with the record, which ends the call's timing.
-    _timer: CallTimer,
-    endpoint: Arc<EndpointMetrics>,
+    timer: CallTimer,
+    /// Dropped with the record, which ends the call's count in flight on its endpoint.
+    sent: EndpointCall,
     slot: usize,
 }
 
@@ -285,12 +396,18 @@ impl CallRecord {
 
 impl Drop for CallRecord {
     fn drop(&mut self) {
-        let e = &self.endpoint;
-        e.inflight.fetch_sub(1, Ordering::Relaxed);
-        e.inflight_gauge.dec();
+        let e = &self.sent.endpoint;
         e.service
             .counter(&e.endpoint, self.slot, &e.by_status[self.slot])
             .inc();
+        tracing::debug!(
+            target: "switchyard::call",
+            service = &*e.service.service,
+            endpoint = &*e.endpoint,
+            grpc_status = STATUS_LABELS[self.slot],
+            elapsed_us = self.timer.start.elapsed().as_micros() as u64,
+            "call finished"
+        );
     }
 }
 
@@ -315,7 +432,7 @@ mod tests {
         let s = m.service("a");
         let e = s.endpoint(&"127.0.0.1:1".parse().unwrap());
         {
-            let mut rec = s.start().upstream(&e);
+            let mut rec = s.start().upstream(e.send());
             assert_eq!(e.inflight(), 1);
             rec.status(Some(&http::HeaderValue::from_static("0")));
         }
@@ -330,5 +447,20 @@ mod tests {
         );
         assert!(text.contains(r#"switchyard_inflight_streams{service="a"} 0"#));
         assert!(text.contains(r#"switchyard_call_duration_seconds_count{service="a"} 2"#));
+    }
+
+    #[test]
+    fn registrations_are_exposed() {
+        let m = Metrics::new();
+        m.registrations.set_held("a", 2);
+        m.registrations.event("a", RegistrationEvent::Registered);
+        m.registrations.event("a", RegistrationEvent::LeaseLost);
+        m.registrations.event("a", RegistrationEvent::Registered);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"switchyard_registrations{service="a"} 2"#));
+        assert!(text
+            .contains(r#"switchyard_registration_events_total{event="registered",service="a"} 2"#));
+        assert!(text
+            .contains(r#"switchyard_registration_events_total{event="lease_lost",service="a"} 1"#));
     }
 }

@@ -155,6 +155,13 @@ impl EtcdProcess {
         self.wait_ready(Duration::from_secs(20)).await
     }
 
+    /// Starts the process again on the same ports and data dir without waiting for it to
+    /// answer (for an etcd with auth enabled, which an anonymous readiness probe cannot see).
+    pub fn respawn(&mut self) -> Result<(), EtcdProcessError> {
+        self.kill();
+        self.spawn("existing")
+    }
+
     /// Kills the process, wipes its data dir and starts a fresh single-member etcd on the
     /// same ports (all keys and leases lost).
     pub async fn restart_wiped(&mut self) -> Result<(), EtcdProcessError> {

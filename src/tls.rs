@@ -12,22 +12,22 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TlsArgs {
     /// PEM certificate chain served on the listeners (enables TLS on them; needs --tls-key).
-    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "SWITCHYARD_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert.
-    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "SWITCHYARD_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Speak TLS to backends (needs --upstream-ca).
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_TLS", requires = "upstream_ca")]
+    #[arg(long, env = "SWITCHYARD_UPSTREAM_TLS")]
     pub upstream_tls: bool,
     /// PEM CA bundle that backend certificates must chain to.
     #[arg(long, env = "SWITCHYARD_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// PEM client certificate presented to backends (mTLS; needs --upstream-key).
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_CERT", requires = "upstream_key")]
+    #[arg(long, env = "SWITCHYARD_UPSTREAM_CERT")]
     pub upstream_cert: Option<PathBuf>,
     /// PEM private key for --upstream-cert.
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_KEY", requires = "upstream_cert")]
+    #[arg(long, env = "SWITCHYARD_UPSTREAM_KEY")]
     pub upstream_key: Option<PathBuf>,
     /// Server name checked in backend certificates (default: the backend's host).
     #[arg(long, env = "SWITCHYARD_UPSTREAM_SNI")]
@@ -92,6 +92,16 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(cfg))
 }
 
+/// The listeners' TLS configuration from the flags; `None` when `--tls-cert` is not set.
+pub fn listener_config(args: &TlsArgs) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => server_config(cert, key).map(Some),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(file_err(Path::new("--tls-cert"), "needs --tls-key too")),
+        (None, Some(_)) => Err(file_err(Path::new("--tls-key"), "needs --tls-cert too")),
+    }
+}
+
 /// TLS settings for backend connections.
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
@@ -124,7 +134,19 @@ impl UpstreamTls {
             (Some(cert), Some(key)) => {
                 builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?
             }
-            _ => builder.with_no_client_auth(),
+            (None, None) => builder.with_no_client_auth(),
+            (Some(_), None) => {
+                return Err(file_err(
+                    Path::new("--upstream-cert"),
+                    "needs --upstream-key too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(file_err(
+                    Path::new("--upstream-key"),
+                    "needs --upstream-cert too",
+                ))
+            }
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
         let sni = args
@@ -155,8 +177,13 @@ pub fn etcd_tls(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<Option<etcd_client::TlsOptions>, TlsError> {
-    if ca.is_none() && cert.is_none() {
+    if ca.is_none() && cert.is_none() && key.is_none() {
         return Ok(None);
+    }
+    match (cert, key) {
+        (Some(_), None) => return Err(file_err(Path::new("--etcd-cert"), "needs --etcd-key too")),
+        (None, Some(_)) => return Err(file_err(Path::new("--etcd-key"), "needs --etcd-cert too")),
+        _ => {}
     }
     let read = |p: &Path| std::fs::read(p).map_err(|e| file_err(p, e));
     let mut opts = etcd_client::TlsOptions::new();

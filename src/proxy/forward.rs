@@ -14,7 +14,7 @@ use super::body::ProxyBody;
 use super::replay::ReplayBody;
 use crate::balance::EndpointSet;
 use crate::discovery::{BackendAddr, Discovery, Service};
-use crate::metrics::EndpointMetrics;
+use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
 use crate::upstream::Upstream;
@@ -115,7 +115,7 @@ impl Forwarder {
             Ok((resp, endpoint)) => {
                 let (parts, inner) = resp.into_parts();
                 let record = endpoint.map(|e| {
-                    let mut r = timer.upstream(&e);
+                    let mut r = timer.upstream(e);
                     r.status(parts.headers.get("grpc-status"));
                     r
                 });
@@ -181,15 +181,17 @@ impl Forwarder {
             if let Err(e) = set_authority(&mut req, upstream.addr()) {
                 return Err((Code::Internal, format!("switchyard: {e}")));
             }
+            // In flight on this endpoint from now until the response ends.
+            let sent = upstream.metrics().map(|m| m.send());
             let waiting = HeaderWait::new(upstream);
-            let sent = sender.try_send_request(req).await;
+            let result = sender.try_send_request(req).await;
             waiting.disarm();
-            let error = match sent {
+            let error = match result {
                 Ok(resp) => {
                     if let Some(b) = &retry_body {
                         b.commit();
                     }
-                    return Ok((resp, upstream.metrics().cloned()));
+                    return Ok((resp, sent));
                 }
                 Err(mut e) => match e.take_message() {
                     // The request never left: offer it to the next backend as it is.
@@ -283,8 +285,9 @@ impl Drop for HeaderWait<'_> {
     }
 }
 
-/// What forwarding gives: the backend's response and its metrics, or a proxy error.
-type Forwarded = Result<(Response<Incoming>, Option<Arc<EndpointMetrics>>), (Code, String)>;
+/// What forwarding gives: the backend's response and the call's count in flight on the
+/// backend that answered, or a proxy error.
+type Forwarded = Result<(Response<Incoming>, Option<EndpointCall>), (Code, String)>;
 
 /// Whether an error says the backend refused the stream before processing it
 /// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).

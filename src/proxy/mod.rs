@@ -140,10 +140,7 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
-    let acceptor = match (&args.tls.tls_cert, &args.tls.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsAcceptor::from(crate::tls::server_config(cert, key)?)),
-        _ => None,
-    };
+    let acceptor = crate::tls::listener_config(&args.tls)?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let discovery = Discovery::new(
         etcd.clone(),

@@ -204,6 +204,196 @@ pub async fn served_by(client: &mut EchoClient<Channel>) -> Result<String, tonic
     Ok(client.unary(req("hi")).await?.into_inner().server)
 }
 
+/// An answer of the admin listener.
+#[derive(Debug)]
+pub struct AdminReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET path` on the admin listener at `addr` (HTTP/1.1); `None` if nothing answers.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<AdminReply> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(AdminReply {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The value of the sample `name` whose labels include all of `labels`, in Prometheus
+/// text exposition `text` (the first match).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|kv| kv == format!("{k}=\"{v}\"").as_str())
+            });
+            if all {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
+}
+
+/// A test certificate authority: PEM files written to a temp dir, made at test time.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    /// A new CA; its certificate is written to `ca.pem`.
+    pub fn new() -> TestPki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        TestPki { dir, ca }
+    }
+
+    /// The CA certificate file.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// Issues a certificate for `names` (DNS names or IP addresses), usable by servers and
+    /// clients; writes `<file>.pem` and `<file>-key.pem` and returns their paths.
+    pub fn issue(&self, file: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let cert_path = self.dir.path().join(format!("{file}.pem"));
+        let key_path = self.dir.path().join(format!("{file}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+/// A `switchyard` process (the real binary) with a clean environment plus `env`; killed
+/// when dropped. Its stderr (the logs) arrives line by line on `lines`.
+pub struct SwitchyardProcess {
+    child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl SwitchyardProcess {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> SwitchyardProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        SwitchyardProcess { child, lines }
+    }
+
+    /// The next log line (waits up to 20 s).
+    pub fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("switchyard logs a line")
+    }
+
+    /// Reads log lines until one satisfies `want` (up to `within`); returns it.
+    pub fn wait_line(&self, within: Duration, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line within {within:?}: {what}"),
+            }
+        }
+    }
+}
+
+impl Drop for SwitchyardProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What a raw HTTP/2 call got back: status, headers, body bytes and trailers.
 #[derive(Debug)]
 pub struct RawResponse {

@@ -1,0 +1,502 @@
+//! The config file: every flag settable there, precedence flag > env > file > default,
+//! errors with file, line and field, `check-config`, and the shipped example configs.
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Args;
+use switchyard::config::{self, ConfigError, LogArgs, LogFormat, ProxyArgs};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// The `switchyard proxy` command line, parsed like the binary does (without env vars
+/// unless the process has them).
+fn matches(args: &[&str]) -> clap::ArgMatches {
+    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    cmd.try_get_matches_from(std::iter::once("proxy").chain(args.iter().copied()))
+        .unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load(args: &[&str]) -> Result<config::Settings, ConfigError> {
+    config::load(&matches(args))
+}
+
+fn field_error(e: ConfigError) -> config::FieldError {
+    match e {
+        ConfigError::Field(f) => f,
+        other => panic!("not a field error: {other}"),
+    }
+}
+
+#[test]
+fn every_proxy_flag_has_a_file_key() {
+    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if id == "config" {
+            continue;
+        }
+        assert!(
+            config::file_key(id).is_some(),
+            "flag --{id} cannot be set in the config file: add it to config::FILE_KEYS and merge()"
+        );
+    }
+}
+
+const FULL: &str = r#"
+log_format = "json"
+
+[[listener]]
+addr = "127.0.0.1:17070"
+
+[[listener]]
+addr = "127.0.0.1:17001"
+service = "pkg.A"
+
+[admin]
+listen = "127.0.0.1:17071"
+
+[etcd]
+endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+prefix = "fleet/services"
+connect_timeout = "7s"
+user = "switchyard"
+password = "pw"
+ca = "ca.pem"
+cert = "etcd.pem"
+key = "etcd-key.pem"
+
+[timeouts]
+connect = "1500ms"
+discovery = "4s"
+idle = "2m"
+first_request = 20
+drain = "45s"
+
+[limits]
+max_services = 17
+max_concurrent_streams = 300
+max_header_list_size = 32768
+max_connections = 999
+
+[tls]
+cert = "proxy.pem"
+key = "proxy-key.pem"
+
+[upstream_tls]
+enabled = true
+ca = "ca.pem"
+cert = "client.pem"
+key = "client-key.pem"
+sni = "backend.internal"
+"#;
+
+/// A directory with the PEM files FULL names (relative to it).
+fn full_dir() -> (TestPki, PathBuf) {
+    let pki = TestPki::new();
+    for (name, names) in [
+        ("etcd", &["switchyard"][..]),
+        ("proxy", &["localhost"][..]),
+        ("client", &["switchyard"][..]),
+    ] {
+        pki.issue(name, names);
+    }
+    let path = write(pki.dir.path(), "switchyard.toml", FULL);
+    (pki, path)
+}
+
+#[test]
+fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
+    let (pki, path) = full_dir();
+    let s = load(&["--config", path.to_str().unwrap()]).unwrap();
+    let dir = pki.dir.path();
+    let a = &s.proxy;
+    assert_eq!(s.log_format, LogFormat::Json);
+    assert_eq!(a.listen.len(), 2);
+    assert_eq!(
+        a.listen[1].addr,
+        "127.0.0.1:17001".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(a.listen[1].service.as_ref().unwrap().as_str(), "pkg.A");
+    assert_eq!(a.admin_listen.0, Some("127.0.0.1:17071".parse().unwrap()));
+    assert_eq!(a.etcd.etcd_endpoints.len(), 2);
+    assert_eq!(a.etcd.prefix, "fleet/services");
+    assert_eq!(a.etcd.etcd_connect_timeout, Duration::from_secs(7));
+    assert_eq!(a.etcd.etcd_user.as_deref(), Some("switchyard"));
+    assert_eq!(a.etcd.etcd_password.as_deref(), Some("pw"));
+    assert_eq!(
+        a.etcd.etcd_ca.as_deref(),
+        Some(dir.join("ca.pem").as_path())
+    );
+    assert_eq!(
+        a.etcd.etcd_key.as_deref(),
+        Some(dir.join("etcd-key.pem").as_path())
+    );
+    assert_eq!(a.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(a.discovery_timeout, Duration::from_secs(4));
+    assert_eq!(a.idle_timeout, Duration::from_secs(120));
+    assert_eq!(a.first_request_timeout, Duration::from_secs(20));
+    assert_eq!(a.drain_timeout, Duration::from_secs(45));
+    assert_eq!(
+        (
+            a.max_services,
+            a.max_concurrent_streams,
+            a.max_header_list_size,
+            a.max_connections
+        ),
+        (17, 300, 32768, 999)
+    );
+    assert_eq!(
+        a.tls.tls_cert.as_deref(),
+        Some(dir.join("proxy.pem").as_path())
+    );
+    assert!(a.tls.upstream_tls);
+    assert_eq!(
+        a.tls.upstream_cert.as_deref(),
+        Some(dir.join("client.pem").as_path())
+    );
+    assert_eq!(a.tls.upstream_sni.as_deref(), Some("backend.internal"));
+    // Every setting came from the file.
+    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        assert!(
+            id == "config" || s.from_file().contains(&id),
+            "{id} not taken from the file"
+        );
+    }
+}
+
+#[test]
+fn flags_win_over_the_file_and_the_file_over_defaults() {
+    let (_pki, path) = full_dir();
+    let s = load(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--prefix",
+        "from-flag",
+        "--listen",
+        "127.0.0.1:18000",
+        "--drain-timeout",
+        "3s",
+        "--log-format",
+        "text",
+    ])
+    .unwrap();
+    assert_eq!(s.proxy.etcd.prefix, "from-flag");
+    assert_eq!(s.proxy.listen.len(), 1);
+    assert_eq!(s.proxy.listen[0].addr.port(), 18000);
+    assert_eq!(s.proxy.drain_timeout, Duration::from_secs(3));
+    assert_eq!(s.log_format, LogFormat::Text);
+    // The rest still comes from the file.
+    assert_eq!(s.proxy.max_services, 17);
+    assert!(!s.from_file().contains(&"prefix"));
+
+    // A file that sets little: the rest keeps its defaults.
+    let dir = tempfile::tempdir().unwrap();
+    let small = write(dir.path(), "small.toml", "[etcd]\nprefix = \"p\"\n");
+    let s = load(&["--config", small.to_str().unwrap()]).unwrap();
+    assert_eq!(s.proxy.etcd.prefix, "p");
+    assert_eq!(s.proxy.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
+    assert_eq!(s.proxy.listen[0].addr.port(), 7070);
+    assert_eq!(s.proxy.drain_timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn errors_name_the_file_the_line_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, usize, &str, &str)] = &[
+        // (file text, line, field, part of the message)
+        (
+            "[etcd]\nendpoints = [\"http://a:1\"]\nprefx = \"x\"\n",
+            3,
+            "etcd.prefx",
+            "unknown field",
+        ),
+        ("bogus = 1\n", 1, "bogus", "unknown field"),
+        (
+            "[timeouts]\n\nconnect = \"10x\"\n",
+            3,
+            "timeouts.connect",
+            "unit",
+        ),
+        (
+            "[limits]\nmax_connections = \"many\"\n",
+            2,
+            "limits.max_connections",
+            "invalid type",
+        ),
+        (
+            "[[listener]]\naddr = \"1.2.3.4\"\n",
+            2,
+            "listener[0].addr",
+            "socket address",
+        ),
+        (
+            "[[listener]]\naddr = \"127.0.0.1:1\"\nservice = \"a/b\"\n",
+            3,
+            "listener[0].service",
+            "service name",
+        ),
+        (
+            "[admin]\nlisten = \"nowhere\"\n",
+            2,
+            "admin.listen",
+            "ip:port",
+        ),
+        ("log_format = \"xml\"\n", 1, "log_format", "unknown variant"),
+        // Settings that are each fine but do not fit together, or files that are missing.
+        (
+            "[limits]\nmax_services = 1\n\n[tls]\ncert = \"c.pem\"\n",
+            5,
+            "tls.cert",
+            "tls.key",
+        ),
+        (
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            2,
+            "tls.cert",
+            "c.pem",
+        ),
+        (
+            "[upstream_tls]\nca = \"ca.pem\"\n",
+            2,
+            "upstream_tls.ca",
+            "upstream_tls.enabled",
+        ),
+        (
+            "[etcd]\nendpoints = [\"https://e:2379\"]\n",
+            2,
+            "etcd.endpoints",
+            "etcd.ca",
+        ),
+        (
+            "[timeouts]\nconnect = \"0s\"\n",
+            2,
+            "timeouts.connect",
+            "greater than zero",
+        ),
+    ];
+    for (i, (text, line, field, part)) in cases.iter().enumerate() {
+        let path = write(dir.path(), &format!("case{i}.toml"), text);
+        let err = field_error(load(&["--config", path.to_str().unwrap()]).unwrap_err());
+        let shown = err.to_string();
+        let loc = err
+            .location
+            .as_ref()
+            .unwrap_or_else(|| panic!("no location: {shown}"));
+        assert_eq!(loc.path, path, "{shown}");
+        assert_eq!(loc.line, *line, "{shown}");
+        assert_eq!(err.field, *field, "{shown}");
+        assert!(shown.contains(part), "{shown:?} lacks {part:?}");
+        assert!(
+            shown.starts_with(&format!("{}:{line}:", path.display())),
+            "{shown}"
+        );
+    }
+    // A syntax error has a line too.
+    let path = write(dir.path(), "syntax.toml", "[etcd]\nprefix = \n");
+    let err = field_error(load(&["--config", path.to_str().unwrap()]).unwrap_err());
+    assert_eq!(err.location.unwrap().line, 2);
+    // A missing file is named.
+    let missing = dir.path().join("missing.toml");
+    let err = load(&["--config", missing.to_str().unwrap()]).unwrap_err();
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+    // A flag's error names the flag.
+    let err = field_error(load(&["--tls-key", "k.pem"]).unwrap_err());
+    assert!(err.location.is_none());
+    assert!(err.to_string().starts_with("--tls-key"), "{err}");
+}
+
+#[test]
+fn a_pair_split_between_file_and_flag_is_complete() {
+    // The user in the file, the password from elsewhere (here a flag; usually the env).
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "u.toml", "[etcd]\nuser = \"switchyard\"\n");
+    let s = load(&["--config", path.to_str().unwrap(), "--etcd-password", "pw"]).unwrap();
+    assert_eq!(s.proxy.etcd.etcd_user.as_deref(), Some("switchyard"));
+    assert_eq!(s.proxy.etcd.etcd_password.as_deref(), Some("pw"));
+    let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(err.to_string().contains("etcd.password"), "{err}");
+}
+
+/// The binary with a clean environment plus `env`.
+fn bin(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).env_clear().envs(env.iter().copied());
+    c
+}
+
+#[test]
+fn check_config_accepts_good_files_and_reports_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "[[listener]]\naddr = \"127.0.0.1:7070\"\n\n[etcd]\nprefix = \"from-file\"\n",
+    );
+    let out = bin(&["check-config", good.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("good.toml: ok"), "{stdout}");
+    assert!(stdout.contains("prefix \"from-file\""), "{stdout}");
+
+    // The environment wins over the file.
+    let out = bin(
+        &["check-config", good.to_str().unwrap()],
+        &[("SWITCHYARD_PREFIX", "from-env")],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("prefix \"from-env\""), "{stdout}");
+
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[[listener]]\naddr = \"127.0.0.1:7070\"\n\n[etcd]\nprefx = \"x\"\n",
+    );
+    let out = bin(&["check-config", bad.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:5:1", bad.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("etcd.prefx"), "{stderr}");
+
+    let bad = write(dir.path(), "bad2.toml", "[timeouts]\ndrain = \"soon\"\n");
+    let out = bin(&["check-config", bad.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad2.toml:2:"), "{stderr}");
+    assert!(stderr.contains("timeouts.drain"), "{stderr}");
+}
+
+#[test]
+fn shipped_example_configs_pass_check_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for example in [
+        "deploy/systemd/switchyard.toml",
+        "deploy/kubernetes/switchyard.toml",
+    ] {
+        let out = bin(&["check-config", root.join(example).to_str().unwrap()], &[])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{example}: {out:?}");
+    }
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> SwitchyardProcess {
+    SwitchyardProcess::spawn(args, env)
+}
+
+async fn healthy(addr: SocketAddr) -> bool {
+    admin_get(addr, "/healthz")
+        .await
+        .is_some_and(|r| r.status == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_proxy_applies_flag_over_env_over_file() {
+    let free = || switchyard::testkit::free_addr().unwrap();
+    let (file_admin, env_admin, flag_admin) = (free(), free(), free());
+    let (listen, dead_etcd) = (free(), free());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "switchyard.toml",
+        &format!(
+            "log_format = \"json\"\n\n[[listener]]\naddr = \"{listen}\"\n\n[admin]\nlisten = \"{file_admin}\"\n\n[etcd]\nendpoints = [\"http://{dead_etcd}\"]\n"
+        ),
+    );
+    let cfg = path.to_str().unwrap();
+    let env_admin_s = env_admin.to_string();
+
+    // File only: admin where the file says, JSON logs, the file's listener.
+    let p = run(&["proxy", "--config", cfg], &[]);
+    let line = p.next_line();
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    assert!(
+        json.get("level").is_some() && json.get("message").is_some(),
+        "{line}"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "admin on the file's address",
+        || healthy(file_admin),
+    )
+    .await;
+    assert!(tokio::net::TcpStream::connect(listen).await.is_ok());
+    drop(p);
+
+    // The environment beats the file.
+    let p = run(
+        &["proxy", "--config", cfg],
+        &[("SWITCHYARD_ADMIN_LISTEN", &env_admin_s)],
+    );
+    eventually(
+        Duration::from_secs(20),
+        "admin on the env's address",
+        || healthy(env_admin),
+    )
+    .await;
+    assert!(!healthy(file_admin).await);
+    drop(p);
+
+    // A flag beats both; `--log-format text` beats the file's json.
+    let p = run(
+        &[
+            "proxy",
+            "--config",
+            cfg,
+            "--admin-listen",
+            &flag_admin.to_string(),
+            "--log-format",
+            "text",
+        ],
+        &[("SWITCHYARD_ADMIN_LISTEN", &env_admin_s)],
+    );
+    let line = p.next_line();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&line).is_err(),
+        "{line}"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "admin on the flag's address",
+        || healthy(flag_admin),
+    )
+    .await;
+    assert!(!healthy(env_admin).await);
+    drop(p);
+
+    // A bad file stops the proxy before it starts, naming the file and line.
+    let bad = write(dir.path(), "bad.toml", "[admin]\nlisten = \"x\"\n");
+    let out = bin(&["proxy", "--config", bad.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:2:") && stderr.contains("admin.listen"),
+        "{stderr}"
+    );
+}
