@@ -1,5 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/endpoints` (JSON), `/healthz`
 //! (alive) and `/readyz` (etcd reached at least once and listeners bound).
+//!
+//! The HTTP part ([`serve_routes`]) is shared with the `register` sidecar's admin
+//! listener, which has its own routes.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,7 +110,17 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
     serde_json::to_vec_pretty(&out).unwrap_or_default()
 }
 
-fn reply(
+/// An answer of an admin listener.
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// Content type of plain-text answers.
+pub const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Content type of the Prometheus text exposition.
+pub const METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An answer with `status`, `content_type` and `body`.
+pub fn reply(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
@@ -119,24 +132,14 @@ fn reply(
     r
 }
 
-async fn handle(
-    state: Arc<AdminState>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n"));
-    }
-    Ok(match req.uri().path() {
+/// The proxy's routes.
+fn route(state: &AdminState, path: &str) -> AdminResponse {
+    match path {
         "/metrics" => {
             state.refresh_gauges();
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                state.discovery.metrics().render(),
-            )
+            reply(StatusCode::OK, METRICS, state.discovery.metrics().render())
         }
-        "/endpoints" => reply(StatusCode::OK, "application/json", endpoints_json(&state)),
+        "/endpoints" => reply(StatusCode::OK, "application/json", endpoints_json(state)),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
         "/readyz" => {
             if state.ready() {
@@ -160,11 +163,21 @@ async fn handle(
             TEXT,
             "not found; try /metrics, /endpoints, /healthz, /readyz\n",
         ),
-    })
+    }
 }
 
-/// Serves the admin endpoints on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+/// Serves the proxy's admin endpoints on `listener` until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::Receiver<bool>) {
+    serve_routes(listener, move |path| route(&state, path), stop).await;
+}
+
+/// Serves HTTP/1 on `listener` until `stop` turns true (or its sender is dropped):
+/// GET and HEAD requests are answered by `route(path)`, other methods with 405.
+pub async fn serve_routes<R>(listener: TcpListener, route: R, mut stop: watch::Receiver<bool>)
+where
+    R: Fn(&str) -> AdminResponse + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -177,9 +190,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
             },
             _ = stop.changed() => return,
         };
-        let state = Arc::clone(&state);
+        let route = Arc::clone(&route);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(Arc::clone(&state), req));
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = if req.method() == Method::GET || req.method() == Method::HEAD {
+                    route(req.uri().path())
+                } else {
+                    reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n")
+                };
+                std::future::ready(Ok::<_, Infallible>(resp))
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))

@@ -43,7 +43,8 @@ pub struct Metrics {
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegistrationEvent {
-    /// The key was written under a new lease.
+    /// The key was put in etcd (at start, under a new lease after one was lost, or back
+    /// after a pause).
     Registered,
     /// The lease was lost (expired, or keep-alive failed) while the backend still runs.
     LeaseLost,
@@ -100,6 +101,11 @@ impl RegistrationMetrics {
         self.held.with_label_values(&[service]).set(keys);
     }
 
+    /// Adds `delta` (negative to remove) to the keys of `service` held alive.
+    pub fn add_held(&self, service: &str, delta: i64) {
+        self.held.with_label_values(&[service]).add(delta);
+    }
+
     /// Counts one `event` for `service`.
     pub fn event(&self, service: &str, event: RegistrationEvent) {
         self.events
@@ -116,17 +122,32 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C
     c
 }
 
+/// A registry holding the process CPU/memory metrics (on Linux).
+pub fn process_registry() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = registry.register(Box::new(pc)) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+    }
+    registry
+}
+
+/// The Prometheus text exposition of all metrics in `registry`.
+pub fn render(registry: &Registry) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 * 1024);
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    buf
+}
+
 impl Metrics {
     /// Creates and registers all metrics (plus process CPU/memory metrics on Linux).
     pub fn new() -> Arc<Self> {
-        let registry = Registry::new();
-        #[cfg(target_os = "linux")]
-        {
-            let pc = prometheus::process_collector::ProcessCollector::for_self();
-            if let Err(e) = registry.register(Box::new(pc)) {
-                tracing::warn!(error = %e, "process metrics unavailable");
-            }
-        }
+        let registry = process_registry();
         let calls = IntCounterVec::new(
             Opts::new("switchyard_calls_total", "Calls finished, by service, endpoint and grpc-status (endpoint \"\" = answered by the proxy itself; status \"none\" = ended without one, e.g. cancelled)."),
             &["service", "endpoint", "grpc_status"],
@@ -212,11 +233,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of all metrics.
     pub fn render(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(8 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        buf
+        render(&self.registry)
     }
 
     /// Handles for one service.

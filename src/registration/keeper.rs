@@ -10,7 +10,8 @@ use futures_util::StreamExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::{Checked, RegistrationError, RegistrationState};
+use super::{Checked, RegistrationError, RegistrationState, Reporter};
+use crate::metrics::RegistrationEvent;
 
 /// Runs one etcd request with a time limit, naming the request and key in the error.
 pub(super) async fn timed<T>(
@@ -97,6 +98,8 @@ pub(super) struct Keeper {
     request_timeout: Duration,
     active: watch::Receiver<bool>,
     state: watch::Sender<RegistrationState>,
+    /// Where held keys and events are reported, if anywhere.
+    report: Option<Arc<Reporter>>,
     /// The lease we hold (granted and not known to be gone).
     lease: Option<i64>,
     key_state: KeyState,
@@ -125,6 +128,7 @@ impl Keeper {
             request_timeout: checked.request_timeout,
             active,
             state,
+            report: checked.report.clone(),
             lease: None,
             key_state: KeyState::Absent,
             expires_at: Instant::now(),
@@ -161,6 +165,7 @@ impl Keeper {
             () = self.keep() => {}
         }
         self.state.send_replace(RegistrationState::Stopped);
+        self.report(|r| r.held(false));
         self.lease
     }
 
@@ -173,6 +178,7 @@ impl Keeper {
                         lease = self.lease.unwrap_or_default(),
                         "lease lost (expired or revoked); granting a new one and registering again"
                     );
+                    self.report(|r| r.event(RegistrationEvent::LeaseLost));
                     self.lease = None;
                     self.key_state = KeyState::Absent;
                     self.check_lease = false;
@@ -338,6 +344,7 @@ impl Keeper {
             )
             .await?;
             self.key_state = KeyState::Present;
+            self.report(|r| r.event(RegistrationEvent::Registered));
             tracing::debug!(key = %self.key, lease, "key put");
         } else if !want && self.key_state != KeyState::Absent {
             self.key_state = KeyState::Unknown;
@@ -351,6 +358,13 @@ impl Keeper {
         }
         self.publish();
         Ok(())
+    }
+
+    /// Calls `f` with the reporter, if there is one.
+    fn report(&self, f: impl FnOnce(&Reporter)) {
+        if let Some(r) = &self.report {
+            f(r);
+        }
     }
 
     /// Publishes the current state (only when it changes).
@@ -386,6 +400,7 @@ impl Keeper {
                 true
             }
         });
+        self.report(|r| r.held(new.is_registered()));
     }
 }
 

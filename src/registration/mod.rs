@@ -22,6 +22,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Given [`RegistrationMetrics`] ([`RegistrationSpec::metrics`]), a registration reports
+//! the keys it holds (`switchyard_registrations`) and what happens to them
+//! (`switchyard_registration_events_total`); without, it reports nothing.
+//!
 //! - [`sidecar`]: `switchyard register`, the same for backends in any language, with an
 //!   optional health gate ([`health`]).
 //! - [`list`]: `switchyard endpoints`, what is registered, for operators.
@@ -31,6 +35,7 @@ mod keeper;
 pub mod list;
 pub mod sidecar;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +44,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::discovery::value::{endpoint_key, AddrError, BackendAddr, EndpointValue, ValueFormat};
+use crate::metrics::{RegistrationEvent, RegistrationMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 
 /// Shortest lease TTL accepted: 2 s. etcd (3.4, default timing: 100 ms heartbeat, 1 s
@@ -143,6 +149,7 @@ pub struct RegistrationSpec {
     format: ValueFormat,
     metadata: Option<serde_json::Value>,
     request_timeout: Duration,
+    metrics: Option<RegistrationMetrics>,
 }
 
 impl RegistrationSpec {
@@ -158,6 +165,7 @@ impl RegistrationSpec {
             format: ValueFormat::default(),
             metadata: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            metrics: None,
         }
     }
 
@@ -191,6 +199,12 @@ impl RegistrationSpec {
         self
     }
 
+    /// Reports the registration's keys and events to `metrics`.
+    pub fn metrics(mut self, metrics: RegistrationMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Checks the spec and works out the key and value.
     fn validate(&self) -> Result<Checked, RegistrationError> {
         let service = ServiceName::new(&self.service)?;
@@ -211,6 +225,13 @@ impl RegistrationSpec {
         }
         .encode();
         Ok(Checked {
+            report: self.metrics.clone().map(|metrics| {
+                Arc::new(Reporter {
+                    metrics,
+                    service: service.as_str().into(),
+                    held: AtomicBool::new(false),
+                })
+            }),
             key: key.into(),
             value,
             ttl: self.ttl,
@@ -237,11 +258,41 @@ pub fn check_ttl(ttl: Duration) -> Result<i64, RegistrationError> {
 /// A checked spec.
 #[derive(Debug, Clone)]
 struct Checked {
+    report: Option<Arc<Reporter>>,
     key: Arc<str>,
     value: String,
     ttl: Duration,
     ttl_secs: i64,
     request_timeout: Duration,
+}
+
+/// Reports one registration to its metrics: whether its key is held, and its events.
+#[derive(Debug)]
+struct Reporter {
+    metrics: RegistrationMetrics,
+    service: Box<str>,
+    /// Whether this registration counts in `switchyard_registrations` now.
+    held: AtomicBool,
+}
+
+impl Reporter {
+    fn held(&self, held: bool) {
+        if self.held.swap(held, Ordering::Relaxed) != held {
+            self.metrics
+                .add_held(&self.service, if held { 1 } else { -1 });
+        }
+    }
+
+    fn event(&self, event: RegistrationEvent) {
+        self.metrics.event(&self.service, event);
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        // The keep-alive is gone with the last handle: the key is no longer held.
+        self.held(false);
+    }
 }
 
 /// Where a registration stands, as published by [`Registration::state`].
@@ -276,6 +327,7 @@ pub struct Registration {
     request_timeout: Duration,
     active: watch::Sender<bool>,
     state: watch::Sender<RegistrationState>,
+    report: Option<Arc<Reporter>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Option<i64>>>,
 }
@@ -299,6 +351,7 @@ impl Registration {
             request_timeout: checked.request_timeout,
             active,
             state,
+            report: checked.report,
             stop: Some(stop),
             task: Some(task),
         })
@@ -342,6 +395,9 @@ impl Registration {
         self.state.send_replace(RegistrationState::Stopped);
         if result.is_ok() {
             tracing::info!(key = %self.key, "deregistered");
+            if let (Some(r), Some(_)) = (&self.report, lease) {
+                r.event(RegistrationEvent::Deregistered);
+            }
         }
         result
     }

@@ -5,16 +5,28 @@
 //! lease alive, deletes the key while the backend is unhealthy and puts it back on
 //! recovery. On SIGTERM/SIGINT it deregisters (the key goes at once) and exits 0; if it
 //! is killed, the key goes when the lease expires.
+//!
+//! With `--admin-listen ADDR` it serves `/metrics` (the registration metrics, whether the
+//! backend passes its health check, process metrics), `/healthz` (alive) and `/readyz`
+//! (200 while the key is held, 503 with the reason otherwise).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{parse_duration, EtcdArgs};
+use http::StatusCode;
+use prometheus::{IntGauge, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{reply, AdminResponse, METRICS, TEXT};
+use crate::config::{parse_duration, AdminListen, EtcdArgs};
 use crate::discovery::value::{BackendAddr, ValueFormat};
+use crate::metrics::RegistrationMetrics;
 use crate::route::ServiceName;
 
 use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
-use super::{check_ttl, Registration, RegistrationError, RegistrationSpec};
+use super::{check_ttl, Registration, RegistrationError, RegistrationSpec, RegistrationState};
 
 /// Flags of `switchyard register`.
 #[derive(clap::Args, Debug, Clone)]
@@ -55,6 +67,15 @@ pub struct RegisterArgs {
     /// Consecutive passed probes before the key is put back.
     #[arg(long, env = "SWITCHYARD_HEALTHY_AFTER", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub healthy_after: u32,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`), `ip:port`; `off` (the
+    /// default) disables it.
+    #[arg(
+        long,
+        env = "SWITCHYARD_REGISTER_ADMIN_LISTEN",
+        value_name = "ADDR|off",
+        default_value = "off"
+    )]
+    pub admin_listen: AdminListen,
     /// etcd location and key prefix.
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -149,12 +170,148 @@ pub enum SidecarError {
     /// The health check could not be set up.
     #[error(transparent)]
     Health(#[from] HealthGateError),
+    /// The admin listener could not be bound.
+    #[error("--admin-listen {addr}: {source}")]
+    AdminBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// Registering failed for a reason that retrying will not fix.
     #[error("register: {0}")]
     Register(#[source] RegistrationError),
     /// Deregistering failed; the key goes when its lease expires.
     #[error("deregister: {0} (the key goes when its lease expires)")]
     Deregister(#[source] RegistrationError),
+}
+
+/// Where the sidecar stands, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the backend to pass its first health check.
+    WaitingForBackend,
+    /// Healthy, trying to register (etcd not answering yet).
+    Registering,
+    /// Registered once; the registration's state now.
+    Registration(RegistrationState),
+}
+
+impl Phase {
+    /// `Ok` while the key is held; otherwise why not.
+    fn ready(self) -> Result<(), &'static str> {
+        match self {
+            Self::Registration(RegistrationState::Registered { .. }) => Ok(()),
+            Self::WaitingForBackend => Err("waiting for the backend to pass its health check"),
+            Self::Registering => Err("registering: etcd has not answered yet"),
+            Self::Registration(RegistrationState::Pending) => {
+                Err("key not held: registering again (lease lost or etcd unreachable)")
+            }
+            Self::Registration(RegistrationState::Paused) => {
+                Err("key withdrawn: the backend fails its health check")
+            }
+            Self::Registration(RegistrationState::Stopped) => Err("stopped"),
+        }
+    }
+}
+
+/// What the sidecar reports: its metrics and where it stands.
+struct Report {
+    registry: Registry,
+    registrations: RegistrationMetrics,
+    healthy: IntGauge,
+    phase: watch::Sender<Phase>,
+}
+
+impl Report {
+    fn new(service: &ServiceName) -> Self {
+        let registry = crate::metrics::process_registry();
+        let registrations = RegistrationMetrics::new(&registry);
+        registrations.set_held(service.as_str(), 0);
+        let healthy = IntGauge::with_opts(
+            Opts::new(
+                "switchyard_backend_healthy",
+                "1 while the backend passes the sidecar's health check (always 1 with --health-check none).",
+            )
+            .const_label("service", service.as_str()),
+        );
+        let Ok(healthy) = healthy else {
+            unreachable!("static metric definition is valid")
+        };
+        if let Err(e) = registry.register(Box::new(healthy.clone())) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
+        Self {
+            registry,
+            registrations,
+            healthy,
+            phase: watch::Sender::new(Phase::WaitingForBackend),
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.phase
+            .send_if_modified(|p| std::mem::replace(p, phase) != phase);
+    }
+
+    /// The admin routes.
+    fn route(&self, path: &str) -> AdminResponse {
+        match path {
+            "/metrics" => reply(
+                StatusCode::OK,
+                METRICS,
+                crate::metrics::render(&self.registry),
+            ),
+            "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
+            "/readyz" => match self.phase.borrow().ready() {
+                Ok(()) => reply(StatusCode::OK, TEXT, "ready: key held\n"),
+                Err(why) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "not found; try /metrics, /healthz, /readyz\n",
+            ),
+        }
+    }
+}
+
+/// Stops the admin listener when dropped.
+struct AdminTask(Option<watch::Sender<bool>>);
+
+impl Drop for AdminTask {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            let _ = stop.send(true);
+        }
+    }
+}
+
+/// Binds the admin listener (if asked for) and serves it until the returned guard drops.
+async fn start_admin(
+    listen: AdminListen,
+    report: &std::sync::Arc<Report>,
+) -> Result<AdminTask, SidecarError> {
+    let Some(addr) = listen.0 else {
+        return Ok(AdminTask(None));
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::AdminBind { addr, source })?;
+    tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
+    let (stop, stopped) = watch::channel(false);
+    let report = std::sync::Arc::clone(report);
+    tokio::spawn(crate::admin::serve_routes(
+        listener,
+        move |path| report.route(path),
+        stopped,
+    ));
+    Ok(AdminTask(Some(stop)))
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT.
@@ -167,8 +324,10 @@ pub async fn run_until(
     args: RegisterArgs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SidecarError> {
+    let report = std::sync::Arc::new(Report::new(&args.service));
+    let _admin = start_admin(args.admin_listen, &report).await?;
     let client = crate::etcd::connect(&args.etcd).await?;
-    let spec = args.spec();
+    let spec = args.spec().metrics(report.registrations.clone());
     let mut gate = HealthGate::new(args.health_gate())?;
     tokio::pin!(shutdown);
 
@@ -180,6 +339,8 @@ pub async fn run_until(
         healthy = gate.changed() => healthy,
     };
     debug_assert!(healthy);
+    report.healthy.set(1);
+    report.set_phase(Phase::Registering);
 
     // Register, retrying while etcd is unreachable.
     let mut delay = Duration::from_millis(200);
@@ -202,10 +363,18 @@ pub async fn run_until(
         }
     };
 
+    let mut states = registration.state();
+    report.set_phase(Phase::Registration(*states.borrow_and_update()));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            healthy = gate.changed() => registration.set_active(healthy),
+            healthy = gate.changed() => {
+                report.healthy.set(i64::from(healthy));
+                registration.set_active(healthy);
+            }
+            Ok(()) = states.changed() => {
+                report.set_phase(Phase::Registration(*states.borrow_and_update()));
+            }
         }
     }
     tracing::info!(key = %registration.key(), "shutting down: deregistering");
