@@ -654,3 +654,66 @@ async fn sigterm_drain_timeout_bounds_how_long_calls_may_run() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrar_keeps_its_key_while_etcd_members_die_one_at_a_time() {
+    use switchyard::registration::{Registration, RegistrationSpec};
+    init_tracing();
+    let mut cluster = None;
+    for attempt in 1..=3 {
+        match EtcdCluster::start(3).await {
+            Ok(c) => {
+                cluster = Some(c);
+                break;
+            }
+            Err(e) => eprintln!("etcd cluster did not start (attempt {attempt}): {e}"),
+        }
+    }
+    let mut cluster = cluster.expect("etcd cluster did not start in 3 attempts");
+    let endpoints = cluster.endpoints();
+    let mut args = switchyard::config::EtcdArgs::local(endpoints[0].clone());
+    args.etcd_endpoints = endpoints.clone();
+    let client = switchyard::etcd::connect(&args).await.unwrap();
+    let reg = Registration::start(
+        client,
+        RegistrationSpec::new("reg.Cluster", "127.0.0.1:4242").ttl(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let key = reg.key().to_owned();
+
+    // Each member in turn (one of them carries the keep-alive stream) is killed for
+    // longer than the TTL, then brought back; the key must never be seen missing.
+    for victim in 0..3 {
+        cluster.members[victim].kill();
+        let survivor = &endpoints[(victim + 1) % 3];
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut seen_present = 0;
+        while Instant::now() < until {
+            let read = async {
+                let mut c = etcd_client::Client::connect([survivor.as_str()], None).await?;
+                c.get(key.as_str(), None).await
+            };
+            // Reads can fail while a new leader is elected; only answers count.
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), read).await {
+                assert_eq!(
+                    resp.kvs().len(),
+                    1,
+                    "key {key} missing while member {victim} was down"
+                );
+                seen_present += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            seen_present > 0,
+            "no read answered while member {victim} was down"
+        );
+        cluster.members[victim].restart().await.unwrap();
+    }
+    reg.deregister().await.unwrap();
+    let mut c = etcd_client::Client::connect([endpoints[0].as_str()], None)
+        .await
+        .unwrap();
+    assert!(c.get(key.as_str(), None).await.unwrap().kvs().is_empty());
+}
