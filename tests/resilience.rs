@@ -410,22 +410,24 @@ async fn watchers_on(member: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// A 3-member etcd cluster; a start that fails (a port taken by another process on a
+/// busy machine between its pick and its use) is tried again.
+async fn start_cluster() -> EtcdCluster {
+    for attempt in 1..=3 {
+        match EtcdCluster::start(3).await {
+            Ok(c) => return c,
+            Err(e) => eprintln!("etcd cluster did not start (attempt {attempt}): {e}"),
+        }
+    }
+    panic!("etcd cluster did not start in 3 attempts");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_member_the_proxy_watches_on_killed_calls_and_discovery_go_on() {
     init_tracing();
     // A member can fail to start when another process on this busy machine took one
     // of its ports between testkit picking it and etcd binding it: try again.
-    let mut cluster = None;
-    for attempt in 1..=3 {
-        match EtcdCluster::start(3).await {
-            Ok(c) => {
-                cluster = Some(c);
-                break;
-            }
-            Err(e) => eprintln!("etcd cluster did not start (attempt {attempt}): {e}"),
-        }
-    }
-    let mut cluster = cluster.expect("etcd cluster did not start in 3 attempts");
+    let mut cluster = start_cluster().await;
     let endpoints = cluster.endpoints();
     let e1 = EchoBackend::start("e1").await.unwrap();
     // A long lease: the test's own keep-alive may be on the member that is killed.
@@ -659,17 +661,7 @@ async fn sigterm_drain_timeout_bounds_how_long_calls_may_run() {
 async fn registrar_keeps_its_key_while_etcd_members_die_one_at_a_time() {
     use switchyard::registration::{Registration, RegistrationSpec};
     init_tracing();
-    let mut cluster = None;
-    for attempt in 1..=3 {
-        match EtcdCluster::start(3).await {
-            Ok(c) => {
-                cluster = Some(c);
-                break;
-            }
-            Err(e) => eprintln!("etcd cluster did not start (attempt {attempt}): {e}"),
-        }
-    }
-    let mut cluster = cluster.expect("etcd cluster did not start in 3 attempts");
+    let mut cluster = start_cluster().await;
     let endpoints = cluster.endpoints();
     let mut args = switchyard::config::EtcdArgs::local(endpoints[0].clone());
     args.etcd_endpoints = endpoints.clone();

@@ -498,29 +498,8 @@ pub async fn h2_connect(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     send
 }
 
-/// What a raw HTTP/2 request got back.
-#[derive(Debug)]
-pub struct H2Reply {
-    /// The HTTP status.
-    pub status: http::StatusCode,
-    /// Response headers.
-    pub headers: http::HeaderMap,
-    /// The body.
-    pub body: Bytes,
-    /// Trailers, if any.
-    pub trailers: Option<http::HeaderMap>,
-}
-
-impl H2Reply {
-    /// The `grpc-status`, from the trailers or (trailers-only) the headers.
-    pub fn grpc_status(&self) -> Option<String> {
-        self.trailers
-            .as_ref()
-            .and_then(|t| t.get("grpc-status"))
-            .or_else(|| self.headers.get("grpc-status"))
-            .map(|v| v.to_str().unwrap().to_owned())
-    }
-}
+/// A whole reply to a raw HTTP/2 request.
+pub type H2Reply = crate::common::RawResponse;
 
 /// Sends a POST with these headers and body on `send`; returns the full reply.
 pub async fn h2_request(
