@@ -13,6 +13,7 @@
 //! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
 //!   the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod balance;

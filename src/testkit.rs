@@ -27,8 +27,32 @@ pub enum EtcdProcessError {
     NotReady(String, Duration),
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range (32768–60999), so
+/// that an outgoing connection cannot take a port between its pick and its use.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 (checked by binding it, then released), picked below the
+/// ephemeral range; successive calls (in any process) walk through different ports.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // Start somewhere that depends on the process, so parallel test binaries differ.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let seed = (std::process::id().wrapping_mul(7919) ^ nanos) % span;
+        let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORT_RANGE.start + u16::try_from(offset).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

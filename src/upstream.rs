@@ -122,6 +122,11 @@ pub struct Upstream {
     conn: ArcSwapOption<Connection>,
     state: AtomicU8,
     changed: Notify,
+    /// A call gave up waiting for this backend's answer; its connection is being
+    /// re-probed, and calls prefer other backends until the probe answers.
+    suspect: AtomicBool,
+    /// Wakes the connection task to probe the live connection.
+    check: Arc<Notify>,
     connect_timeout: Duration,
     metrics: Option<Arc<EndpointMetrics>>,
 }
@@ -133,6 +138,8 @@ impl Upstream {
             conn: ArcSwapOption::empty(),
             state: AtomicU8::new(State::Connecting as u8),
             changed: Notify::new(),
+            suspect: AtomicBool::new(false),
+            check: Arc::new(Notify::new()),
             connect_timeout: config.connect_timeout,
             metrics: config.metrics.as_ref().map(|m| m.endpoint(&addr)),
             addr,
@@ -145,7 +152,11 @@ impl Upstream {
     /// endpoint left the set and no call uses it), it stops reconnecting, and the HTTP/2
     /// connection closes after the streams still on it have finished.
     pub fn start(self: &Arc<Self>, config: UpstreamConfig) {
-        tokio::spawn(connection_loop(Arc::downgrade(self), config));
+        tokio::spawn(connection_loop(
+            Arc::downgrade(self),
+            Arc::clone(&self.check),
+            config,
+        ));
     }
 
     /// The backend's address.
@@ -167,6 +178,24 @@ impl Upstream {
     #[inline]
     pub fn is_usable(&self) -> bool {
         self.state.load(Ordering::Relaxed) != State::Failed as u8
+    }
+
+    /// Whether calls should prefer this backend: connected, and not suspected of
+    /// having stopped answering.
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == State::Ready as u8
+            && !self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// Tells the upstream that a call gave up waiting for its response (deadline or
+    /// cancel): calls prefer other backends until a probe on its connection is
+    /// answered, so a backend that froze gets no more calls while others can take them.
+    pub fn report_unresponsive(&self) {
+        if self.state() == State::Ready && !self.suspect.swap(true, Ordering::Relaxed) {
+            tracing::debug!(backend = %self.addr, "call abandoned waiting for backend; probing its connection");
+            self.check.notify_one();
+        }
     }
 
     fn set_state(&self, s: State) {
@@ -297,7 +326,79 @@ fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
     (current * 2).min(config.backoff_max)
 }
 
-async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig) {
+/// Serves the connection until it ends or stops answering keep-alive pings. Whenever a
+/// call reports the backend unresponsive, probes it on this connection until it answers
+/// (calls prefer other backends meanwhile). The connection is not dropped for an
+/// unanswered probe: a backend busy with long streams up to its stream limit would lose
+/// them all; a dead peer is found by the keep-alive pings.
+async fn serve_connection(
+    this: &std::sync::Weak<Upstream>,
+    check: &Notify,
+    mut conn: std::pin::Pin<&mut h2::client::Connection<UpstreamIo, Bytes>>,
+    ping: Option<h2::PingPong>,
+    config: &UpstreamConfig,
+) -> Result<(), String> {
+    let keepalive = keepalive(ping, config.keepalive_interval);
+    tokio::pin!(keepalive);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| e.to_string()),
+            e = &mut keepalive => return Err(e),
+            _ = check.notified() => {}
+        }
+        let mut warned = false;
+        loop {
+            // Take a sender for the probe only (holding one for good would keep the
+            // connection open after the upstream is gone). Once the upstream is gone,
+            // only wait for the streams still on the connection.
+            let Some(sender) = this
+                .upgrade()
+                .and_then(|up| up.conn.load().as_ref().map(|c| c.send.clone()))
+            else {
+                return tokio::select! {
+                    r = conn.as_mut() => r.map_err(|e| e.to_string()),
+                    e = &mut keepalive => Err(e),
+                };
+            };
+            let probed = tokio::select! {
+                r = tokio::time::timeout(config.connect_timeout, probe(&sender)) => r,
+                r = conn.as_mut() => return r.map_err(|e| e.to_string()),
+                e = &mut keepalive => return Err(e),
+            };
+            drop(sender);
+            let Some(up) = this.upgrade() else {
+                continue;
+            };
+            let error = match probed {
+                Ok(Ok(())) => {
+                    up.suspect.store(false, Ordering::Relaxed);
+                    if warned {
+                        tracing::info!(backend = %up.addr, "backend answers again");
+                    }
+                    break;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", config.connect_timeout),
+            };
+            if !warned {
+                tracing::warn!(backend = %up.addr, %error, "backend does not answer a probe on its connection; calls prefer other backends");
+                warned = true;
+            }
+            drop(up);
+            tokio::select! {
+                _ = tokio::time::sleep(config.connect_timeout) => {}
+                r = conn.as_mut() => return r.map_err(|e| e.to_string()),
+                e = &mut keepalive => return Err(e),
+            }
+        }
+    }
+}
+
+async fn connection_loop(
+    this: std::sync::Weak<Upstream>,
+    check: Arc<Notify>,
+    config: UpstreamConfig,
+) {
     let mut backoff = config.backoff_min;
     loop {
         let Some(up) = this.upgrade() else { return };
@@ -336,19 +437,21 @@ async fn connection_loop(this: std::sync::Weak<Upstream>, config: UpstreamConfig
                     send: sender,
                     closed: AtomicBool::new(false),
                 });
-                up.conn.store(Some(Arc::clone(&connection)));
+                // Only the upstream holds the connection's sender: once it is gone and the
+                // streams on it have ended, the connection closes.
+                let weak_connection = Arc::downgrade(&connection);
+                up.conn.store(Some(connection));
+                up.suspect.store(false, Ordering::Relaxed);
                 if up.state() != State::Ready {
                     tracing::info!(backend = %addr, "backend connected");
                 }
                 up.set_state(State::Ready);
                 drop(up);
                 let connected_at = tokio::time::Instant::now();
-                let result = tokio::select! {
-                    r = &mut conn => r.map_err(|e| e.to_string()),
-                    e = keepalive(ping, config.keepalive_interval) => Err(e),
-                };
-                connection.closed.store(true, Ordering::Release);
-                drop(connection);
+                let result = serve_connection(&this, &check, conn.as_mut(), ping, &config).await;
+                if let Some(c) = weak_connection.upgrade() {
+                    c.closed.store(true, Ordering::Release);
+                }
                 let Some(up) = this.upgrade() else { return };
                 up.conn.store(None);
                 up.set_state(State::Connecting);

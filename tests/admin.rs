@@ -109,6 +109,18 @@ async fn admin_reports_calls_latency_inflight_endpoints_and_etcd_state() {
     assert_eq!(addrs, want);
     slow.await.unwrap().unwrap();
 
+    // A call is counted when the proxy has finished its response, which may be just
+    // after the client saw the end of it.
+    eventually(WAIT, "all 12 calls counted", || async {
+        let text = get(admin, "/metrics").await.body;
+        metric(
+            &text,
+            "switchyard_call_duration_seconds_count",
+            &[("service", SVC)],
+        ) == Some(12.0)
+            && metric(&text, "switchyard_inflight_streams", &[("service", SVC)]) == Some(0.0)
+    })
+    .await;
     let r = get(admin, "/metrics").await;
     assert!(
         r.content_type.starts_with("text/plain; version=0.0.4"),

@@ -9,6 +9,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(switchyard::route::ServiceName::new(service).is_ok());
             assert!(path.contains(service));
         }
+        // The proxy's error message quoting the path is a valid grpc-message that
+        // decodes back to the text.
+        let text = format!("switchyard: bad path: {path:?}");
+        let v = switchyard::status::encode_message(&text);
+        let decoded = percent_encoding::percent_decode(v.as_bytes()).decode_utf8();
+        assert_eq!(decoded.as_deref().ok(), Some(text.as_str()));
     }
     if let Ok(v) = http::HeaderValue::from_bytes(data) {
         let mut h = http::HeaderMap::new();

@@ -20,6 +20,11 @@ use tokio::time::Instant;
 use super::body::ProxyBody;
 use super::forward::Forwarder;
 
+/// After an idle connection has been told to go away, how long it has to close
+/// before it is dropped outright: a client that never answers the GOAWAY's PING, or
+/// an HTTP/1 client stuck in the middle of its request head, cannot hold the socket.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Time limits of client connections.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -149,6 +154,8 @@ pub async fn serve<I>(
     // Checked at the idle deadline; while streams are open, again after the idle timeout.
     let idle_check = tokio::time::sleep(limits.first_request_timeout);
     tokio::pin!(idle_check);
+    // Told to go away for being idle; dropped if still open after the grace period.
+    let mut idle_closing = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -161,12 +168,23 @@ pub async fn serve<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = &mut idle_check, if !draining => {
+            _ = &mut idle_check, if !draining || idle_closing => {
+                if idle_closing {
+                    if activity.open.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(%peer, "idle client connection still open after GOAWAY; dropping it");
+                        return;
+                    }
+                    // A stream got in before the GOAWAY: it may finish.
+                    idle_closing = false;
+                    continue;
+                }
                 match activity.idle_deadline(&limits) {
                     Some(deadline) if deadline <= Instant::now() => {
                         tracing::debug!(%peer, "closing idle client connection");
                         draining = true;
+                        idle_closing = true;
                         conn.as_mut().graceful_shutdown();
+                        idle_check.as_mut().reset(Instant::now() + IDLE_CLOSE_GRACE);
                     }
                     Some(deadline) => idle_check.as_mut().reset(deadline),
                     None => idle_check.as_mut().reset(Instant::now() + limits.idle_timeout),

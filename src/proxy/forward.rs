@@ -21,11 +21,12 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::replay::ReplayBody;
+use crate::balance::EndpointSet;
 use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
 use crate::status::{error_response, http_error, Code};
-use crate::upstream::Connection;
+use crate::upstream::{Connection, Upstream};
 
 /// `grpc-status`, parsed once.
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -40,6 +41,10 @@ struct Call {
 
 /// Most backends one call is offered to before the proxy gives up.
 pub const MAX_ATTEMPTS: usize = 5;
+
+/// A call abandoned (deadline or cancel) after waiting this long for a backend's
+/// response headers makes the proxy probe that backend's connection.
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
 
 /// Where a listener's calls go.
 #[derive(Debug, Clone)]
@@ -209,6 +214,14 @@ impl Forwarder {
             else {
                 break;
             };
+            // A backend still connecting, or suspected of having frozen, gets the call
+            // only if no connected one is left to try (waiting on it could cost the
+            // call its deadline): the next connected one after it takes its turn.
+            let (idx, upstream) = if upstream.is_healthy() {
+                (idx, upstream)
+            } else {
+                next_healthy(&set, idx, &tried).unwrap_or((idx, upstream))
+            };
             tried[attempt] = idx;
             let conn = match upstream.ready_connection() {
                 Some(c) => c,
@@ -236,7 +249,10 @@ impl Forwarder {
             // In flight on this endpoint from now until the response ends.
             let sent = upstream.metrics().map(|m| m.send());
             let pump = Pump::start(body, send_body);
-            let error = match response.await {
+            let waiting = HeaderWait::new(upstream);
+            let result = response.await;
+            waiting.disarm();
+            let error = match result {
                 Ok(resp) => {
                     pump.disarm();
                     if let Some(b) = &retry_body {
@@ -276,6 +292,52 @@ impl Forwarder {
                     .unwrap_or_default()
             ),
         ))
+    }
+}
+
+/// The first connected, unsuspected endpoint after `idx` (cyclically) not yet tried.
+fn next_healthy<'a>(
+    set: &'a EndpointSet,
+    idx: usize,
+    tried: &[usize],
+) -> Option<(usize, &'a Arc<Upstream>)> {
+    let n = set.len();
+    (1..n).map(|k| (idx + k) % n).find_map(|i| {
+        set.iter()
+            .nth(i)
+            .filter(|u| u.is_healthy() && !tried.contains(&i))
+            .map(|u| (i, u))
+    })
+}
+
+/// Armed while a call waits for a backend's response headers: if the call is dropped
+/// (its deadline passed, or the client cancelled) after waiting at least
+/// [`UNRESPONSIVE_AFTER`], the backend is reported as possibly unresponsive.
+struct HeaderWait<'a> {
+    upstream: &'a Upstream,
+    since: tokio::time::Instant,
+    armed: bool,
+}
+
+impl<'a> HeaderWait<'a> {
+    fn new(upstream: &'a Upstream) -> Self {
+        Self {
+            upstream,
+            since: tokio::time::Instant::now(),
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for HeaderWait<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.since.elapsed() >= UNRESPONSIVE_AFTER {
+            self.upstream.report_unresponsive();
+        }
     }
 }
 
