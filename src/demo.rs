@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -306,7 +306,14 @@ pub async fn serve_with_health(
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(echo)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // TCP_NODELAY on accepted connections (`.tcp_nodelay` above only applies to
+        // listeners tonic binds itself): without it, Nagle holds a small answer that follows
+        // another one until the peer's delayed ACK, ~40 ms (e.g. the proxy's probe of a new
+        // connection).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
 
