@@ -389,7 +389,7 @@ impl Registration {
             None => None,
         };
         let result = match lease {
-            Some(lease) => self.remove(lease).await,
+            Some(lease) => self.remove_retrying(lease).await,
             None => Ok(()),
         };
         self.state.send_replace(RegistrationState::Stopped);
@@ -400,6 +400,23 @@ impl Registration {
             }
         }
         result
+    }
+
+    /// [`Self::remove`], tried again on transient errors (e.g. one etcd member of several
+    /// just restarted) until the request timeout has passed.
+    async fn remove_retrying(&self, lease: i64) -> Result<(), RegistrationError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.remove(lease).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(key = %self.key, error = %e, "deregistration failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Deletes the key if it is still under `lease`, then revokes the lease.
