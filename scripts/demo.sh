@@ -77,6 +77,12 @@ echo "   that cannot reach it are retried on backend-1 (no failed call)"
 { kill -KILL "$backend_2"; wait "$backend_2"; } 2>/dev/null || true
 "$bin" demo-client --target "$proxy" --calls 6
 
+echo "== calls by backend and grpc-status, from the admin listener (http://$admin/metrics)"
+exec 3<>"/dev/tcp/${admin%:*}/${admin#*:}"
+printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$admin" >&3
+grep '^switchyard_calls_total' <&3 || true
+exec 3<&-
+
 echo "== the proxy's log"
 sed -e 's/\x1b\[[0-9;]*m//g' "$work/proxy.log"
 echo "== demo done"
