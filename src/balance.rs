@@ -69,6 +69,23 @@ impl EndpointSet {
     }
 }
 
+impl EndpointSet {
+    /// The first endpoint after `idx` (cyclically, `idx` itself excluded) that `want`
+    /// accepts: the stand-in when the round-robin pick is not ready for a call.
+    #[inline]
+    pub fn next_after(
+        &self,
+        idx: usize,
+        want: impl Fn(usize, &Upstream) -> bool,
+    ) -> Option<(usize, &Arc<Upstream>)> {
+        let n = self.endpoints.len();
+        (1..n)
+            .map(|k| (idx + k) % n)
+            .map(|i| (i, &self.endpoints[i]))
+            .find(|(i, ep)| want(*i, ep))
+    }
+}
+
 /// A round-robin cursor shared by all calls of one service.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
@@ -125,5 +142,14 @@ mod tests {
         }
         assert_eq!(counts, [100, 0, 100, 100]);
         assert!(s.pick(&rr, |_| true).is_none());
+    }
+
+    #[test]
+    fn next_after_wraps_and_excludes_the_start() {
+        let s = set(4);
+        let port = |r: Option<(usize, &Arc<Upstream>)>| r.map(|(_, u)| u.addr().port());
+        assert_eq!(port(s.next_after(2, |_, _| true)), Some(1003));
+        assert_eq!(port(s.next_after(3, |i, _| i != 0)), Some(1001));
+        assert_eq!(port(s.next_after(1, |i, _| i == 1)), None);
     }
 }

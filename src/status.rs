@@ -50,6 +50,9 @@ pub fn encode_message(message: &str) -> HeaderValue {
     HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static("switchyard error"))
 }
 
+/// The `grpc-status` header name, parsed once.
+pub static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `content-type` of gRPC responses.
 pub const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 

@@ -6,11 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::metrics::CallRecord;
-use crate::status::{encode_message, Code};
+use crate::status::{encode_message, Code, GRPC_STATUS};
 
 /// A response body: streamed from a backend, or produced by the proxy.
 #[derive(Debug)]
@@ -30,9 +30,6 @@ pub enum ProxyBody {
         record: Option<CallRecord>,
     },
 }
-
-/// `grpc-status`, parsed once.
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 impl ProxyBody {
     /// An empty body.

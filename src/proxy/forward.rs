@@ -16,20 +16,16 @@ use tokio::sync::oneshot;
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
 use http::uri::{Scheme, Uri};
-use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::replay::ReplayBody;
-use crate::balance::EndpointSet;
 use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
-use crate::status::{error_response, http_error, Code};
+use crate::status::{error_response, http_error, Code, GRPC_STATUS};
 use crate::upstream::{Connection, Upstream};
-
-/// `grpc-status`, parsed once.
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// A request that passed the checks, bound for `service`.
 struct Call {
@@ -220,7 +216,8 @@ impl Forwarder {
             let (idx, upstream) = if upstream.is_healthy() {
                 (idx, upstream)
             } else {
-                next_healthy(&set, idx, &tried).unwrap_or((idx, upstream))
+                set.next_after(idx, |i, u| u.is_healthy() && !tried.contains(&i))
+                    .unwrap_or((idx, upstream))
             };
             tried[attempt] = idx;
             let conn = match upstream.ready_connection() {
@@ -293,21 +290,6 @@ impl Forwarder {
             ),
         ))
     }
-}
-
-/// The first connected, unsuspected endpoint after `idx` (cyclically) not yet tried.
-fn next_healthy<'a>(
-    set: &'a EndpointSet,
-    idx: usize,
-    tried: &[usize],
-) -> Option<(usize, &'a Arc<Upstream>)> {
-    let n = set.len();
-    (1..n).map(|k| (idx + k) % n).find_map(|i| {
-        set.iter()
-            .nth(i)
-            .filter(|u| u.is_healthy() && !tried.contains(&i))
-            .map(|u| (i, u))
-    })
 }
 
 /// Armed while a call waits for a backend's response headers: if the call is dropped
