@@ -4,7 +4,6 @@
 //! Each finished call is also logged at debug level under the target `switchyard::call`
 //! (`RUST_LOG=switchyard::call=debug`); the line is skipped without cost otherwise.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -269,7 +268,6 @@ impl ServiceMetrics {
                 .metrics
                 .endpoint_inflight
                 .with_label_values(&[&self.service, addr.as_str()]),
-            inflight: AtomicI64::new(0),
             by_status: Default::default(),
         })
     }
@@ -284,13 +282,18 @@ impl ServiceMetrics {
         }
     }
 
-    fn counter(&self, endpoint: &str, slot: usize, cell: &OnceLock<IntCounter>) -> IntCounter {
+    /// The calls counter of (`endpoint`, status `slot`), resolved once into `cell`.
+    fn counter<'a>(
+        &self,
+        endpoint: &str,
+        slot: usize,
+        cell: &'a OnceLock<IntCounter>,
+    ) -> &'a IntCounter {
         cell.get_or_init(|| {
             self.metrics
                 .calls
                 .with_label_values(&[&self.service, endpoint, STATUS_LABELS[slot]])
         })
-        .clone()
     }
 }
 
@@ -299,22 +302,21 @@ impl ServiceMetrics {
 pub struct EndpointMetrics {
     service: Arc<ServiceMetrics>,
     endpoint: Box<str>,
+    /// Calls in flight on this endpoint (read back for `/endpoints`).
     inflight_gauge: IntGauge,
-    inflight: AtomicI64,
     by_status: [OnceLock<IntCounter>; STATUS_SLOTS],
 }
 
 impl EndpointMetrics {
     /// Calls in flight on this endpoint.
     pub fn inflight(&self) -> i64 {
-        self.inflight.load(Ordering::Relaxed)
+        self.inflight_gauge.get()
     }
 
     /// Counts a call in flight on this endpoint from now (it is being sent) until the
     /// returned handle, or the [`CallRecord`] it becomes, is dropped.
     #[inline]
     pub fn send(self: &Arc<Self>) -> EndpointCall {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
         self.inflight_gauge.inc();
         EndpointCall {
             endpoint: Arc::clone(self),
@@ -330,7 +332,6 @@ pub struct EndpointCall {
 
 impl Drop for EndpointCall {
     fn drop(&mut self) {
-        self.endpoint.inflight.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.inflight_gauge.dec();
     }
 }
