@@ -95,18 +95,20 @@ impl EchoService {
         &self.stats
     }
 
-    fn reply(&self, req: &EchoRequest, seq: u64) -> EchoReply {
-        let payload = if req.reply_size > 0 {
-            vec![b'x'; req.reply_size as usize]
+    /// The reply to `req`; a `reply_size` above [`MAX_MESSAGE_SIZE`] is refused.
+    fn reply(&self, req: &EchoRequest, seq: u64) -> Result<EchoReply, Status> {
+        let size = check_reply_size(req)?;
+        let payload = if size > 0 {
+            vec![b'x'; size]
         } else {
             req.payload.clone()
         };
-        EchoReply {
+        Ok(EchoReply {
             payload,
             message: req.message.clone(),
             server: self.name.to_string(),
             seq,
-        }
+        })
     }
 
     fn observe(&self, md: &MetadataMap) {
@@ -116,6 +118,17 @@ impl EchoService {
             }
         }
     }
+}
+
+/// The reply size a request asks for, refused above [`MAX_MESSAGE_SIZE`].
+fn check_reply_size(req: &EchoRequest) -> Result<usize, Status> {
+    let size = req.reply_size as usize;
+    if size > MAX_MESSAGE_SIZE {
+        return Err(Status::invalid_argument(format!(
+            "reply_size {size} is more than {MAX_MESSAGE_SIZE}"
+        )));
+    }
+    Ok(size)
 }
 
 /// Copies `x-echo-*` metadata (ASCII and `-bin`) from a request into `out`.
@@ -176,7 +189,7 @@ impl Echo for EchoService {
         if let Some(status) = requested_failure(&req, &md) {
             return Err(status);
         }
-        Ok(with_metadata(self.reply(&req, 0), &md, &self.name))
+        Ok(with_metadata(self.reply(&req, 0)?, &md, &self.name))
     }
 
     type ServerStreamStream = ReplyStream;
@@ -192,12 +205,14 @@ impl Echo for EchoService {
             guard.done();
             return Err(status);
         }
+        // A reply the request cannot have fails the call before anything is streamed.
+        check_reply_size(&req)?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
             for seq in 0..u64::from(req.count) {
                 delay(req.delay_ms).await;
-                if tx.send(Ok(this.reply(&req, seq))).await.is_err() {
+                if tx.send(this.reply(&req, seq)).await.is_err() {
                     return; // client gone: the guard counts the cancel
                 }
                 this.stats.sent.fetch_add(1, Ordering::SeqCst);
@@ -255,7 +270,7 @@ impl Echo for EchoService {
             let mut seq = 0;
             while let Some(req) = stream.next().await {
                 let item = match req {
-                    Ok(req) => Ok(this.reply(&req, seq)),
+                    Ok(req) => this.reply(&req, seq),
                     Err(status) => Err(status),
                 };
                 seq += 1;

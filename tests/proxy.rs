@@ -95,6 +95,16 @@ async fn all_four_call_kinds_pass_through() {
     }
     drop(tx);
     assert!(replies.next().await.is_none());
+
+    // An impossible reply size is refused by the backend, and that status passes through.
+    let err = c
+        .unary(EchoRequest {
+            reply_size: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
