@@ -32,18 +32,28 @@ async fn warm_proxy(etcd: &[String], names: &[&str]) -> Proxy {
     proxy
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_killed_with_sigkill_fails_only_its_calls_in_flight() {
-    init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
+/// One `demo-backend` process per name, each registered for the Echo service, and a
+/// proxy that has already reached all of them.
+async fn registered_processes(
+    etcd: &EtcdProcess,
+    names: &[&str],
+) -> (Vec<DemoProcess>, Vec<TestRegistration>, Proxy) {
     let mut procs = Vec::new();
     let mut regs = Vec::new();
-    for name in ["k1", "k2", "k3"] {
+    for name in names {
         let p = DemoProcess::start(name).await;
         regs.push(register(etcd.endpoint(), ECHO, p.addr, 30).await);
         procs.push(p);
     }
-    let proxy = warm_proxy(&[etcd.endpoint().to_owned()], &["k1", "k2", "k3"]).await;
+    let proxy = warm_proxy(&[etcd.endpoint().to_owned()], names).await;
+    (procs, regs, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_killed_with_sigkill_fails_only_its_calls_in_flight() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (mut procs, regs, proxy) = registered_processes(&etcd, &["k1", "k2", "k3"]).await;
 
     let load = Load::start(
         proxy.addr,
@@ -216,14 +226,7 @@ async fn backend_that_accepts_tcp_but_never_answers_http2_gets_no_call() {
 async fn backend_that_freezes_costs_calls_their_deadline_then_calls_go_elsewhere() {
     init_tracing();
     let etcd = EtcdProcess::start().await.unwrap();
-    let mut procs = Vec::new();
-    let mut regs = Vec::new();
-    for name in ["f1", "f2", "f3"] {
-        let p = DemoProcess::start(name).await;
-        regs.push(register(etcd.endpoint(), ECHO, p.addr, 30).await);
-        procs.push(p);
-    }
-    let proxy = warm_proxy(&[etcd.endpoint().to_owned()], &["f1", "f2", "f3"]).await;
+    let (procs, _regs, proxy) = registered_processes(&etcd, &["f1", "f2", "f3"]).await;
 
     let deadline = Duration::from_millis(500);
     let load = Load::start(
