@@ -435,8 +435,8 @@ async fn malformed_etcd_values_are_skipped_with_a_log_line() {
         r#"{"Op":0,"Addr":"#,
     )
     .await;
-    let proxy = ProxyProcess::start(&[etcd.endpoint().to_owned()], "info", &[]).await;
-    let mut c = client(proxy.addr).await;
+    let proxy = SwitchyardProcess::proxy(&[etcd.endpoint().to_owned()], "info", &[]).await;
+    let mut c = client(proxy.addr()).await;
     for _ in 0..10 {
         assert_eq!(served_by(&mut c).await.unwrap(), "good");
     }

@@ -568,11 +568,11 @@ async fn sigterm_stops_accepting_sends_goaway_drains_calls_and_exits_0() {
     let etcd = EtcdProcess::start().await.unwrap();
     let b = EchoBackend::start("b").await.unwrap();
     let _r = register(etcd.endpoint(), ECHO, b.addr(), 30).await;
-    let mut proxy = ProxyProcess::start(&[etcd.endpoint().to_owned()], "info", &[]).await;
+    let mut proxy = SwitchyardProcess::proxy(&[etcd.endpoint().to_owned()], "info", &[]).await;
 
     // An idle client connection, and a call that will take 1.5 s, both open at SIGTERM.
-    let mut idle = RawH2::connect(proxy.addr).await;
-    let call = long_call(proxy.addr, 1500);
+    let mut idle = RawH2::connect(proxy.addr()).await;
+    let call = long_call(proxy.addr(), 1500);
     eventually(
         Duration::from_secs(10),
         "the long call reached the backend",
@@ -594,7 +594,7 @@ async fn sigterm_stops_accepting_sends_goaway_drains_calls_and_exits_0() {
         .is_none());
     // No new connections.
     eventually(Duration::from_secs(5), "the listener is closed", || async {
-        tokio::net::TcpStream::connect(proxy.addr).await.is_err()
+        tokio::net::TcpStream::connect(proxy.addr()).await.is_err()
     })
     .await;
     // The call in flight finishes normally ...
@@ -617,13 +617,13 @@ async fn sigterm_drain_timeout_bounds_how_long_calls_may_run() {
     let etcd = EtcdProcess::start().await.unwrap();
     let b = EchoBackend::start("b").await.unwrap();
     let _r = register(etcd.endpoint(), ECHO, b.addr(), 30).await;
-    let mut proxy = ProxyProcess::start(
+    let mut proxy = SwitchyardProcess::proxy(
         &[etcd.endpoint().to_owned()],
         "info",
         &["--drain-timeout", "1s"],
     )
     .await;
-    let call = long_call(proxy.addr, 30_000);
+    let call = long_call(proxy.addr(), 30_000);
     eventually(
         Duration::from_secs(10),
         "the long call reached the backend",

@@ -334,36 +334,96 @@ impl TestPki {
     }
 }
 
-/// A `switchyard` process (the real binary) with a clean environment plus `env`; killed
-/// when dropped. Its stderr (the logs) arrives line by line on `lines`.
+/// A `switchyard` process (the real binary), killed when dropped. Each line it writes
+/// (stderr: the logs; stdout too when started with [`SwitchyardProcess::proxy`]) arrives
+/// on `lines` and is kept in `output`.
 pub struct SwitchyardProcess {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    /// Lines as they come.
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// Every line written so far.
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The unbound listener of a proxy started with [`SwitchyardProcess::proxy`].
+    listen: Option<SocketAddr>,
 }
 
 impl SwitchyardProcess {
+    /// Runs `switchyard ARGS..` with a clean environment plus `env`; stdout is discarded.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> SwitchyardProcess {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(args)
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(args)
             .env_clear()
             .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null());
+        Self::launch(cmd, None)
+    }
+
+    /// Runs `switchyard proxy --listen ADDR --etcd-endpoints ETCD --admin-listen off
+    /// EXTRA..` on a free loopback port, with the test's environment plus `RUST_LOG=log`
+    /// and `NO_COLOR=1`, and waits until it accepts connections.
+    pub async fn proxy(etcd: &[String], log: &str, extra: &[&str]) -> SwitchyardProcess {
+        let addr = switchyard::testkit::free_addr().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.arg("proxy")
+            .args(["--listen", &addr.to_string()])
+            .args(["--etcd-endpoints", &etcd.join(",")])
+            .args(["--admin-listen", "off"])
+            .args(extra)
+            .env("RUST_LOG", log)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped());
+        let p = Self::launch(cmd, Some(addr));
+        wait_listening(addr, Duration::from_secs(20)).await;
+        p
+    }
+
+    /// Starts `cmd` (stdin closed, stderr piped) and collects its output lines.
+    fn launch(mut cmd: std::process::Command, listen: Option<SocketAddr>) -> SwitchyardProcess {
+        use std::io::{BufRead, Read};
+        let mut child = cmd
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
+            .expect("spawn switchyard");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
+        let pipes = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let (out, tx) = (std::sync::Arc::clone(&output), tx.clone());
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { return };
+                    out.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
                 }
-            }
-        });
-        SwitchyardProcess { child, lines }
+            });
+        }
+        SwitchyardProcess {
+            child: Some(child),
+            lines,
+            output,
+            listen,
+        }
+    }
+
+    /// The listener of a proxy started with [`SwitchyardProcess::proxy`].
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+            .expect("a listener address: start the process with SwitchyardProcess::proxy")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// The next log line (waits up to 20 s).
@@ -385,12 +445,61 @@ impl SwitchyardProcess {
             }
         }
     }
+
+    /// Whether some output line so far contains all of `parts`.
+    pub fn logged(&self, parts: &[&str]) -> bool {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+
+    /// Everything it wrote so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    /// Waits up to `within` for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "switchyard did not exit within {within:?}; output:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for SwitchyardProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_listening(addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

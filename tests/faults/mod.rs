@@ -1,12 +1,12 @@
 //! Fault-injection helpers for the resilience and bad-input tests: backend processes
-//! that can be killed, a bounded load loop that records every call, the proxy binary,
-//! and raw HTTP/1 and HTTP/2 clients for sending what a well-behaved client never would.
+//! that can be killed, a bounded load loop that records every call, and raw HTTP/1 and
+//! HTTP/2 clients for sending what a well-behaved client never would.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -15,6 +15,7 @@ use switchyard::echo::EchoRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub use crate::common::wait_listening;
 pub use switchyard::testkit::free_addr;
 
 /// The gRPC path of the Echo service's unary method.
@@ -30,21 +31,6 @@ pub fn signal(pid: u32, signal: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid} failed");
-}
-
-/// Waits until something accepts TCP connections on `addr`.
-pub async fn wait_listening(addr: SocketAddr, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {addr} after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A `switchyard demo-backend` process (a real Echo backend that can be killed with -9).
@@ -94,111 +80,6 @@ impl DemoProcess {
 }
 
 impl Drop for DemoProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A `switchyard proxy` process, killed when dropped.
-pub struct ProxyProcess {
-    /// Its (unbound) listener.
-    pub addr: SocketAddr,
-    child: Option<Child>,
-    /// Lines it wrote to stdout and stderr so far.
-    pub output: Arc<Mutex<Vec<String>>>,
-}
-
-impl ProxyProcess {
-    /// Starts `switchyard proxy --listen ADDR --etcd-endpoints ETCD --admin-listen off EXTRA..`
-    /// on a free loopback port, logging at `log` level, and waits until it accepts.
-    pub async fn start(etcd: &[String], log: &str, extra: &[&str]) -> ProxyProcess {
-        let addr = free_addr().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("proxy")
-            .args(["--listen", &addr.to_string()])
-            .args(["--etcd-endpoints", &etcd.join(",")])
-            .args(["--admin-listen", "off"])
-            .args(extra)
-            .env("RUST_LOG", log)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchyard proxy");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let out = Arc::clone(&output);
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { return };
-                    out.lock().unwrap().push(line);
-                }
-            });
-        }
-        wait_listening(addr, Duration::from_secs(20)).await;
-        ProxyProcess {
-            addr,
-            child: Some(child),
-            output,
-        }
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Whether some output line contains all of `parts`.
-    pub fn logged(&self, parts: &[&str]) -> bool {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| parts.iter().all(|p| l.contains(p)))
-    }
-
-    /// Everything it wrote so far (for failure messages).
-    pub fn log_text(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    /// Waits up to `within` for the process to exit; returns its exit code.
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not exit within {within:?}; output:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
