@@ -1,11 +1,10 @@
 //! gRPC errors produced by the proxy itself: trailers-only responses
 //! (HTTP 200, `content-type: application/grpc`, `grpc-status`, `grpc-message`).
 
+use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
-
-use crate::proxy::body::ProxyBody;
 
 /// gRPC status codes the proxy produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +55,9 @@ pub static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-s
 /// The `content-type` of gRPC responses.
 pub const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grpc");
 
-/// Builds a trailers-only gRPC error response.
-pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::empty());
+/// Builds a trailers-only gRPC error response (its headers end the stream).
+pub fn error_response(code: Code, message: &str) -> Response<()> {
+    let mut resp = Response::new(());
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
@@ -67,9 +66,9 @@ pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
     resp
 }
 
-/// Builds a plain HTTP error (for requests that are not gRPC at all).
-pub fn http_error(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::text(message));
+/// Builds a plain HTTP error with a text body (for requests that are not gRPC at all).
+pub fn http_error(status: StatusCode, message: &'static str) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from_static(message.as_bytes()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,

@@ -307,7 +307,7 @@ async fn probe(sender: &SendRequest<Bytes>) -> Result<(), h2::Error> {
 
 /// Pings the backend every `interval`; returns why the connection is dead once a ping
 /// fails or goes unanswered for [`KEEPALIVE_TIMEOUT`].
-async fn keepalive(ping: Option<h2::PingPong>, interval: Duration) -> String {
+pub(crate) async fn keepalive(ping: Option<h2::PingPong>, interval: Duration) -> String {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };

@@ -1,5 +1,5 @@
-//! The response body the proxy hands back to clients: a backend's stream passed through
-//! frame by frame, or a small body of the proxy's own.
+//! The bodies of a proxied stream: the client's request body as it arrives, and a
+//! backend's response body passed back frame by frame.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,40 +12,75 @@ use http_body::{Body, Frame, SizeHint};
 use crate::metrics::CallRecord;
 use crate::status::{encode_message, Code, GRPC_STATUS};
 
-/// A response body: streamed from a backend, or produced by the proxy.
+/// An HTTP/2 stream's incoming body: DATA frames, then trailers. Window capacity is
+/// given back as each frame is taken, so the peer may send more.
 #[derive(Debug)]
-pub enum ProxyBody {
-    /// No body (trailers-only responses).
-    Empty,
-    /// A short fixed body (plain HTTP errors).
-    Text(Option<Bytes>),
-    /// A backend's response body, streamed through unchanged; its call is counted when
-    /// it ends or is dropped.
-    Upstream {
-        /// The backend's stream.
-        inner: h2::RecvStream,
-        /// All DATA has been read; trailers (if any) come next.
-        data_done: bool,
-        /// The call's metrics record, if measured.
-        record: Option<CallRecord>,
-    },
+pub struct RequestBody {
+    inner: h2::RecvStream,
+    data_done: bool,
 }
 
-impl ProxyBody {
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self::Empty
-    }
-
-    /// A fixed text body.
-    pub fn text(text: &'static str) -> Self {
-        Self::Text(Some(Bytes::from_static(text.as_bytes())))
-    }
-
-    /// A backend's response stream, passed through.
-    pub fn upstream(inner: h2::RecvStream, record: Option<CallRecord>) -> Self {
-        Self::Upstream {
+impl RequestBody {
+    /// The body of a stream received from a client.
+    pub fn new(inner: h2::RecvStream) -> Self {
+        Self {
             inner,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match this.inner.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.inner.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.inner.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// A backend's response body, streamed back unchanged; its call is counted when it
+/// ends or is dropped. A backend stream that breaks mid-way ends with UNAVAILABLE
+/// trailers of the proxy's own.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// The backend's stream; `None` once the body has ended.
+    inner: Option<h2::RecvStream>,
+    /// All DATA has been read; trailers (if any) come next.
+    data_done: bool,
+    /// The call's metrics record, if measured.
+    record: Option<CallRecord>,
+}
+
+impl ResponseBody {
+    /// A backend's response stream, passed through.
+    pub fn new(inner: h2::RecvStream, record: Option<CallRecord>) -> Self {
+        Self {
+            inner: Some(inner),
             data_done: false,
             record,
         }
@@ -55,29 +90,26 @@ impl ProxyBody {
 /// Trailers that end a response whose backend stream broke mid-way.
 fn broken_stream_trailers(err: &h2::Error) -> HeaderMap {
     let mut t = HeaderMap::with_capacity(2);
-    t.insert("grpc-status", Code::Unavailable.header_value());
+    t.insert(GRPC_STATUS.clone(), Code::Unavailable.header_value());
     let msg = format!("switchyard: backend stream failed: {err}");
     t.insert("grpc-message", encode_message(&msg));
     t
 }
 
-impl ProxyBody {
+impl ResponseBody {
     /// Ends a response whose backend stream broke: UNAVAILABLE trailers.
     fn broken(&mut self, e: &h2::Error) -> Option<Result<Frame<Bytes>, Infallible>> {
         tracing::debug!(error = %e, "backend response stream failed");
         let trailers = broken_stream_trailers(e);
-        if let ProxyBody::Upstream {
-            record: Some(r), ..
-        } = self
-        {
+        if let Some(r) = self.record.as_mut() {
             r.status(trailers.get(&GRPC_STATUS));
         }
-        *self = ProxyBody::Empty;
+        self.inner = None;
         Some(Ok(Frame::trailers(trailers)))
     }
 }
 
-impl Body for ProxyBody {
+impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -86,58 +118,51 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        match this {
-            ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream {
-                inner,
-                data_done,
-                record,
-            } => {
-                while !*data_done {
-                    match inner.poll_data(cx) {
-                        Poll::Ready(Some(Ok(data))) => {
-                            // Passed on: the backend may send more (what hyper's body did).
-                            let _ = inner.flow_control().release_capacity(data.len());
-                            // Empty DATA frames carry nothing and only spend the client's
-                            // small-frame budget: drop them.
-                            if !data.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(data))));
-                            }
-                        }
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(this.broken(&e)),
-                        Poll::Ready(None) => *data_done = true,
-                        Poll::Pending => return Poll::Pending,
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        while !this.data_done {
+            match inner.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    // Passed on: the backend may send more. (The client's window, not
+                    // this one, then holds the flow: the relay takes the next frame only
+                    // once the client's stream has room.)
+                    let _ = inner.flow_control().release_capacity(data.len());
+                    // Empty DATA frames carry nothing and only spend the client's
+                    // small-frame budget: drop them.
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
-                match inner.poll_trailers(cx) {
-                    Poll::Ready(Ok(Some(trailers))) => {
-                        if let Some(r) = record.as_mut() {
-                            r.status(trailers.get(&GRPC_STATUS));
-                        }
-                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-                    }
-                    Poll::Ready(Ok(None)) => Poll::Ready(None),
-                    Poll::Ready(Err(e)) => Poll::Ready(this.broken(&e)),
-                    Poll::Pending => Poll::Pending,
-                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(this.broken(&e)),
+                Poll::Ready(None) => this.data_done = true,
+                Poll::Pending => return Poll::Pending,
             }
+        }
+        match inner.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => {
+                if let Some(r) = this.record.as_mut() {
+                    r.status(trailers.get(&GRPC_STATUS));
+                }
+                this.inner = None;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(this.broken(&e)),
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Empty => true,
-            ProxyBody::Text(t) => t.is_none(),
-            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
-        }
+        self.inner
+            .as_ref()
+            .is_none_or(h2::RecvStream::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Upstream { .. } => SizeHint::default(),
-        }
+        SizeHint::default()
     }
 }

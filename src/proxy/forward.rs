@@ -1,25 +1,23 @@
 //! The per-call path: check the request, choose its service, pick a backend
 //! round-robin, and send the stream there, retrying calls that never reached a backend.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::Either;
-use http_body::Body;
+use h2::server::SendResponse;
 use tokio::sync::oneshot;
 
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
 use http::uri::{Scheme, Uri};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
+use http::{HeaderMap, Request, Response, StatusCode};
 
-use super::body::ProxyBody;
+use super::body::{RequestBody, ResponseBody};
+use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{BackendAddr, Discovery, Service};
 use crate::metrics::EndpointCall;
@@ -31,8 +29,16 @@ use crate::upstream::{Connection, Upstream};
 struct Call {
     service: Arc<Service>,
     parts: Box<Parts>,
-    body: Incoming,
+    body: RequestBody,
     timeout: Option<Duration>,
+}
+
+/// An answer the proxy gives without a backend.
+enum Own {
+    /// A trailers-only gRPC error.
+    Grpc(Response<()>),
+    /// A plain HTTP error with a text body.
+    Http(Response<Bytes>),
 }
 
 /// Most backends one call is offered to before the proxy gives up.
@@ -69,38 +75,37 @@ impl Forwarder {
         }
     }
 
-    /// Serves one request (one HTTP/2 stream); never fails: errors become responses.
+    /// Serves one stream of a client connection from its request to the end of its
+    /// response; never fails: errors become responses.
     ///
     /// The checks and the routing run before the returned future is first polled; the
     /// future keeps only what the call needs across its awaits (its request head boxed),
-    /// so that each call's state stays small (every open stream holds one until the
-    /// backend's response headers arrive).
-    pub fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
-        match self.route(req) {
-            Ok(call) => Either::Left(async move { Ok(self.call(call).await) }),
-            Err(resp) => Either::Right(std::future::ready(Ok(resp))),
+    /// so that each call's state stays small (every open stream holds one).
+    pub fn serve_stream(
+        self: &Arc<Self>,
+        req: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let routed = self.route(req);
+        let this = Arc::clone(self);
+        async move {
+            match routed {
+                Ok(call) => this.proxy(call, respond).await,
+                Err(own) => send_own(&mut respond, own),
+            }
         }
     }
 
     /// Checks the request and chooses its service; a request that cannot be forwarded
     /// gets its answer at once.
-    // The error is the answer itself, returned straight to hyper: no point boxing it.
+    // The error is the answer itself, sent at once: no point boxing it.
     #[allow(clippy::result_large_err)]
-    fn route(&self, req: Request<Incoming>) -> Result<Call, Response<ProxyBody>> {
-        if req.version() != Version::HTTP_2 {
-            return Err(http_error(
-                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-                "switchyard serves gRPC over HTTP/2 only (h2c with prior knowledge)\n",
-            ));
-        }
+    fn route(&self, req: Request<h2::RecvStream>) -> Result<Call, Own> {
         if !is_grpc(req.headers()) {
-            return Err(http_error(
+            return Err(Own::Http(http_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "switchyard forwards gRPC only: content-type must be application/grpc\n",
-            ));
+            )));
         }
         let service = match &self.target {
             Target::Bound(s) => Arc::clone(s),
@@ -108,19 +113,19 @@ impl Forwarder {
                 let name = match service_from_path(req.uri().path()) {
                     Ok(n) => n,
                     Err(e) => {
-                        return Err(error_response(
+                        return Err(Own::Grpc(error_response(
                             Code::Unimplemented,
                             &format!("switchyard: {e}: {:?}", req.uri().path()),
-                        ))
+                        )))
                     }
                 };
                 match self.discovery.service(name) {
                     Ok(s) => s,
                     Err(e) => {
-                        return Err(error_response(
+                        return Err(Own::Grpc(error_response(
                             Code::ResourceExhausted,
                             &format!("switchyard: {e}"),
-                        ))
+                        )))
                     }
                 }
             }
@@ -130,21 +135,74 @@ impl Forwarder {
         Ok(Call {
             service,
             parts: Box::new(parts),
-            body,
+            body: RequestBody::new(body),
             timeout,
         })
     }
 
-    async fn call(&self, call: Call) -> Response<ProxyBody> {
+    /// Forwards a routed call and relays the backend's response to the client; a client
+    /// that resets its stream meanwhile abandons the call (and the backend's stream).
+    async fn proxy(&self, call: Call, mut respond: SendResponse<Bytes>) {
+        let service = Arc::clone(&call.service);
+        let timer = service.metrics().start();
+        let result = {
+            let mut answer = pin!(self.call(call));
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match respond.poll_reset(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let (resp, endpoint) = match result {
+            Some(Ok(r)) => r,
+            Some(Err((code, message))) => {
+                timer.own(code as u8);
+                send_own(&mut respond, Own::Grpc(error_response(code, &message)));
+                return;
+            }
+            None => {
+                tracing::debug!(service = %service.name(), "client reset the stream before the response");
+                return;
+            }
+        };
+        let (parts, inner) = resp.into_parts();
+        let record = endpoint.map(|e| {
+            let mut r = timer.upstream(e);
+            r.status(parts.headers.get(&GRPC_STATUS));
+            r
+        });
+        // A trailers-only answer ends with its headers.
+        let eos = inner.is_end_stream();
+        let tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot send the response to the client");
+                return;
+            }
+        };
+        if eos {
+            return;
+        }
+        let mut relay = Relay::new(ResponseBody::new(inner, record), tx);
+        poll_fn(|cx| relay.poll_relay(cx)).await;
+    }
+
+    /// Forwards the call within its deadline; returns the backend's response, or the
+    /// proxy's error.
+    async fn call(&self, call: Call) -> Forwarded {
         let Call {
             service,
             parts,
             body,
             timeout,
         } = call;
-        let timer = service.metrics().start();
         let forwarded = self.forward(&service, &parts, body);
-        let result = match timeout {
+        match timeout {
             Some(timeout) => {
                 // Boxed: only calls with a deadline pay for the timer.
                 let deadline = Box::pin(tokio::time::sleep(timeout));
@@ -161,28 +219,12 @@ impl Forwarder {
                 }
             }
             None => forwarded.await,
-        };
-        drop(parts);
-        match result {
-            Ok((resp, endpoint)) => {
-                let (parts, inner) = resp.into_parts();
-                let record = endpoint.map(|e| {
-                    let mut r = timer.upstream(e);
-                    r.status(parts.headers.get(&GRPC_STATUS));
-                    r
-                });
-                Response::from_parts(parts, ProxyBody::upstream(inner, record))
-            }
-            Err((code, message)) => {
-                timer.own(code as u8);
-                error_response(code, &message)
-            }
         }
     }
 
     /// Sends the call to the service's backends in round-robin order until one takes it;
     /// returns the backend's response and the metrics of the backend that answered.
-    async fn forward(&self, service: &Service, parts: &Parts, body: Incoming) -> Forwarded {
+    async fn forward(&self, service: &Service, parts: &Parts, body: RequestBody) -> Forwarded {
         if !service.is_loaded() && !Box::pin(service.wait_loaded(self.discovery_timeout)).await {
             return Err((
                 Code::Unavailable,
@@ -343,13 +385,7 @@ fn open_stream(
 /// body still streaming is handed to a task of its own, which resets the backend stream
 /// if the call is abandoned before the backend's response headers arrive.
 struct Pump {
-    body: ReplayBody,
-    tx: h2::SendStream<Bytes>,
-    /// Nothing sent yet: the first chunk is queued without waiting for window capacity
-    /// (h2 holds it until the stream opens and the window allows).
-    first: bool,
-    /// A chunk waiting for window capacity, and whether it ends the stream.
-    waiting: Option<(Bytes, bool)>,
+    relay: Relay<ReplayBody>,
     /// Fires when the call is abandoned before its response headers.
     cancel: Option<oneshot::Receiver<()>>,
 }
@@ -369,15 +405,12 @@ impl Drop for PumpGuard {
 impl Pump {
     fn start(body: ReplayBody, tx: h2::SendStream<Bytes>) -> PumpGuard {
         let mut pump = Pump {
-            body,
-            tx,
-            first: true,
-            waiting: None,
+            relay: Relay::new(body, tx),
             cancel: None,
         };
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        if Pin::new(&mut pump).poll(&mut cx).is_ready() {
+        if pump.relay.poll_relay(&mut cx).is_ready() {
             return PumpGuard(None);
         }
         let (cancel_tx, cancel_rx) = oneshot::channel();
@@ -402,7 +435,7 @@ impl Future for Pump {
         if let Some(rx) = this.cancel.as_mut() {
             match Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(())) => {
-                    this.tx.send_reset(h2::Reason::CANCEL);
+                    this.relay.reset(h2::Reason::CANCEL);
                     return Poll::Ready(());
                 }
                 // The call got its answer: go on until the body ends.
@@ -410,77 +443,24 @@ impl Future for Pump {
                 Poll::Pending => {}
             }
         }
-        loop {
-            // The backend reset the stream (or the connection died): nothing more to send.
-            if this.tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            if let Some((data, eos)) = this.waiting.take() {
-                while this.tx.capacity() == 0 {
-                    match this.tx.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                        Poll::Pending => {
-                            this.waiting = Some((data, eos));
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                if this.tx.send_data(data, eos).is_err() || eos {
-                    return Poll::Ready(());
-                }
-                continue;
-            }
-            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
-                    let _ = this.tx.send_data(Bytes::new(), true);
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "client request stream failed; resetting backend stream");
-                    this.tx.send_reset(h2_reason(&e));
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Some(Ok(frame))) => frame,
-            };
-            match frame.into_data() {
-                Ok(data) => {
-                    let eos = this.body.is_end_stream();
-                    if std::mem::take(&mut this.first) {
-                        if this.tx.send_data(data, eos).is_err() || eos {
-                            return Poll::Ready(());
-                        }
-                    } else {
-                        // Claim a little window first; h2 raises the claim to the chunk's
-                        // size when it is sent.
-                        this.tx.reserve_capacity(1);
-                        this.waiting = Some((data, eos));
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        this.tx.reserve_capacity(0);
-                        let _ = this.tx.send_trailers(trailers);
-                        return Poll::Ready(());
-                    }
-                }
-            }
-        }
+        this.relay.poll_relay(cx)
     }
 }
 
-/// The HTTP/2 reason to reset a backend stream with when the client's stream failed:
-/// the client's own reason (e.g. CANCEL), else INTERNAL_ERROR.
-fn h2_reason(err: &hyper::Error) -> h2::Reason {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
-            return reason;
+/// Sends an answer of the proxy's own on the client's stream.
+fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
+    let sent = match own {
+        Own::Grpc(resp) => respond.send_response(resp, true).map(drop),
+        Own::Http(resp) => {
+            let (parts, text) = resp.into_parts();
+            respond
+                .send_response(Response::from_parts(parts, ()), false)
+                .and_then(|mut tx| tx.send_data(text, true))
         }
-        source = e.source();
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "cannot send the proxy's answer to the client");
     }
-    h2::Reason::INTERNAL_ERROR
 }
 
 /// What forwarding gives: the backend's response and the call's count in flight on the

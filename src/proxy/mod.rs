@@ -1,11 +1,13 @@
 //! Where a call enters: the h2c listeners, their connections, and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper's HTTP/2 server; each stream on it is
-//! handed to the listener's [`forward::Forwarder`].
+//! Each accepted connection is served by [`conn::serve`] (the h2 crate's server, every
+//! stream polled inside the connection's task); each stream on it is handed to the
+//! listener's [`forward::Forwarder`], which relays it to a backend ([`relay`]).
 
 pub mod body;
 pub mod conn;
 pub mod forward;
+pub mod relay;
 pub mod replay;
 
 use std::future::Future;
@@ -13,8 +15,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// Time allowed for a client's TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-use conn::ConnLimits;
+use conn::{ConnLimits, ServerSettings};
 use forward::{Forwarder, Target};
 
 /// A listener already bound, with the service it is bound to (if any).
@@ -111,28 +111,28 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The HTTP/2 server settings for client connections.
-fn server_builder(args: &ProxyArgs) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5))
-        .keep_alive(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(args.max_concurrent_streams)
+/// How client connections are served: HTTP/2 settings and time limits.
+fn server_settings(args: &ProxyArgs) -> ServerSettings {
+    let mut h2 = h2::server::Builder::new();
+    h2.max_concurrent_streams(args.max_concurrent_streams)
         .max_header_list_size(args.max_header_list_size)
-        .initial_stream_window_size(1 << 20)
+        .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_frame_size(64 * 1024)
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
         .max_pending_accept_reset_streams(256)
-        .max_local_error_reset_streams(1024);
-    builder
+        .max_local_error_reset_streams(Some(1024));
+    ServerSettings {
+        h2,
+        limits: ConnLimits {
+            idle_timeout: args.idle_timeout,
+            first_request_timeout: args.first_request_timeout,
+            keepalive_interval: CLIENT_KEEPALIVE_INTERVAL,
+        },
+    }
 }
+
+/// Interval of HTTP/2 keep-alive pings to clients (finds dead peers).
+const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Serves calls on already-bound listeners until `shutdown` completes, then drains.
 pub async fn serve(
@@ -182,13 +182,9 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let accepting = Accepting {
         acceptor,
-        builder: Arc::new(server_builder(&args)),
+        settings: Arc::new(server_settings(&args)),
         tracker: tracker.clone(),
         connections: Arc::new(Semaphore::new(args.max_connections)),
-        limits: ConnLimits {
-            idle_timeout: args.idle_timeout,
-            first_request_timeout: args.first_request_timeout,
-        },
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
@@ -236,10 +232,9 @@ pub async fn serve(
 #[derive(Clone)]
 struct Accepting {
     acceptor: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: Arc<ServerSettings>,
     tracker: TaskTracker,
     connections: Arc<Semaphore>,
-    limits: ConnLimits,
 }
 
 async fn accept_loop(
@@ -250,10 +245,9 @@ async fn accept_loop(
 ) {
     let Accepting {
         acceptor,
-        builder,
+        settings,
         tracker,
         connections,
-        limits,
     } = shared;
     loop {
         // Bound the number of client connections: past the limit, new ones wait in the
@@ -279,12 +273,12 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let fwd = Arc::clone(&forwarder);
-        let builder = Arc::clone(&builder);
+        let settings = Arc::clone(&settings);
         let stop = stop.clone();
         match &acceptor {
             None => {
                 tracker.spawn(async move {
-                    conn::serve(stream, builder, fwd, stop, limits, peer).await;
+                    conn::serve(stream, settings, fwd, stop, peer).await;
                     drop(permit);
                 });
             }
@@ -294,7 +288,7 @@ async fn accept_loop(
                 let handshake = acceptor.accept(stream);
                 tracker.spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(tls)) => conn::serve(tls, builder, fwd, stop, limits, peer).await,
+                        Ok(Ok(tls)) => conn::serve(tls, settings, fwd, stop, peer).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

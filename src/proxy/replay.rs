@@ -9,7 +9,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
+
+use super::body::RequestBody;
 
 /// Most request bytes kept for a replay; a call that sent more is not retried.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -17,7 +18,7 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 struct Shared {
     /// The client's body; `None` for a fixed body made by the proxy.
-    inner: Option<Incoming>,
+    inner: Option<RequestBody>,
     /// Data frames yielded so far, while still replayable.
     recorded: Vec<Bytes>,
     recorded_len: usize,
@@ -41,7 +42,7 @@ pub struct ReplayBody {
 
 impl ReplayBody {
     /// Wraps a request body for the first attempt.
-    pub fn new(inner: Incoming) -> Self {
+    pub fn new(inner: RequestBody) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 inner: Some(inner),
@@ -98,12 +99,12 @@ impl ReplayBody {
 
 impl Body for ReplayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
         if this.finished {
             return Poll::Ready(None);
@@ -182,7 +183,7 @@ impl Body for ReplayBody {
 
 impl ReplayBody {
     /// Ends a replaying attempt: its trailers if the original had any, else the end.
-    fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn finish(&mut self) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         self.finished = true;
         let trailers = self.lock().trailers.clone();
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
