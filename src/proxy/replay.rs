@@ -147,7 +147,9 @@ impl Body for ReplayBody {
                             s.committed = true;
                             s.recorded = Vec::new();
                         } else {
-                            s.recorded.push(data.clone());
+                            // A copy: a slice of the connection's read buffer would keep the whole
+                            // buffer alive for as long as the call lasts.
+                            s.recorded.push(Bytes::copy_from_slice(&data));
                             this.pos = s.recorded.len();
                         }
                     }
