@@ -58,9 +58,9 @@ const FRESH_SERVICE: &str = "bench.fresh";
 /// The unary request's text: 5-byte frame header + 8 bytes of protobuf = 13 bytes.
 const MESSAGE: &str = "hello!";
 const BACKEND_NAMES: [&str; 3] = ["b1", "b2", "b3"];
-/// Everything the load can be driven at; `switchyard-1w` is switchyard with one tokio
-/// worker thread (`TOKIO_WORKER_THREADS=1`).
-const TARGETS: [&str; 5] = ["direct", "switchyard", "switchyard-1w", "nginx", "haproxy"];
+/// Everything the load can be driven at; `switchyard-2w` is switchyard with two worker
+/// threads (`--worker-threads 2`; the default is one).
+const TARGETS: [&str; 5] = ["direct", "switchyard", "switchyard-2w", "nginx", "haproxy"];
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const RESULTS_BEGIN: &str =
@@ -76,8 +76,8 @@ options:
   --calls N          unary calls per throughput run (default 200000; concurrency-1 runs use N/10)
   --rate N           offered load of the fixed-rate run, calls/s in all (default 20000)
   --stream-mib N     MiB per server-streaming run (default 256, in 1 MiB messages)
-  --targets LIST     comma-separated subset of direct,switchyard,switchyard-1w,nginx,haproxy
-                     (default all; switchyard-1w = one tokio worker thread)
+  --targets LIST     comma-separated subset of direct,switchyard,switchyard-2w,nginx,haproxy
+                     (default all; switchyard-2w = two worker threads)
   --no-extras        skip put-to-first-call, 10,000 open streams and 1,000x10 start-up
   --extras-only      only those
   --no-build         do not run `cargo build --release --bin switchyard` first
@@ -110,7 +110,7 @@ impl Options {
             calls: 200_000,
             rate: 20_000,
             stream_mib: 256,
-            targets: ["direct", "switchyard", "switchyard-1w", "nginx", "haproxy"]
+            targets: ["direct", "switchyard", "switchyard-2w", "nginx", "haproxy"]
                 .map(String::from)
                 .to_vec(),
             main_table: true,
@@ -547,8 +547,7 @@ fn spawn_switchyard(
 ) -> Result<Proc> {
     let mut cmd = Command::new(switchyard_binary());
     if let Some(n) = workers {
-        // Read by the runtime `#[tokio::main]` builds.
-        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+        cmd.env("SWITCHYARD_WORKER_THREADS", n.to_string());
     }
     cmd.arg("proxy");
     for l in listen {
@@ -1170,12 +1169,12 @@ async fn run(opts: Options) -> Result<()> {
             proc: Some(p),
         });
     }
-    if want("switchyard-1w") {
+    if want("switchyard-2w") {
         let addr = free_addr()?;
-        let p = spawn_switchyard(&[addr.to_string()], etcd_proc.endpoint(), &[], Some(1))?;
+        let p = spawn_switchyard(&[addr.to_string()], etcd_proc.endpoint(), &[], Some(2))?;
         wait_listening(addr, Duration::from_secs(10)).await?;
         targets.push(Target {
-            name: "switchyard-1w",
+            name: "switchyard-2w",
             addr,
             proc: Some(p),
         });
@@ -1542,17 +1541,15 @@ fn render(
     let _ = writeln!(
         s,
         "Setup: 3 tonic Echo backends (1 worker thread each, TCP_NODELAY) registered in etcd; \
-         direct = h2load to one of them. switchyard: default flags (tokio, {} worker threads), \
-         switchyard-1w: the same with TOKIO_WORKER_THREADS=1; nginx: 2 workers, `grpc_pass` with \
+         direct = h2load to one of them. switchyard: default flags (1 worker thread), \
+         switchyard-2w: the same with `--worker-threads 2`; nginx: 2 workers, `grpc_pass` with \
          upstream keepalive; HAProxy: `nbthread 2`, `proto h2`, roundrobin. Unary load by h2load \
          (`-t 1`), {} calls per throughput run (a tenth at 1 stream), request 13 bytes; the fixed \
          offered load is {} calls/s in all (`--rps`); streaming by a tonic client checking every \
          grpc-status (4 streams at once). CPU = utime+stime of the proxy's processes; RSS = peak \
          (VmHWM, reset before each run). Latency percentiles are per call (per message for \
          streaming), measured by the load generator.\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        opts.calls,
-        opts.rate
+        opts.calls, opts.rate
     );
     for n in notes {
         let _ = writeln!(s, "Note: {n}  ");
@@ -1639,7 +1636,7 @@ fn render(
             let Some(m) = by_scenario.get(shape.label) else {
                 continue;
             };
-            for name in ["switchyard", "switchyard-1w"] {
+            for name in ["switchyard", "switchyard-2w"] {
                 let Some(sy) = m.get(name) else {
                     continue;
                 };
@@ -1671,7 +1668,7 @@ fn render(
                 })
             };
             let mut parts = Vec::new();
-            for t in ["switchyard", "switchyard-1w", "haproxy", "nginx"] {
+            for t in ["switchyard", "switchyard-2w", "haproxy", "nginx"] {
                 if let Some(v) = per_call(t) {
                     parts.push(format!("{t} {v:.1} µs"));
                 }

@@ -204,6 +204,10 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long in-flight calls may run before the proxy exits.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Threads serving calls (1 costs the least CPU per call; raise it when one core is
+    /// not enough for the host's traffic).
+    #[arg(long, env = "SWITCHYARD_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 impl ProxyArgs {
@@ -222,6 +226,7 @@ impl ProxyArgs {
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(300),
             first_request_timeout: Duration::from_secs(10),
+            worker_threads: 1,
             admin_listen: AdminListen(None),
             tls: crate::tls::TlsArgs::default(),
         }
@@ -276,6 +281,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("max_concurrent_streams", "limits.max_concurrent_streams"),
     ("max_header_list_size", "limits.max_header_list_size"),
     ("max_connections", "limits.max_connections"),
+    ("worker_threads", "limits.worker_threads"),
     ("tls_cert", "tls.cert"),
     ("tls_key", "tls.key"),
     ("upstream_tls", "upstream_tls.enabled"),
@@ -396,6 +402,8 @@ pub struct FileLimits {
     pub max_header_list_size: Option<u32>,
     /// `--max-connections`.
     pub max_connections: Option<usize>,
+    /// `--worker-threads`.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[tls]`: TLS on the listeners.
@@ -726,6 +734,7 @@ fn merge(
     set!("max_concurrent_streams", l.max_concurrent_streams => args.max_concurrent_streams);
     set!("max_header_list_size", l.max_header_list_size => args.max_header_list_size);
     set!("max_connections", l.max_connections => args.max_connections);
+    set!("worker_threads", l.worker_threads => args.worker_threads);
     set!("tls_cert", file.tls.cert.map(|p| Some(path(p))) => args.tls.tls_cert);
     set!("tls_key", file.tls.key.map(|p| Some(path(p))) => args.tls.tls_key);
     let u = file.upstream_tls;
@@ -890,6 +899,7 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
     for (id, zero) in [
         ("max_services", a.max_services == 0),
         ("max_connections", a.max_connections == 0),
+        ("worker_threads", a.worker_threads == 0),
         ("max_concurrent_streams", a.max_concurrent_streams == 0),
         ("max_header_list_size", a.max_header_list_size == 0),
         ("connect_timeout", a.connect_timeout.is_zero()),
@@ -1005,8 +1015,12 @@ impl fmt::Display for Settings {
         )?;
         writeln!(
             f,
-            "limits services {}, connections {}, streams per connection {}, header list {} bytes",
-            a.max_services, a.max_connections, a.max_concurrent_streams, a.max_header_list_size
+            "limits services {}, connections {}, streams per connection {}, header list {} bytes, worker threads {}",
+            a.max_services,
+            a.max_connections,
+            a.max_concurrent_streams,
+            a.max_header_list_size,
+            a.worker_threads
         )?;
         write!(f, "log format {:?}", self.log_format)
     }

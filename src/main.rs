@@ -61,8 +61,7 @@ fn fail(e: impl std::fmt::Display) -> std::process::ExitCode {
     std::process::ExitCode::FAILURE
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -90,7 +89,25 @@ async fn main() -> std::process::ExitCode {
             .as_ref()
             .map_or(cli.log.log_format, |s| s.log_format),
     );
-    let result = match cli.command {
+    // The proxy runs on as many threads as configured; the other commands on tokio's
+    // default (one per core).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(s) = &settings {
+        runtime.worker_threads(s.proxy.worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(cli.command, settings))
+}
+
+/// Runs the chosen command to its end.
+async fn run(
+    command: Command,
+    settings: Option<switchyard::config::Settings>,
+) -> std::process::ExitCode {
+    let result = match command {
         Command::Proxy(_) => match settings {
             Some(settings) => {
                 if let Some(file) = settings.config_file() {

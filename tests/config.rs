@@ -88,6 +88,7 @@ max_services = 17
 max_concurrent_streams = 300
 max_header_list_size = 32768
 max_connections = 999
+worker_threads = 3
 
 [tls]
 cert = "proxy.pem"
@@ -152,9 +153,10 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
             a.max_services,
             a.max_concurrent_streams,
             a.max_header_list_size,
-            a.max_connections
+            a.max_connections,
+            a.worker_threads
         ),
-        (17, 300, 32768, 999)
+        (17, 300, 32768, 999, 3)
     );
     assert_eq!(
         a.tls.tls_cert.as_deref(),
@@ -286,6 +288,12 @@ fn errors_name_the_file_the_line_and_the_field() {
             "timeouts.connect",
             "greater than zero",
         ),
+        (
+            "[limits]\nworker_threads = 0\n",
+            2,
+            "limits.worker_threads",
+            "greater than zero",
+        ),
     ];
     for (i, (text, line, field, part)) in cases.iter().enumerate() {
         let path = write(dir.path(), &format!("case{i}.toml"), text);
@@ -316,6 +324,9 @@ fn errors_name_the_file_the_line_and_the_field() {
     let err = field_error(load(&["--tls-key", "k.pem"]).unwrap_err());
     assert!(err.location.is_none());
     assert!(err.to_string().starts_with("--tls-key"), "{err}");
+    let err = field_error(load(&["--worker-threads", "0"]).unwrap_err());
+    assert!(err.to_string().starts_with("--worker-threads"), "{err}");
+    assert!(err.to_string().contains("greater than zero"), "{err}");
 }
 
 #[test]
