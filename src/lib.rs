@@ -1,8 +1,9 @@
 //! switchyard: a per-host gRPC load-balancing proxy that finds its backends in etcd.
 //!
 //! Where things are:
-//! - [`proxy`]: where a call enters (the h2c listener), how its service is chosen
-//!   ([`route`]), and how it is forwarded ([`proxy::forward`]).
+//! - [`proxy`]: where a call enters (the h2c listener, [`proxy::conn`]), how its service
+//!   is chosen ([`route`]), and how it is forwarded ([`proxy::forward`], frames moved by
+//!   [`proxy::relay`]).
 //! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
 //!   immutable snapshots ([`balance::EndpointSet`]).
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
