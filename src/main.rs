@@ -89,12 +89,18 @@ fn main() -> std::process::ExitCode {
             .as_ref()
             .map_or(cli.log.log_format, |s| s.log_format),
     );
-    // The proxy runs on as many threads as configured; the other commands on tokio's
-    // default (one per core).
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(s) = &settings {
-        runtime.worker_threads(s.proxy.worker_threads);
-    }
+    // The proxy runs on as many threads as configured (one: a single-threaded runtime,
+    // no cross-thread scheduling at all); the other commands on tokio's default (one
+    // thread per core).
+    let mut runtime = match settings.as_ref().map(|s| s.proxy.worker_threads) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
