@@ -7,21 +7,24 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 
 use crate::metrics::CallRecord;
 use crate::status::{encode_message, Code, GRPC_STATUS};
 
-/// An HTTP/2 stream's incoming body: DATA frames, then trailers. Window capacity is
-/// given back as each frame is taken, so the peer may send more.
+/// An HTTP/2 stream's incoming body (a client's request or a backend's response):
+/// DATA frames, then trailers. Window capacity is given back as each frame is taken, so
+/// the peer may send more; empty DATA frames carry nothing and are dropped (passed on,
+/// they would spend the next peer's small-frame budget: h2 answers a flood of them with
+/// ENHANCE_YOUR_CALM).
 #[derive(Debug)]
-pub struct RequestBody {
+pub struct H2Body {
     inner: h2::RecvStream,
     data_done: bool,
 }
 
-impl RequestBody {
-    /// The body of a stream received from a client.
+impl H2Body {
+    /// The body of a received stream.
     pub fn new(inner: h2::RecvStream) -> Self {
         Self {
             inner,
@@ -30,7 +33,7 @@ impl RequestBody {
     }
 }
 
-impl Body for RequestBody {
+impl Body for H2Body {
     type Data = Bytes;
     type Error = h2::Error;
 
@@ -39,11 +42,13 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
-        if !this.data_done {
+        while !this.data_done {
             match this.inner.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = this.inner.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => this.data_done = true,
@@ -69,9 +74,7 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct ResponseBody {
     /// The backend's stream; `None` once the body has ended.
-    inner: Option<h2::RecvStream>,
-    /// All DATA has been read; trailers (if any) come next.
-    data_done: bool,
+    inner: Option<H2Body>,
     /// The call's metrics record, if measured.
     record: Option<CallRecord>,
 }
@@ -80,8 +83,7 @@ impl ResponseBody {
     /// A backend's response stream, passed through.
     pub fn new(inner: h2::RecvStream, record: Option<CallRecord>) -> Self {
         Self {
-            inner: Some(inner),
-            data_done: false,
+            inner: Some(H2Body::new(inner)),
             record,
         }
     }
@@ -96,19 +98,6 @@ fn broken_stream_trailers(err: &h2::Error) -> HeaderMap {
     t
 }
 
-impl ResponseBody {
-    /// Ends a response whose backend stream broke: UNAVAILABLE trailers.
-    fn broken(&mut self, e: &h2::Error) -> Option<Result<Frame<Bytes>, Infallible>> {
-        tracing::debug!(error = %e, "backend response stream failed");
-        let trailers = broken_stream_trailers(e);
-        if let Some(r) = self.record.as_mut() {
-            r.status(trailers.get(&GRPC_STATUS));
-        }
-        self.inner = None;
-        Some(Ok(Frame::trailers(trailers)))
-    }
-}
-
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -121,48 +110,29 @@ impl Body for ResponseBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        while !this.data_done {
-            match inner.poll_data(cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    // Passed on: the backend may send more. (The client's window, not
-                    // this one, then holds the flow: the relay takes the next frame only
-                    // once the client's stream has room.)
-                    let _ = inner.flow_control().release_capacity(data.len());
-                    // Empty DATA frames carry nothing and only spend the client's
-                    // small-frame budget: drop them.
-                    if !data.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(this.broken(&e)),
-                Poll::Ready(None) => this.data_done = true,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match inner.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(trailers))) => {
-                if let Some(r) = this.record.as_mut() {
-                    r.status(trailers.get(&GRPC_STATUS));
-                }
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(None) => {
                 this.inner = None;
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                return Poll::Ready(None);
             }
-            Poll::Ready(Ok(None)) => {
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "backend response stream failed");
                 this.inner = None;
-                Poll::Ready(None)
+                Frame::trailers(broken_stream_trailers(&e))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(this.broken(&e)),
-            Poll::Pending => Poll::Pending,
+        };
+        if let Some(trailers) = frame.trailers_ref() {
+            if let Some(r) = this.record.as_mut() {
+                r.status(trailers.get(&GRPC_STATUS));
+            }
+            this.inner = None;
         }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner
-            .as_ref()
-            .is_none_or(h2::RecvStream::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 }

@@ -17,7 +17,7 @@ use http::request::Parts;
 use http::uri::{Scheme, Uri};
 use http::{HeaderMap, Request, Response, StatusCode};
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::{H2Body, ResponseBody};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{BackendAddr, Discovery, Service};
@@ -30,7 +30,7 @@ use crate::upstream::{Connection, Upstream};
 struct Call {
     service: Arc<Service>,
     parts: Box<Parts>,
-    body: RequestBody,
+    body: H2Body,
     timeout: Option<Duration>,
 }
 
@@ -135,7 +135,7 @@ impl Forwarder {
         Ok(Call {
             service,
             parts: Box::new(parts),
-            body: RequestBody::new(body),
+            body: H2Body::new(body),
             timeout,
         })
     }
@@ -235,7 +235,7 @@ impl Forwarder {
 
     /// Sends the call to the service's backends in round-robin order until one takes it;
     /// returns the backend's response and the metrics of the backend that answered.
-    async fn forward(&self, service: &Service, parts: &Parts, body: RequestBody) -> Forwarded {
+    async fn forward(&self, service: &Service, parts: &Parts, body: H2Body) -> Forwarded {
         if !service.is_loaded() && !Box::pin(service.wait_loaded(self.discovery_timeout)).await {
             return Err((
                 Code::Unavailable,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 
-use super::body::RequestBody;
+use super::body::H2Body;
 
 /// Most request bytes kept for a replay; a call that sent more is not retried.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -18,7 +18,7 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 struct Shared {
     /// The client's body; `None` for a fixed body made by the proxy.
-    inner: Option<RequestBody>,
+    inner: Option<H2Body>,
     /// Data frames yielded so far, while still replayable.
     recorded: Vec<Bytes>,
     recorded_len: usize,
@@ -42,7 +42,7 @@ pub struct ReplayBody {
 
 impl ReplayBody {
     /// Wraps a request body for the first attempt.
-    pub fn new(inner: RequestBody) -> Self {
+    pub fn new(inner: H2Body) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 inner: Some(inner),
@@ -123,15 +123,7 @@ impl Body for ReplayBody {
             drop(s);
             return this.finish();
         };
-        let frame = loop {
-            match Pin::new(&mut *inner).poll_frame(cx) {
-                // An empty DATA frame carries nothing; forwarding it would spend the
-                // backend's small-frame budget (h2 answers a flood with ENHANCE_YOUR_CALM).
-                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
-                other => break other,
-            }
-        };
-        match frame {
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.done = true;
