@@ -1,5 +1,6 @@
 //! One direction of a proxied stream: frames taken from a body and sent on an HTTP/2
-//! stream, with flow control (a frame is taken only once the stream has room for more).
+//! stream, with flow control (at most one frame waits for the stream's window; the next
+//! is taken only once it has gone).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -60,13 +61,19 @@ where
         self.tx.send_reset(reason);
     }
 
+    /// About to wait: unless the peer has reset the stream (or the connection died;
+    /// then there is nothing more to send), be woken if it does. (Sends after a reset
+    /// fail, so a busy relay notices without asking.)
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.tx.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Moves frames until the body is done (`Ready`) or must wait (`Pending`).
     pub fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            // The peer reset the stream (or the connection died): nothing more to send.
-            if self.tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
             if let Some((data, eos)) = self.waiting.take() {
                 while self.tx.capacity() == 0 {
                     match self.tx.poll_capacity(cx) {
@@ -74,7 +81,7 @@ where
                         Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                         Poll::Pending => {
                             self.waiting = Some((data, eos));
-                            return Poll::Pending;
+                            return self.wait(cx);
                         }
                     }
                 }
@@ -84,7 +91,7 @@ where
                 continue;
             }
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return self.wait(cx),
                 Poll::Ready(None) => {
                     let _ = self.tx.send_data(Bytes::new(), true);
                     return Poll::Ready(());
