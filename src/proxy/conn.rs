@@ -168,8 +168,8 @@ async fn serve_h2<I>(
     // The connection's streams, each a future polled by this task (no task per stream).
     let mut streams = FuturesUnordered::new();
     let start = |req, respond| forwarder.serve_stream(req, respond);
-    // Streams served, and when the last one ended (for the idle timeout).
-    let mut served: u64 = 0;
+    // Whether a stream was ever served, and when the last one ended (idle timeout).
+    let mut used = false;
     let mut last_end = started;
     let mut draining = *stop.borrow();
     if draining {
@@ -186,7 +186,7 @@ async fn serve_h2<I>(
                 &mut conn,
                 &mut streams,
                 &start,
-                &mut served,
+                &mut used,
                 &mut last_end,
             )
         });
@@ -220,7 +220,7 @@ async fn serve_h2<I>(
                     idle_check.as_mut().reset(Instant::now() + limits.idle_timeout);
                     continue;
                 }
-                let limit = if served > 0 { limits.idle_timeout } else { limits.first_request_timeout };
+                let limit = if used { limits.idle_timeout } else { limits.first_request_timeout };
                 let deadline = last_end + limit;
                 if deadline <= Instant::now() {
                     tracing::debug!(%peer, "closing idle client connection");
@@ -244,7 +244,7 @@ fn drive<I, F>(
     conn: &mut h2::server::Connection<I, Bytes>,
     streams: &mut FuturesUnordered<F>,
     start: &impl Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> F,
-    served: &mut u64,
+    used: &mut bool,
     last_end: &mut Instant,
 ) -> Poll<Result<(), h2::Error>>
 where
@@ -259,7 +259,7 @@ where
         }
         match conn.poll_accept(cx) {
             Poll::Ready(Some(Ok((req, respond)))) => {
-                *served += 1;
+                *used = true;
                 streams.push(start(req, respond));
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
