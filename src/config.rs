@@ -291,6 +291,9 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("upstream_sni", "upstream_tls.sni"),
 ];
 
+/// Most threads `--worker-threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The config file key of the setting with clap id `id`.
 pub fn file_key(id: &str) -> Option<&'static str> {
     FILE_KEYS.iter().find(|(i, _)| *i == id).map(|(_, k)| *k)
@@ -896,10 +899,16 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
             }
         }
     }
+    if a.worker_threads > MAX_WORKER_THREADS {
+        return Err(s.field_error(
+            "worker_threads",
+            format!("must be at most {MAX_WORKER_THREADS}"),
+        ));
+    }
     for (id, zero) in [
+        ("worker_threads", a.worker_threads == 0),
         ("max_services", a.max_services == 0),
         ("max_connections", a.max_connections == 0),
-        ("worker_threads", a.worker_threads == 0),
         ("max_concurrent_streams", a.max_concurrent_streams == 0),
         ("max_header_list_size", a.max_header_list_size == 0),
         ("connect_timeout", a.connect_timeout.is_zero()),

@@ -327,6 +327,9 @@ fn errors_name_the_file_the_line_and_the_field() {
     let err = field_error(load(&["--worker-threads", "0"]).unwrap_err());
     assert!(err.to_string().starts_with("--worker-threads"), "{err}");
     assert!(err.to_string().contains("greater than zero"), "{err}");
+    let err = field_error(load(&["--worker-threads", "100000"]).unwrap_err());
+    assert!(err.to_string().starts_with("--worker-threads"), "{err}");
+    assert!(err.to_string().contains("at most 1024"), "{err}");
 }
 
 #[test]
