@@ -78,6 +78,9 @@ options:
   --stream-mib N     MiB per server-streaming run (default 256, in 1 MiB messages)
   --targets LIST     comma-separated subset of direct,switchyard,switchyard-2w,nginx,haproxy
                      (default all; switchyard-2w = two worker threads)
+  --rounds N         rounds of the unary scenarios (default 3, at most 9): each round drives
+                     every target in turn, starting one target later than the round before;
+                     the table shows each target's median round, the ratios are per round
   --no-extras        skip put-to-first-call, 10,000 open streams and 1,000x10 start-up
   --extras-only      only those
   --no-build         do not run `cargo build --release --bin switchyard` first
@@ -93,6 +96,8 @@ struct Options {
     calls: u64,
     rate: u64,
     stream_mib: u64,
+    /// Rounds of the unary scenarios (each target once per round, interleaved).
+    rounds: u32,
     targets: Vec<String>,
     main_table: bool,
     extras: bool,
@@ -110,6 +115,7 @@ impl Options {
             calls: 200_000,
             rate: 20_000,
             stream_mib: 256,
+            rounds: 3,
             targets: ["direct", "switchyard", "switchyard-2w", "nginx", "haproxy"]
                 .map(String::from)
                 .to_vec(),
@@ -135,6 +141,7 @@ impl Options {
                 "--calls" => o.calls = num(it.next(), "--calls")?.max(1000),
                 "--rate" => o.rate = num(it.next(), "--rate")?.max(100),
                 "--stream-mib" => o.stream_mib = num(it.next(), "--stream-mib")?.max(4),
+                "--rounds" => o.rounds = num(it.next(), "--rounds")?.clamp(1, 9) as u32,
                 "--targets" => {
                     let list = it.next().ok_or_else(|| anyhow!("--targets needs a list"))?;
                     o.targets = list.split(',').map(|s| s.trim().to_owned()).collect();
@@ -885,7 +892,62 @@ async fn stream_load(addr: SocketAddr, streams: u32, per_stream: u32) -> Result<
 struct Row {
     scenario: &'static str,
     target: &'static str,
+    /// The run shown: the median round (or the error, if every round failed).
     run: Result<Run, String>,
+    /// Every round in order (`None` for a round that failed).
+    rounds: Vec<Option<Run>>,
+}
+
+impl Row {
+    /// The row of one target's rounds of a scenario: the median round by calls/s, or by
+    /// CPU per call at a fixed offered load (where every target gets the same calls/s).
+    fn from_rounds(
+        scenario: &'static str,
+        target: &'static str,
+        fixed_rate: bool,
+        runs: Vec<Result<Run, String>>,
+    ) -> Self {
+        let rounds: Vec<Option<Run>> = runs.iter().map(|r| r.as_ref().ok().cloned()).collect();
+        let mut ok: Vec<&Run> = rounds.iter().flatten().collect();
+        let key = |r: &Run| {
+            if fixed_rate {
+                r.cpu_us_per_call().unwrap_or(f64::NAN)
+            } else {
+                r.calls_per_sec
+            }
+        };
+        ok.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        let run = match ok.get(ok.len() / 2) {
+            Some(m) => Ok((*m).clone()),
+            None => runs
+                .into_iter()
+                .find_map(Result::err)
+                .map_or_else(|| Err("no run".to_owned()), Err),
+        };
+        Self {
+            scenario,
+            target,
+            run,
+            rounds,
+        }
+    }
+}
+
+impl Run {
+    /// The proxy's CPU per call in µs, if it was measured.
+    fn cpu_us_per_call(&self) -> Option<f64> {
+        let n = (self.ok + self.failed) as f64;
+        self.usage
+            .filter(|_| n > 0.0 && self.mb_per_sec.is_none())
+            .map(|u| u.cpu_secs / n * 1e6)
+    }
+}
+
+/// The median of some values (the upper one of the middle two), NaN if there are none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn fmt_us(v: f64) -> String {
@@ -1293,27 +1355,45 @@ async fn run(opts: Options) -> Result<()> {
             let _ = h2load(t.addr, warm, &body, dir.path()).await;
         }
         for shape in &shapes {
-            for t in &targets {
-                if shape.rate.is_some() && t.proc.is_none() {
-                    continue;
+            // Every target once per round; each round starts one target later, so that
+            // no target always runs first (or last) on a machine whose speed drifts.
+            let eligible: Vec<&Target> = targets
+                .iter()
+                .filter(|t| shape.rate.is_none() || t.proc.is_some())
+                .collect();
+            let mut per_target: Vec<Vec<Result<Run, String>>> = vec![Vec::new(); eligible.len()];
+            for round in 0..opts.rounds as usize {
+                for k in 0..eligible.len() {
+                    let i = (k + round) % eligible.len();
+                    let t = eligible[i];
+                    println!(
+                        "e2e: {} → {} (round {}/{})",
+                        shape.label,
+                        t.name,
+                        round + 1,
+                        opts.rounds
+                    );
+                    let meter = t.proc.as_ref().map(|p| Meter::start(p.pids(), tck));
+                    let run = h2load(t.addr, *shape, &body, dir.path())
+                        .await
+                        .map(|mut r| {
+                            r.usage = meter.as_ref().map(Meter::finish);
+                            r
+                        })
+                        .map_err(|e| format!("{e:#}"));
+                    if let Err(e) = &run {
+                        println!("e2e: {}: {e}", t.name);
+                    }
+                    per_target[i].push(run);
                 }
-                println!("e2e: {} → {}", shape.label, t.name);
-                let meter = t.proc.as_ref().map(|p| Meter::start(p.pids(), tck));
-                let run = h2load(t.addr, *shape, &body, dir.path())
-                    .await
-                    .map(|mut r| {
-                        r.usage = meter.as_ref().map(Meter::finish);
-                        r
-                    })
-                    .map_err(|e| format!("{e:#}"));
-                if let Err(e) = &run {
-                    println!("e2e: {}: {e}", t.name);
-                }
-                rows.push(Row {
-                    scenario: shape.label,
-                    target: t.name,
-                    run,
-                });
+            }
+            for (t, runs) in eligible.iter().zip(per_target) {
+                rows.push(Row::from_rounds(
+                    shape.label,
+                    t.name,
+                    shape.rate.is_some(),
+                    runs,
+                ));
             }
         }
         let streams = 4u32;
@@ -1331,6 +1411,7 @@ async fn run(opts: Options) -> Result<()> {
             rows.push(Row {
                 scenario: "server-streaming 1 MiB messages",
                 target: t.name,
+                rounds: vec![run.as_ref().ok().cloned()],
                 run,
             });
         }
@@ -1555,8 +1636,11 @@ fn render(
          offered load is {} calls/s in all (`--rps`); streaming by a tonic client checking every \
          grpc-status (4 streams at once). CPU = utime+stime of the proxy's processes; RSS = peak \
          (VmHWM, reset before each run). Latency percentiles are per call (per message for \
-         streaming), measured by the load generator.\n",
-        opts.calls, opts.rate
+         streaming), measured by the load generator. Unary scenarios run {} round(s), each \
+         driving every target once in turn (each round starting one target later); a row shows \
+         the target's median round (by calls/s; at the fixed load, by CPU per call), and the \
+         ratios below are taken round by round.\n",
+        opts.calls, opts.rate, opts.rounds
     );
     for n in notes {
         let _ = writeln!(s, "Note: {n}  ");
@@ -1635,57 +1719,118 @@ fn render(
             }
         }
         let _ = writeln!(s);
-        // Ratios that the targets are stated in.
-        for shape in shapes
-            .iter()
-            .filter(|sh| sh.rate.is_none() && sh.clients > 1)
-        {
-            let Some(m) = by_scenario.get(shape.label) else {
+        // Ratios that the targets are stated in, round by round (a round drives every
+        // target once, close together in time).
+        let rows_of = |label: &str| -> BTreeMap<&str, &Row> {
+            rows.iter()
+                .filter(|r| r.scenario == label)
+                .map(|r| (r.target, r))
+                .collect()
+        };
+        let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
+            v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
+        };
+        let per_round = |a: &Row, b: &Row, f: &dyn Fn(&Run, &Run) -> f64| -> Vec<f64> {
+            a.rounds
+                .iter()
+                .zip(&b.rounds)
+                .map(|(x, y)| match (x, y) {
+                    (Some(x), Some(y)) => f(x, y),
+                    _ => f64::NAN,
+                })
+                .collect()
+        };
+        let p99 = |r: &Row| median(r.rounds.iter().flatten().map(|x| x.p99_us).collect());
+        for shape in shapes.iter().filter(|sh| sh.rate.is_none()) {
+            let m = rows_of(shape.label);
+            let spread: Vec<String> = m
+                .iter()
+                .map(|(t, r)| {
+                    let v: Vec<f64> = r
+                        .rounds
+                        .iter()
+                        .map(|x| x.as_ref().map_or(f64::NAN, |x| x.calls_per_sec))
+                        .collect();
+                    format!("{t} {}", list(&v, &|x| format!("{x:.0}")))
+                })
+                .collect();
+            if opts.rounds > 1 && !spread.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "- {}: calls/s round by round: {}.",
+                    shape.label,
+                    spread.join("; ")
+                );
+            }
+            if shape.clients == 1 {
                 continue;
-            };
+            }
             for name in ["switchyard", "switchyard-2w"] {
                 let Some(sy) = m.get(name) else {
                     continue;
                 };
                 let mut parts = Vec::new();
                 for peer in ["haproxy", "nginx"] {
-                    if let Some(p) = m.get(peer) {
-                        parts.push(format!(
-                            "{:.2}× {peer}'s calls/s, p99 {} vs {}",
-                            sy.calls_per_sec / p.calls_per_sec,
-                            fmt_us(sy.p99_us),
-                            fmt_us(p.p99_us)
-                        ));
-                    }
+                    let Some(p) = m.get(peer) else {
+                        continue;
+                    };
+                    let ratios = per_round(sy, p, &|x, y| x.calls_per_sec / y.calls_per_sec);
+                    let below = per_round(sy, p, &|x, y| f64::from(u8::from(x.p99_us < y.p99_us)));
+                    parts.push(format!(
+                        "{:.2}× {peer}'s calls/s (rounds {}), p99 {} vs {} (medians; below in {} of {} rounds)",
+                        median(ratios.clone()),
+                        list(&ratios, &|x| format!("{x:.2}")),
+                        fmt_us(p99(sy)),
+                        fmt_us(p99(p)),
+                        below.iter().filter(|x| **x == 1.0).count(),
+                        below.len(),
+                    ));
                 }
                 if !parts.is_empty() {
                     let _ = writeln!(s, "- {}: {name} at {}.", shape.label, parts.join("; "));
                 }
             }
         }
-        if let Some(m) = shapes
-            .iter()
-            .find(|sh| sh.rate.is_some())
-            .and_then(|sh| by_scenario.get(sh.label))
-        {
-            let per_call = |t: &str| {
-                m.get(t).and_then(|r| {
-                    let n = (r.ok + r.failed) as f64;
-                    r.usage.map(|u| u.cpu_secs / n * 1e6)
-                })
-            };
+        if let Some(shape) = shapes.iter().find(|sh| sh.rate.is_some()) {
+            let m = rows_of(shape.label);
             let mut parts = Vec::new();
             for t in ["switchyard", "switchyard-2w", "haproxy", "nginx"] {
-                if let Some(v) = per_call(t) {
-                    parts.push(format!("{t} {v:.1} µs"));
-                }
+                let Some(r) = m.get(t) else {
+                    continue;
+                };
+                let v: Vec<f64> = r
+                    .rounds
+                    .iter()
+                    .map(|x| {
+                        x.as_ref()
+                            .and_then(Run::cpu_us_per_call)
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect();
+                parts.push(format!(
+                    "{t} {:.1} µs (rounds {})",
+                    median(v.clone()),
+                    list(&v, &|x| format!("{x:.1}"))
+                ));
             }
             let _ = writeln!(
                 s,
-                "- CPU per call at a fixed {} calls/s: {}.",
+                "- CPU per call at a fixed {} calls/s, median of rounds: {}.",
                 opts.rate,
                 parts.join(", ")
             );
+            if let (Some(sy), Some(h)) = (m.get("switchyard"), m.get("haproxy")) {
+                let ratios = per_round(sy, h, &|x, y| {
+                    x.cpu_us_per_call().unwrap_or(f64::NAN)
+                        / y.cpu_us_per_call().unwrap_or(f64::NAN)
+                });
+                let _ = writeln!(
+                    s,
+                    "- switchyard's CPU per call against haproxy's at that load: {:.2}× (rounds {}).",
+                    median(ratios.clone()),
+                    list(&ratios, &|x| format!("{x:.2}"))
+                );
+            }
         }
     }
     if !extras.is_empty() {
