@@ -507,10 +507,13 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     matches!(rest.first(), None | Some(b'+') | Some(b';'))
 }
 
+/// The `grpc-timeout` header's name, built once (a `&str` name is parsed on every lookup).
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// Parses `grpc-timeout` (`<up to 8 digits><H|M|S|m|u|n>`); `None` if absent or malformed.
 #[inline]
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.as_bytes();
+    let v = headers.get(&GRPC_TIMEOUT)?.as_bytes();
     let (unit, digits) = v.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
