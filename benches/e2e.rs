@@ -1165,6 +1165,7 @@ async fn first_call(ch: Channel, service: String) -> Result<()> {
 async fn run(opts: Options) -> Result<()> {
     let tck = clk_tck();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpu_before = cpu_times();
     if which("h2load").is_none() {
         bail!("h2load not found: install Debian's nghttp2-client (the harness installs nothing)");
     }
@@ -1366,6 +1367,9 @@ async fn run(opts: Options) -> Result<()> {
                 for k in 0..eligible.len() {
                     let i = (k + round) % eligible.len();
                     let t = eligible[i];
+                    // A moment for the last run's connections to close and its
+                    // processes to settle, so that it does not bill the next one.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     println!(
                         "e2e: {} → {} (round {}/{})",
                         shape.label,
@@ -1511,6 +1515,7 @@ async fn run(opts: Options) -> Result<()> {
     }
     drop(etcd_proc);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let steal = stolen_share(cpu_before, cpu_times());
 
     let report = render(
         &opts,
@@ -1518,8 +1523,11 @@ async fn run(opts: Options) -> Result<()> {
         &shapes,
         &extras,
         &notes,
-        load_before.trim(),
-        load_after.trim(),
+        &Conditions {
+            load_before: load_before.trim(),
+            load_after: load_after.trim(),
+            steal,
+        },
     );
     println!("\n{report}");
     if let Some(out) = &opts.out {
@@ -1550,6 +1558,32 @@ fn machine() -> String {
         mem as f64 / 1024.0 / 1024.0,
         kernel.trim()
     )
+}
+
+/// What else the machine was doing around the run.
+struct Conditions<'a> {
+    load_before: &'a str,
+    load_after: &'a str,
+    /// The share of CPU time the hypervisor took during the run.
+    steal: Option<f64>,
+}
+
+/// The machine's CPU time so far from /proc/stat: (steal, all), in ticks.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest times are inside user).
+    Some((*v.get(7)?, v.iter().take(8).sum()))
+}
+
+/// The share of the machine's CPU time the hypervisor took between two readings.
+fn stolen_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| s1.saturating_sub(s0) as f64 / (t1 - t0) as f64)
 }
 
 fn status_mem_total() -> u64 {
@@ -1615,17 +1649,29 @@ fn render(
     shapes: &[Shape],
     extras: &str,
     notes: &[String],
-    load_before: &str,
-    load_after: &str,
+    conditions: &Conditions<'_>,
 ) -> String {
+    let Conditions {
+        load_before,
+        load_after,
+        steal,
+    } = *conditions;
     let mut s = String::new();
     let _ = writeln!(s, "Machine: {}  ", machine());
     let _ = writeln!(s, "Versions: {}  ", versions());
     let _ = writeln!(s, "Command: `{}`  ", opts.command);
     let _ = writeln!(
         s,
-        "Load average (1/5/15 min, running/total, last pid) before: `{load_before}`, after: `{load_after}`\n"
+        "Load average (1/5/15 min, running/total, last pid) before: `{load_before}`, after: `{load_after}`  "
     );
+    if let Some(st) = steal {
+        let _ = writeln!(
+            s,
+            "CPU time taken by the hypervisor from this VM during the run (steal, /proc/stat): {:.1} %  ",
+            st * 100.0
+        );
+    }
+    let _ = writeln!(s);
     let _ = writeln!(
         s,
         "Setup: 3 tonic Echo backends (1 worker thread each, TCP_NODELAY) registered in etcd; \
