@@ -86,7 +86,7 @@ options:
   --no-build         do not run `cargo build --release --bin switchyard` first
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
-                     (at most 3600) or Ctrl-C, tear down; for profiling by hand
+                     (at most 3600), Ctrl-C or SIGTERM, tear down; for profiling by hand
 ";
 
 /// Command-line options of the harness.
@@ -209,12 +209,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(opts)) {
+    // Interrupted (Ctrl-C, SIGTERM), the run is dropped: every process it started is
+    // stopped on the way out instead of being left running.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(opts) => r,
+            s = interrupted() => Err(anyhow!("interrupted by {s}; stopped what was started")),
+        }
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("e2e: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM; returns which came.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
@@ -1305,10 +1326,10 @@ async fn run(opts: Options) -> Result<()> {
             "e2e: e.g. h2load -c 4 -m 16 -t 1 -n 200000 -d {body_path} \\\n  \
              -H 'content-type: application/grpc' -H 'te: trailers' http://ADDR{UNARY_PATH}"
         );
-        println!("e2e: holding for {hold:?} (Ctrl-C ends it)");
+        println!("e2e: holding for {hold:?} (Ctrl-C or SIGTERM ends it)");
         tokio::select! {
             _ = tokio::time::sleep(hold) => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupted() => {}
         }
         return Ok(());
     }
