@@ -2,7 +2,7 @@
 //! (`proto h2`), over the same three tonic Echo backends, on loopback.
 //!
 //! ```sh
-//! cargo bench --bench e2e -- run              # builds target/release/switchyard first
+//! cargo bench --bench e2e -- run              # builds target/e2e-proxy/release/switchyard first
 //! cargo bench --bench e2e -- run --calls 50000 --targets direct,switchyard,haproxy
 //! ```
 //!
@@ -83,7 +83,7 @@ options:
                      the table shows each target's median round, the ratios are per round
   --no-extras        skip put-to-first-call, 10,000 open streams and 1,000x10 start-up
   --extras-only      only those
-  --no-build         do not run `cargo build --release --bin switchyard` first
+  --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
                      (at most 3600), Ctrl-C or SIGTERM, tear down; for profiling by hand
@@ -560,11 +560,20 @@ fn spawn_backend(addrs: &[SocketAddr], name: &str) -> Result<Proc> {
     Proc::spawn(&format!("backend {name}"), &mut cmd)
 }
 
-fn switchyard_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+/// Where the proxy under test is built: a target dir of its own. `cargo bench` builds the
+/// `switchyard` binary too, with the bench profile, into the same `target/release` as
+/// `cargo build --release` and under the same name, so the release build there is not
+/// reliably the one found at `target/release/switchyard`.
+fn proxy_target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("release").join("switchyard")
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("e2e-proxy")
+}
+
+/// The release build of the proxy under test.
+fn switchyard_binary() -> PathBuf {
+    proxy_target_dir().join("release").join("switchyard")
 }
 
 fn spawn_switchyard(
@@ -1191,10 +1200,15 @@ async fn run(opts: Options) -> Result<()> {
         bail!("h2load not found: install Debian's nghttp2-client (the harness installs nothing)");
     }
     if opts.build {
-        println!("e2e: cargo build --release --bin switchyard");
+        let target_dir = proxy_target_dir();
+        println!(
+            "e2e: cargo build --release --bin switchyard --target-dir {}",
+            target_dir.display()
+        );
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--release", "--bin", "switchyard"])
+            .args(["build", "--release", "--bin", "switchyard", "--target-dir"])
+            .arg(&target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .await?;
@@ -1204,7 +1218,7 @@ async fn run(opts: Options) -> Result<()> {
     }
     if !switchyard_binary().is_file() {
         bail!(
-            "{} not found: run `cargo build --release` first",
+            "{} not found: run without --no-build first",
             switchyard_binary().display()
         );
     }
@@ -1388,8 +1402,8 @@ async fn run(opts: Options) -> Result<()> {
                 for k in 0..eligible.len() {
                     let i = (k + round) % eligible.len();
                     let t = eligible[i];
-                    // A moment for the last run's connections to close and its
-                    // processes to settle, so that it does not bill the next one.
+                    // A moment for the last run's connections to close before the next
+                    // run's meter starts (a precaution; no effect was measured).
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     println!(
                         "e2e: {} → {} (round {}/{})",
@@ -1718,19 +1732,20 @@ fn render(
             "| scenario | target | calls/s | × direct | p50 | p99 | p99.9 | failed | proxy CPU s / 100k calls | µs CPU / call | peak RSS |"
         );
         let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let mut by_scenario: BTreeMap<&str, BTreeMap<&str, &Run>> = BTreeMap::new();
+        // Each scenario's rows by target.
+        let mut by_scenario: BTreeMap<&str, BTreeMap<&str, &Row>> = BTreeMap::new();
         for r in rows {
-            if let Ok(run) = &r.run {
-                by_scenario
-                    .entry(r.scenario)
-                    .or_default()
-                    .insert(r.target, run);
-            }
+            by_scenario
+                .entry(r.scenario)
+                .or_default()
+                .insert(r.target, r);
         }
+        let empty = BTreeMap::new();
+        let rows_of = |label: &str| by_scenario.get(label).unwrap_or(&empty);
         for r in rows {
-            let direct = by_scenario
-                .get(r.scenario)
-                .and_then(|m| m.get("direct"))
+            let direct = rows_of(r.scenario)
+                .get("direct")
+                .and_then(|d| d.run.as_ref().ok())
                 .map(|d| d.calls_per_sec);
             match &r.run {
                 Err(e) => {
@@ -1750,19 +1765,14 @@ fn render(
                     let ratio = direct
                         .filter(|_| r.target != "direct")
                         .map_or("".into(), |d| format!("{:.2}", run.calls_per_sec / d));
-                    let calls = if run.mb_per_sec.is_some() {
-                        // Per 100k MiB-messages is unwieldy: CPU per GiB instead.
-                        None
-                    } else {
-                        Some((run.ok + run.failed) as f64)
-                    };
-                    let (cpu100k, per_call, rss) = match (run.usage, calls) {
-                        (Some(u), Some(n)) if n > 0.0 => (
-                            format!("{:.2}", u.cpu_secs / n * 100_000.0),
-                            format!("{:.1}", u.cpu_secs / n * 1e6),
+                    // Streaming (MiB messages) gets CPU per GiB instead of per call.
+                    let (cpu100k, per_call, rss) = match (run.usage, run.cpu_us_per_call()) {
+                        (Some(u), Some(us)) => (
+                            format!("{:.2}", us / 10.0),
+                            format!("{us:.1}"),
                             format!("{:.1} MiB", u.peak_rss_kib as f64 / 1024.0),
                         ),
-                        (Some(u), None) => (
+                        (Some(u), None) if run.mb_per_sec.is_some() => (
                             format!("{:.2} s/GiB", u.cpu_secs / (run.bytes as f64 / GIB as f64)),
                             "".into(),
                             format!("{:.1} MiB", u.peak_rss_kib as f64 / 1024.0),
@@ -1788,12 +1798,6 @@ fn render(
         let _ = writeln!(s);
         // Ratios that the targets are stated in, round by round (a round drives every
         // target once, close together in time).
-        let rows_of = |label: &str| -> BTreeMap<&str, &Row> {
-            rows.iter()
-                .filter(|r| r.scenario == label)
-                .map(|r| (r.target, r))
-                .collect()
-        };
         let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
             v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
         };
@@ -1842,15 +1846,20 @@ fn render(
                         continue;
                     };
                     let ratios = per_round(sy, p, &|x, y| x.calls_per_sec / y.calls_per_sec);
-                    let below = per_round(sy, p, &|x, y| f64::from(u8::from(x.p99_us < y.p99_us)));
+                    let both = sy
+                        .rounds
+                        .iter()
+                        .zip(&p.rounds)
+                        .filter_map(|(x, y)| x.as_ref().zip(y.as_ref()));
+                    let below = both.clone().filter(|(x, y)| x.p99_us < y.p99_us).count();
                     parts.push(format!(
                         "{:.2}× {peer}'s calls/s (rounds {}), p99 {} vs {} (medians; below in {} of {} rounds)",
                         median(ratios.clone()),
                         list(&ratios, &|x| format!("{x:.2}")),
                         fmt_us(p99(sy)),
                         fmt_us(p99(p)),
-                        below.iter().filter(|x| **x == 1.0).count(),
-                        below.len(),
+                        below,
+                        both.count(),
                     ));
                 }
                 if !parts.is_empty() {
