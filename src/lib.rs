@@ -21,6 +21,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod endpoint;
 pub mod etcd;
 pub mod metrics;
 pub mod proxy;

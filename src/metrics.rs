@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::discovery::BackendAddr;
+use crate::endpoint::BackendAddr;
 
 /// Number of gRPC status codes (0..=16); index 17 counts calls that ended without one.
 const STATUS_SLOTS: usize = 18;

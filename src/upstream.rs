@@ -19,7 +19,7 @@ use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::discovery::BackendAddr;
+use crate::endpoint::BackendAddr;
 use crate::metrics::{EndpointMetrics, ServiceMetrics};
 use crate::tls::UpstreamTls;
 use tokio_util::either::Either;

@@ -1,102 +1,12 @@
 //! What an etcd key under the prefix says: the backend address, in either of the two
 //! formats found in fleets (plain `host:port`, or etcd's Go naming JSON).
 
-use std::fmt;
-use std::str::FromStr;
-
-use http::uri::Authority;
 use serde::{Deserialize, Serialize};
+
+pub use crate::endpoint::{AddrError, BackendAddr};
 
 /// Longest value accepted, in bytes; anything longer is skipped as malformed.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
-
-/// A backend's address: `host:port`, where host is an IPv4 address, a bracketed IPv6
-/// address or a DNS name.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct BackendAddr {
-    authority: Authority,
-}
-
-/// Why a string is not a `host:port` address.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddrError {
-    /// Not of the form host:port.
-    #[error("{0:?} is not host:port")]
-    NotHostPort(String),
-    /// The port is missing, zero or not a number.
-    #[error("{0:?} has no valid port (1-65535)")]
-    BadPort(String),
-}
-
-impl BackendAddr {
-    /// The address as an HTTP authority, for the upstream request's `:authority`.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
-    /// The host part (without IPv6 brackets), for connecting.
-    pub fn host(&self) -> &str {
-        let h = self.authority.host();
-        h.strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(h)
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        // Checked in `from_str`.
-        self.authority.port_u16().unwrap_or(0)
-    }
-
-    /// The address as `host:port` text.
-    pub fn as_str(&self) -> &str {
-        self.authority.as_str()
-    }
-}
-
-impl FromStr for BackendAddr {
-    type Err = AddrError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let bad = || AddrError::NotHostPort(s.to_owned());
-        if s.is_empty() || s.contains('@') || s.contains('/') {
-            return Err(bad());
-        }
-        let authority: Authority = s.parse().map_err(|_| bad())?;
-        if authority.host().is_empty() {
-            return Err(bad());
-        }
-        match authority.port_u16() {
-            Some(p) if p != 0 => {}
-            _ => return Err(AddrError::BadPort(s.to_owned())),
-        }
-        let host = authority.host();
-        if host.starts_with('[') {
-            let inner = &host[1..host.len().saturating_sub(1)];
-            if inner.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(bad());
-            }
-        } else if !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        {
-            return Err(bad());
-        }
-        Ok(Self { authority })
-    }
-}
-
-impl fmt::Display for BackendAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for BackendAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
 
 /// How a registration writes its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
