@@ -11,7 +11,8 @@ use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 
 use super::value::{BackendAddr, EndpointValue};
 use super::Service;
-use crate::balance::EndpointSet;
+use crate::balance::{Backend, EndpointSet};
+use crate::endpoint::Endpoint;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 /// Time allowed for one etcd request (range get, watch creation).
@@ -34,14 +35,14 @@ enum SyncError {
     Ended,
 }
 
-/// The endpoint keys of one service as last seen, and the upstreams built for them.
+/// The endpoint keys of one service as last seen, and the backends built for them.
 struct WatchState {
     service: Arc<Service>,
     upstream_config: UpstreamConfig,
-    /// etcd key → address, for keys whose value decoded.
-    keys: HashMap<Vec<u8>, BackendAddr>,
-    /// One upstream per distinct address, kept across snapshots.
-    upstreams: HashMap<BackendAddr, Arc<Upstream>>,
+    /// etcd key → endpoint, for keys whose value decoded.
+    keys: HashMap<Vec<u8>, Endpoint>,
+    /// One backend per distinct address, kept across snapshots.
+    backends: HashMap<BackendAddr, Arc<Backend>>,
     /// (key, mod revision) of malformed values already logged.
     logged_bad: HashSet<(Vec<u8>, i64)>,
 }
@@ -50,7 +51,11 @@ impl WatchState {
     /// Applies a PUT: a decodable value adds or moves the endpoint, another removes it.
     fn put(&mut self, kv: &KeyValue) -> bool {
         match EndpointValue::decode(kv.value()) {
-            Ok(v) => self.keys.insert(kv.key().to_vec(), v.addr.clone()) != Some(v.addr),
+            Ok(v) => {
+                let mut ep = Endpoint::new(v.addr);
+                ep.metadata = v.metadata;
+                self.keys.insert(kv.key().to_vec(), ep.clone()) != Some(ep)
+            }
             Err(e) => {
                 if self
                     .logged_bad
@@ -80,26 +85,33 @@ impl WatchState {
         }
     }
 
-    /// Builds and publishes a snapshot of the current endpoints, reusing upstreams.
+    /// Builds and publishes a snapshot of the current endpoints, reusing backends (and
+    /// their connections) by address.
     fn publish(&mut self) {
-        let wanted: HashSet<&BackendAddr> = self.keys.values().collect();
+        let wanted: HashMap<&BackendAddr, &Endpoint> =
+            self.keys.values().map(|ep| (&ep.addr, ep)).collect();
         let name = self.service.name();
-        self.upstreams.retain(|addr, _| {
-            let keep = wanted.contains(addr);
+        self.backends.retain(|addr, _| {
+            let keep = wanted.contains_key(addr);
             if !keep {
                 tracing::info!(service = %name, backend = %addr, "endpoint removed");
             }
             keep
         });
-        for addr in wanted {
-            if !self.upstreams.contains_key(addr) {
-                tracing::info!(service = %name, backend = %addr, "endpoint added");
-                let up = Upstream::new(addr.clone(), &self.upstream_config);
-                up.start(self.upstream_config.clone());
-                self.upstreams.insert(addr.clone(), up);
+        for (addr, ep) in wanted {
+            match self.backends.get(addr) {
+                Some(b) => {
+                    b.update(ep);
+                }
+                None => {
+                    tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
+                    let up = Upstream::new(addr.clone(), &self.upstream_config);
+                    up.start(self.upstream_config.clone());
+                    self.backends.insert(addr.clone(), Backend::new(up, ep));
+                }
             }
         }
-        let set = EndpointSet::new(self.upstreams.values().cloned().collect());
+        let set = EndpointSet::new(self.backends.values().cloned().collect());
         self.service.publish(set);
     }
 }
@@ -115,7 +127,7 @@ pub(super) async fn run(
         service,
         upstream_config,
         keys: HashMap::new(),
-        upstreams: HashMap::new(),
+        backends: HashMap::new(),
         logged_bad: HashSet::new(),
     };
     let mut backoff = BACKOFF_MIN;
@@ -126,7 +138,7 @@ pub(super) async fn run(
             tracing::warn!(
                 service = %svc.name(),
                 error = %err,
-                endpoints = state.upstreams.len(),
+                endpoints = state.backends.len(),
                 "etcd watch lost; keeping last known endpoints"
             );
         } else {
@@ -168,7 +180,7 @@ async fn sync(
             service = %svc.name(),
             prefix = key_prefix,
             revision,
-            endpoints = state.upstreams.len(),
+            endpoints = state.backends.len(),
             "endpoints listed from etcd; watching"
         );
     }
