@@ -11,7 +11,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
-use switchyard::balance::{Backend, Balancer, EndpointSet};
+use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
 use switchyard::discovery::{Discovery, DiscoveryConfig};
 use switchyard::endpoint::{BackendAddr, Endpoint};
 use switchyard::metrics::{status_slot, Metrics};
@@ -42,7 +42,7 @@ fn grpc_request() -> Request<()> {
     req
 }
 
-fn endpoint_set(n: usize) -> EndpointSet {
+fn endpoint_set(n: usize, settings: &Arc<BalanceSettings>) -> EndpointSet {
     let cfg = UpstreamConfig::default();
     EndpointSet::new(
         (0..n)
@@ -53,7 +53,7 @@ fn endpoint_set(n: usize) -> EndpointSet {
                 let up = Upstream::new(addr.clone(), &cfg);
                 // As in production once connected: the preferred endpoints.
                 up.assume_ready();
-                Backend::new(up, &Endpoint::new(addr))
+                Backend::new(up, &Endpoint::new(addr), Arc::clone(settings))
             })
             .collect(),
     )
@@ -78,6 +78,8 @@ fn bench_route(c: &mut Criterion) {
             max_services: 1024,
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),
+            balance: Default::default(),
+            service_balance: Default::default(),
         },
     );
     // 100 watched services, as on a busy host.
@@ -104,30 +106,45 @@ fn bench_route(c: &mut Criterion) {
     });
 }
 
-/// Pick: round-robin over a snapshot, as `forward` does it (with its tried-set check).
+/// Pick: each policy over a snapshot, as `forward` does it (with its tried-set check).
 fn bench_pick(c: &mut Criterion) {
     for n in [3usize, 1000] {
-        let set = Arc::new(endpoint_set(n));
-        let balancer = Balancer::default();
-        c.bench_function(&format!("pick/round_robin of {n}"), |b| {
-            b.iter(|| {
-                let tried = [usize::MAX; MAX_ATTEMPTS];
-                let (idx, up) = balancer
-                    .select_with(&set, |i| !tried.contains(&i))
-                    .expect("usable endpoint");
-                black_box((idx, up.addr().port()))
-            })
-        });
-        let shared = arc_swap::ArcSwap::new(Arc::clone(&set));
-        c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
-            b.iter(|| {
-                let set = shared.load_full();
-                let (idx, up) = balancer
-                    .select_with(&set, |_| true)
-                    .expect("usable endpoint");
-                black_box((idx, Arc::clone(up)))
-            })
-        });
+        for &(name, policy) in Policy::NAMES {
+            let settings = Arc::new(BalanceSettings {
+                policy,
+                ..BalanceSettings::default()
+            });
+            let set = Arc::new(endpoint_set(n, &settings));
+            let balancer = Balancer::new(Arc::clone(&settings));
+            // Round-robin keeps its historical name, for comparisons across runs.
+            let label = if policy == Policy::RoundRobin {
+                "round_robin"
+            } else {
+                name
+            };
+            c.bench_function(&format!("pick/{label} of {n}"), |b| {
+                b.iter(|| {
+                    let tried = [usize::MAX; MAX_ATTEMPTS];
+                    let (idx, up) = balancer
+                        .select_with(&set, |i| !tried.contains(&i))
+                        .expect("usable endpoint");
+                    black_box((idx, up.addr().port()))
+                })
+            });
+            if policy != Policy::RoundRobin {
+                continue;
+            }
+            let shared = arc_swap::ArcSwap::new(Arc::clone(&set));
+            c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
+                b.iter(|| {
+                    let set = shared.load_full();
+                    let (idx, up) = balancer
+                        .select_with(&set, |_| true)
+                        .expect("usable endpoint");
+                    black_box((idx, Arc::clone(up)))
+                })
+            });
+        }
     }
 }
 

@@ -18,11 +18,13 @@
 
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;

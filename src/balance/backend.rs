@@ -1,15 +1,24 @@
 //! One backend as the balancer sees it: its pooled connection, its weight and registry
-//! metadata, and the per-call signals (in flight, how calls end), all in atomics so that
-//! the per-call path takes no lock.
+//! metadata, and the per-call signals (calls in flight, latency, how calls end), all in
+//! atomics so that the per-call path takes no lock.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::BalanceSettings;
+use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
 use crate::upstream::Upstream;
+
+/// Share of its weight an endpoint starts slow start with (Envoy's and HAProxy's 10 %).
+const SLOW_START_FLOOR: f64 = 0.1;
+
+/// Latency a failed call counts as, at least, in the latency estimate: a node that
+/// fails fast must not look fast.
+const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 /// One endpoint of a service, kept across snapshots for as long as it is registered.
 #[derive(Debug)]
@@ -19,16 +28,33 @@ pub struct Backend {
     endpoint: ArcSwap<Endpoint>,
     weight: AtomicU32,
     in_flight: AtomicU32,
+    /// The service's balancing settings (whether latency is tracked, slow start).
+    settings: Arc<BalanceSettings>,
+    /// Peak-EWMA latency estimate in nanoseconds (f64 bits), as of `latency_at`.
+    latency_ns: AtomicU64,
+    latency_at: AtomicU64,
+    /// When the endpoint last joined or came back (slow start's origin), from [`now_ns`].
+    since: AtomicU64,
 }
 
 impl Backend {
-    /// The backend `endpoint` describes, reached through `upstream`.
-    pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint) -> Arc<Self> {
+    /// The backend `endpoint` describes, reached through `upstream`, balanced by `settings`.
+    pub fn new(
+        upstream: Arc<Upstream>,
+        endpoint: &Endpoint,
+        settings: Arc<BalanceSettings>,
+    ) -> Arc<Self> {
+        let now = now_ns();
+        let initial = settings.default_rtt.as_nanos() as f64;
         Arc::new(Self {
             upstream,
             weight: AtomicU32::new(endpoint.weight),
             endpoint: ArcSwap::from_pointee(endpoint.clone()),
             in_flight: AtomicU32::new(0),
+            settings,
+            latency_ns: AtomicU64::new(initial.to_bits()),
+            latency_at: AtomicU64::new(now),
+            since: AtomicU64::new(now),
         })
     }
 
@@ -83,6 +109,71 @@ impl Backend {
         }
     }
 
+    /// Restarts slow start: the endpoint came back from failure.
+    pub fn restart_slow_start(&self) {
+        self.since.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// The share of its weight the endpoint gets at `now` (from [`now_ns`]): 1 unless it
+    /// is within its slow-start window, where it ramps from 10 % to 100 %.
+    #[inline]
+    pub fn ramp(&self, now: u64) -> f64 {
+        let Some(window) = self.settings.slow_start else {
+            return 1.0;
+        };
+        let since = self
+            .since
+            .load(Ordering::Relaxed)
+            .max(self.upstream.recovered_at());
+        let elapsed = now.saturating_sub(since) as f64;
+        let window = window.as_nanos() as f64;
+        if elapsed >= window {
+            return 1.0;
+        }
+        SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * elapsed / window
+    }
+
+    /// The weight the policies use at `now`: the registry's, scaled by slow start.
+    #[inline]
+    pub fn effective_weight(&self, now: u64) -> f64 {
+        f64::from(self.weight()) * self.ramp(now)
+    }
+
+    /// The latency estimate at `now`, in nanoseconds: the peak-EWMA of time to response
+    /// headers, decaying towards zero while no call ends (so that an endpoint once slow
+    /// is tried again after a while).
+    #[inline]
+    pub fn latency_estimate(&self, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
+        let at = self.latency_at.load(Ordering::Relaxed);
+        estimate * self.decay(now.saturating_sub(at))
+    }
+
+    /// The weight of an estimate `elapsed` nanoseconds old.
+    #[inline]
+    fn decay(&self, elapsed: u64) -> f64 {
+        let window = self.settings.ewma_decay.as_nanos() as f64;
+        (-(elapsed as f64) / window.max(1.0)).exp()
+    }
+
+    /// Folds one call's latency into the estimate: a slower answer raises it at once
+    /// (the peak), a faster one pulls it down by how old the estimate is.
+    fn observe_latency(&self, rtt: Duration) {
+        let now = now_ns();
+        let rtt = rtt.as_nanos() as f64;
+        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
+        let at = self.latency_at.load(Ordering::Relaxed);
+        let next = if rtt > estimate {
+            rtt
+        } else {
+            let w = self.decay(now.saturating_sub(at));
+            estimate * w + rtt * (1.0 - w)
+        };
+        // Racing updates may lose one sample: an estimate needs no more.
+        self.latency_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.latency_at.store(now, Ordering::Relaxed);
+    }
+
     /// Counts a call on this backend from now (it is being sent) until the returned
     /// guard is dropped, which reports how the call ended.
     #[inline]
@@ -98,9 +189,19 @@ impl Backend {
     /// The one place a call's end is reported: the signal for load-aware policies and
     /// failure accounting.
     #[inline]
-    fn call_ended(&self, _to_headers: Option<Duration>, _outcome: Outcome) {
-        // Nothing reads the end yet but the in-flight count.
+    fn call_ended(&self, to_headers: Option<Duration>, outcome: Outcome) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.settings.track_latency() {
+            return;
+        }
+        let failed = matches!(outcome, Outcome::StreamFailed | Outcome::NotTaken)
+            || matches!(outcome, Outcome::Status(s) if self.settings.failure_codes.contains(s));
+        match (to_headers, failed) {
+            (_, true) => self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY)),
+            (Some(rtt), false) => self.observe_latency(rtt),
+            // Abandoned before an answer: says nothing of the backend's speed.
+            (None, false) => {}
+        }
     }
 }
 

@@ -107,7 +107,10 @@ impl WatchState {
                     tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
                     let up = Upstream::new(addr.clone(), &self.upstream_config);
                     up.start(self.upstream_config.clone());
-                    self.backends.insert(addr.clone(), Backend::new(up, ep));
+                    self.backends.insert(
+                        addr.clone(),
+                        Backend::new(up, ep, Arc::clone(self.service.balancer().settings())),
+                    );
                 }
             }
         }

@@ -155,6 +155,8 @@ pub async fn serve(
                 ..UpstreamConfig::default()
             },
             metrics: Metrics::new(),
+            balance: Default::default(),
+            service_balance: Default::default(),
         },
     );
     let admin = AdminState::new(Arc::clone(&discovery));
