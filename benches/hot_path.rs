@@ -12,7 +12,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
 use switchyard::balance::{EndpointSet, RoundRobin};
-use switchyard::discovery::{BackendAddr, Discovery, DiscoveryConfig};
+use switchyard::discovery::{Discovery, DiscoveryConfig};
+use switchyard::endpoint::BackendAddr;
 use switchyard::metrics::Metrics;
 use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
 use switchyard::proxy::replay::ReplayBody;
