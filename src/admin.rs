@@ -60,7 +60,7 @@ impl AdminState {
             let name = svc.name().as_str();
             let mut counts = [0i64; 3];
             for ep in svc.endpoints().iter() {
-                counts[ep.state() as usize] += 1;
+                counts[ep.upstream().state() as usize] += 1;
             }
             for state in [State::Connecting, State::Ready, State::Failed] {
                 m.endpoints
@@ -103,8 +103,8 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
                 .iter()
                 .map(|ep| EndpointJson {
                     address: ep.addr().as_str(),
-                    state: ep.state().as_str(),
-                    inflight: ep.metrics().map_or(0, |m| m.inflight()),
+                    state: ep.upstream().state().as_str(),
+                    inflight: i64::from(ep.in_flight()),
                 })
                 .collect(),
         })

@@ -14,7 +14,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 
 use super::Service;
 use crate::backoff::Backoff;
-use crate::balance::EndpointSet;
+use crate::balance::{Backend, EndpointSet};
 use crate::endpoint::{BackendAddr, Endpoint};
 use crate::etcd::{timed, RequestError};
 use crate::route::ServiceName;
@@ -108,13 +108,13 @@ impl Keys {
     }
 }
 
-/// The watch's state: the keys, and the upstreams built for their endpoints.
+/// The watch's state: the keys, and the backends built for their endpoints.
 struct WatchState {
     service: Arc<Service>,
     upstream_config: UpstreamConfig,
     keys: Keys,
-    /// One upstream per distinct address, kept across snapshots.
-    upstreams: HashMap<BackendAddr, Arc<Upstream>>,
+    /// One backend per distinct address, kept across snapshots.
+    backends: HashMap<BackendAddr, Arc<Backend>>,
 }
 
 impl WatchState {
@@ -123,31 +123,36 @@ impl WatchState {
             service,
             upstream_config,
             keys: Keys::default(),
-            upstreams: HashMap::new(),
+            backends: HashMap::new(),
         }
     }
 
-    /// Builds and publishes a snapshot of the current endpoints, reusing upstreams.
+    /// Builds and publishes a snapshot of the current endpoints, reusing backends (and
+    /// their connections) by address.
     fn publish(&mut self) {
         let wanted = self.keys.endpoints();
         let name = self.service.name();
-        self.upstreams.retain(|addr, _| {
+        self.backends.retain(|addr, _| {
             let keep = wanted.contains_key(addr);
             if !keep {
                 tracing::info!(service = %name, backend = %addr, "endpoint removed");
             }
             keep
         });
-        for endpoint in wanted.values() {
-            let addr = &endpoint.addr;
-            if !self.upstreams.contains_key(addr) {
-                tracing::info!(service = %name, backend = %addr, "endpoint added");
-                let up = Upstream::new(addr.clone(), &self.upstream_config);
-                up.start(self.upstream_config.clone());
-                self.upstreams.insert(addr.clone(), up);
+        for (addr, ep) in wanted {
+            match self.backends.get(addr) {
+                Some(b) => {
+                    b.update(ep);
+                }
+                None => {
+                    tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
+                    let up = Upstream::new(addr.clone(), &self.upstream_config);
+                    up.start(self.upstream_config.clone());
+                    self.backends.insert(addr.clone(), Backend::new(up, ep));
+                }
             }
         }
-        let set = EndpointSet::new(self.upstreams.values().cloned().collect());
+        let set = EndpointSet::new(self.backends.values().cloned().collect());
         self.service.publish(set);
     }
 }
@@ -168,7 +173,7 @@ pub(super) async fn run(
             tracing::warn!(
                 service = %svc.name(),
                 error = %err,
-                endpoints = state.upstreams.len(),
+                endpoints = state.backends.len(),
                 "etcd watch lost; keeping last known endpoints"
             );
         } else {
@@ -211,7 +216,7 @@ async fn sync(
             service = %svc.name(),
             prefix = key_prefix,
             revision,
-            endpoints = state.upstreams.len(),
+            endpoints = state.backends.len(),
             "endpoints listed from etcd; watching"
         );
     }
@@ -375,7 +380,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publish_builds_one_upstream_per_address_and_reuses_them() {
+    async fn publish_builds_one_backend_per_address_and_reuses_them() {
         let metrics = Metrics::new().service("svc");
         let service = Arc::new(Service::new(name(), metrics));
         assert!(!service.is_loaded());
@@ -393,27 +398,37 @@ mod tests {
         w.publish();
         assert!(service.is_loaded());
         assert_eq!(snapshot(&service), ["127.0.0.1:1", "127.0.0.1:2"]);
-        let kept = Arc::clone(&w.upstreams[&"127.0.0.1:2".parse().unwrap()]);
+        let addr2: BackendAddr = "127.0.0.1:2".parse().unwrap();
+        let kept = Arc::clone(&w.backends[&addr2]);
+        assert_eq!(kept.weight(), 1);
 
         w.keys.delete(b"p/svc/a");
         w.keys.delete(b"p/svc/b");
+        w.keys.put(
+            &s,
+            b"p/svc/b2",
+            br#"{"Addr":"127.0.0.1:2","Metadata":{"weight":"4"}}"#,
+            2,
+        );
         w.keys.put(&s, b"p/svc/c", b"127.0.0.1:3", 2);
         w.publish();
         assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:3"]);
-        // The address still listed (under b2) keeps its upstream and connection.
+        // The address still listed (under b2) keeps its backend and connection, and
+        // takes its new weight.
         let still = service
             .endpoints()
             .iter()
-            .find(|u| u.addr().as_str() == "127.0.0.1:2")
+            .find(|b| b.addr() == &addr2)
             .cloned();
-        assert!(still.is_some_and(|u| Arc::ptr_eq(&u, &kept)));
-        assert_eq!(w.upstreams.len(), 2);
+        assert!(still.is_some_and(|b| Arc::ptr_eq(&b, &kept)));
+        assert_eq!(kept.weight(), 4);
+        assert_eq!(w.backends.len(), 2);
 
         // An empty listing publishes an empty set (the service stays loaded).
         w.keys.replace(&s, []);
         w.publish();
         assert!(snapshot(&service).is_empty());
-        assert!(w.upstreams.is_empty());
+        assert!(w.backends.is_empty());
         assert!(service.is_loaded());
     }
 }
