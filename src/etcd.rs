@@ -68,15 +68,18 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
         .await
         .map_err(client_err)?;
     if let Some(creds) = creds {
-        let first = tokio::time::timeout(
+        let first = timed(
+            "authenticate",
             args.etcd_connect_timeout + Duration::from_secs(3),
             client.update_user(Some(creds.clone())),
         )
         .await;
         match first {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if credentials_rejected(&e) => return Err(client_err(e)),
-            _ => {
+            Ok(()) => {}
+            Err(RequestError::Failed { source, .. }) if credentials_rejected(&source) => {
+                return Err(client_err(source))
+            }
+            Err(_) => {
                 tracing::warn!(
                     user = %creds.0,
                     "etcd unreachable; will authenticate once it answers"
