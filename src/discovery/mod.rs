@@ -4,7 +4,6 @@
 //! ([`watch`]); later calls read the service's current [`EndpointSet`] snapshot, with no
 //! etcd round trip and no lock shared by all calls.
 
-pub mod value;
 mod watch;
 
 use std::collections::HashMap;
@@ -20,8 +19,6 @@ use crate::balance::{BalanceSettings, Balancer, EndpointSet};
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
-
-pub use value::{BackendAddr, EndpointValue, ValueFormat};
 
 /// Why a service could not be looked up.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +122,7 @@ impl Discovery {
         let task = tokio::spawn(watch::run(
             Arc::clone(&service),
             self.etcd.clone(),
-            value::service_prefix(&self.config.prefix, name.as_str()),
+            crate::registry::service_prefix(&self.config.prefix, name.as_str()),
             upstream_config,
         ));
         if let Ok(mut t) = service.task.lock() {
