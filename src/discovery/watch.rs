@@ -270,6 +270,7 @@ async fn sync(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::Balancer;
     use crate::metrics::Metrics;
 
     fn name() -> ServiceName {
@@ -385,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn publish_builds_one_backend_per_address_and_reuses_them() {
         let metrics = Metrics::new().service("svc");
-        let service = Arc::new(Service::new(name(), metrics));
+        let service = Arc::new(Service::new(name(), metrics, Balancer::default()));
         assert!(!service.is_loaded());
         let mut w = WatchState::new(Arc::clone(&service), UpstreamConfig::default());
         // Nothing listens on these loopback ports: the upstreams' connects fail at once.
