@@ -79,11 +79,18 @@ struct EndpointJson<'a> {
     address: &'a str,
     state: &'static str,
     inflight: i64,
+    /// The registry's weight.
+    weight: u32,
+    /// The weight the policies use now (lower during slow start).
+    effective_weight: f64,
+    /// The peak-EWMA latency estimate (tracked with `peak-ewma` only).
+    latency_estimate_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
 struct ServiceJson<'a> {
     service: &'a str,
+    balance: &'static str,
     etcd_watch_up: bool,
     loaded: bool,
     endpoints: Vec<EndpointJson<'a>>,
@@ -92,11 +99,13 @@ struct ServiceJson<'a> {
 fn endpoints_json(state: &AdminState) -> Vec<u8> {
     let services = state.discovery.services();
     let snaps: Vec<_> = services.iter().map(|s| s.endpoints_full()).collect();
+    let now = crate::clock::now_ns();
     let out: Vec<ServiceJson<'_>> = services
         .iter()
         .zip(&snaps)
         .map(|(svc, snap)| ServiceJson {
             service: svc.name().as_str(),
+            balance: svc.balancer().policy().name(),
             etcd_watch_up: svc.etcd_reachable(),
             loaded: svc.is_loaded(),
             endpoints: snap
@@ -105,6 +114,11 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
                     address: ep.addr().as_str(),
                     state: ep.upstream().state().as_str(),
                     inflight: i64::from(ep.in_flight()),
+                    weight: ep.weight(),
+                    effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
+                    latency_estimate_ms: svc.balancer().settings().track_latency().then(|| {
+                        (ep.latency_estimate(now) / 1e4).round() / 100.0
+                    }),
                 })
                 .collect(),
         })
