@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request};
 use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
 use switchyard::discovery::{Discovery, DiscoveryConfig};
 use switchyard::endpoint::{BackendAddr, Endpoint};
+use switchyard::health::HealthSettings;
 use switchyard::metrics::{status_slot, Metrics};
 use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
 use switchyard::proxy::replay::ReplayBody;
@@ -42,9 +43,9 @@ fn grpc_request() -> Request<()> {
     req
 }
 
-fn endpoint_set(n: usize, settings: &Arc<BalanceSettings>) -> EndpointSet {
+fn endpoint_set(n: usize, balancer: &Balancer) -> EndpointSet {
     let cfg = UpstreamConfig::default();
-    EndpointSet::new(
+    balancer.snapshot(
         (0..n)
             .map(|i| {
                 let addr: BackendAddr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1)
@@ -53,7 +54,7 @@ fn endpoint_set(n: usize, settings: &Arc<BalanceSettings>) -> EndpointSet {
                 let up = Upstream::new(addr.clone(), &cfg);
                 // As in production once connected: the preferred endpoints.
                 up.assume_ready();
-                Backend::new(up, &Endpoint::new(addr), Arc::clone(settings))
+                Backend::new(up, &Endpoint::new(addr), balancer)
             })
             .collect(),
     )
@@ -80,6 +81,7 @@ fn bench_route(c: &mut Criterion) {
             metrics: Metrics::new(),
             balance: Default::default(),
             service_balance: Default::default(),
+            health: Default::default(),
         },
     );
     // 100 watched services, as on a busy host.
@@ -114,8 +116,8 @@ fn bench_pick(c: &mut Criterion) {
                 policy,
                 ..BalanceSettings::default()
             });
-            let set = Arc::new(endpoint_set(n, &settings));
-            let balancer = Balancer::new(Arc::clone(&settings));
+            let balancer = Balancer::new("bench", settings, HealthSettings::default());
+            let set = Arc::new(endpoint_set(n, &balancer));
             // Round-robin keeps its historical name, for comparisons across runs.
             let label = if policy == Policy::RoundRobin {
                 "round_robin"

@@ -116,9 +116,11 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
                     inflight: i64::from(ep.in_flight()),
                     weight: ep.weight(),
                     effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
-                    latency_estimate_ms: svc.balancer().settings().track_latency().then(|| {
-                        (ep.latency_estimate(now) / 1e4).round() / 100.0
-                    }),
+                    latency_estimate_ms: svc
+                        .balancer()
+                        .settings()
+                        .track_latency()
+                        .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
                 })
                 .collect(),
         })

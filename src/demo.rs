@@ -531,13 +531,9 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
         .faults()
         .fail_code
         .store(args.fail_code, Ordering::Relaxed);
-    let server = tokio::spawn(serve(
-        listener,
-        service,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(serve(listener, service, async {
+        let _ = stop_rx.await;
+    }));
     crate::proxy::shutdown_signal().await;
     if let Some(reg) = registration {
         match reg.deregister().await {

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::BalanceSettings;
+use super::{BalanceSettings, Balancer};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
+use crate::health::{CallResult, Change, EndpointHealth, ServiceHealth};
 use crate::upstream::Upstream;
 
 /// Share of its weight an endpoint starts slow start with (Envoy's and HAProxy's 10 %).
@@ -35,15 +36,17 @@ pub struct Backend {
     latency_at: AtomicU64,
     /// When the endpoint last joined or came back (slow start's origin), from [`now_ns`].
     since: AtomicU64,
+    /// Its ejection and active-check state.
+    health: Arc<EndpointHealth>,
+    /// The service's health accounting (the cap on ejections spans its endpoints).
+    service_health: Arc<ServiceHealth>,
 }
 
 impl Backend {
-    /// The backend `endpoint` describes, reached through `upstream`, balanced by `settings`.
-    pub fn new(
-        upstream: Arc<Upstream>,
-        endpoint: &Endpoint,
-        settings: Arc<BalanceSettings>,
-    ) -> Arc<Self> {
+    /// The backend `endpoint` describes, reached through `upstream`, one of the
+    /// endpoints `balancer` picks from.
+    pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint, balancer: &Balancer) -> Arc<Self> {
+        let settings = Arc::clone(balancer.settings());
         let now = now_ns();
         let initial = settings.default_rtt.as_nanos() as f64;
         Arc::new(Self {
@@ -55,7 +58,14 @@ impl Backend {
             latency_ns: AtomicU64::new(initial.to_bits()),
             latency_at: AtomicU64::new(now),
             since: AtomicU64::new(now),
+            health: Arc::default(),
+            service_health: Arc::clone(balancer.health()),
         })
+    }
+
+    /// Its ejection and active-check state.
+    pub fn health(&self) -> &Arc<EndpointHealth> {
+        &self.health
     }
 
     /// Takes what the registry now says of this endpoint; returns whether its weight changed.
@@ -100,7 +110,9 @@ impl Backend {
     /// usable while connecting or suspect, not at all while its connection fails.
     #[inline]
     pub fn fit(&self) -> Fit {
-        if self.upstream.is_healthy() {
+        if self.health.is_out(now_ns) {
+            Fit::No
+        } else if self.upstream.is_healthy() {
             Fit::Preferred
         } else if self.upstream.is_usable() {
             Fit::Usable
@@ -191,16 +203,48 @@ impl Backend {
     #[inline]
     fn call_ended(&self, to_headers: Option<Duration>, outcome: Outcome) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if !self.settings.track_latency() {
-            return;
+        let result = match outcome {
+            Outcome::Status(s) => self.service_health.classify_status(s),
+            Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
+            Outcome::Abandoned => CallResult::Ignored,
+        };
+        if self.settings.track_latency() {
+            match (to_headers, result) {
+                (_, CallResult::Failure) => {
+                    self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY))
+                }
+                (Some(rtt), _) => self.observe_latency(rtt),
+                // Abandoned before an answer: says nothing of the backend's speed.
+                (None, _) => {}
+            }
         }
-        let failed = matches!(outcome, Outcome::StreamFailed | Outcome::NotTaken)
-            || matches!(outcome, Outcome::Status(s) if self.settings.failure_codes.contains(s));
-        match (to_headers, failed) {
-            (_, true) => self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY)),
-            (Some(rtt), false) => self.observe_latency(rtt),
-            // Abandoned before an answer: says nothing of the backend's speed.
-            (None, false) => {}
+        match self.service_health.report(&self.health, result) {
+            Change::None => {}
+            Change::Ejected(length) => {
+                tracing::info!(
+                    service = %self.service_health.name(),
+                    backend = %self.addr(),
+                    ejected_for = ?length,
+                    last_failure = ?outcome,
+                    "endpoint ejected: it failed calls in a row"
+                );
+                if let Some(m) = self.upstream.metrics() {
+                    m.ejected();
+                }
+            }
+            Change::Capped => tracing::debug!(
+                service = %self.service_health.name(),
+                backend = %self.addr(),
+                "endpoint fails calls, but the ejection cap keeps it in rotation"
+            ),
+            Change::Returned => {
+                self.restart_slow_start();
+                tracing::info!(
+                    service = %self.service_health.name(),
+                    backend = %self.addr(),
+                    "ejected endpoint back in rotation"
+                );
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 pub use backend::{Backend, CallGuard, Fit, Outcome};
 
 use crate::clock::now_ns;
-use crate::health::FailureCodes;
+use crate::health::{HealthSettings, ServiceHealth};
 
 /// The balancing policies, as named in settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,8 +100,6 @@ pub struct BalanceSettings {
     pub ewma_decay: Duration,
     /// The latency estimate of an endpoint with no call yet (Linkerd: 30 ms).
     pub default_rtt: Duration,
-    /// Statuses that count as the backend failing the call (slow, for peak-EWMA).
-    pub failure_codes: FailureCodes,
 }
 
 impl Default for BalanceSettings {
@@ -111,7 +109,6 @@ impl Default for BalanceSettings {
             slow_start: None,
             ewma_decay: Duration::from_secs(10),
             default_rtt: Duration::from_millis(30),
-            failure_codes: FailureCodes::DEFAULT,
         }
     }
 }
@@ -165,20 +162,27 @@ impl EndpointSet {
 #[derive(Debug)]
 pub struct Balancer {
     settings: Arc<BalanceSettings>,
+    health: Arc<ServiceHealth>,
     rr: round_robin::RoundRobin,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
-        Self::new(Arc::new(BalanceSettings::default()))
+        Self::new(
+            "",
+            Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        )
     }
 }
 
 impl Balancer {
-    /// A balancer with `settings`.
-    pub fn new(settings: Arc<BalanceSettings>) -> Self {
+    /// A balancer of service `name` with `settings`, ejecting failing endpoints as
+    /// `health` says.
+    pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
             settings,
+            health: Arc::new(ServiceHealth::new(name, health)),
             rr: round_robin::RoundRobin::default(),
         }
     }
@@ -186,6 +190,19 @@ impl Balancer {
     /// The settings this balancer runs with (shared with the service's backends).
     pub fn settings(&self) -> &Arc<BalanceSettings> {
         &self.settings
+    }
+
+    /// The health accounting of the service's endpoints.
+    pub fn health(&self) -> &Arc<ServiceHealth> {
+        &self.health
+    }
+
+    /// The snapshot of `backends` to publish; the health accounting learns the
+    /// service's members from it.
+    pub fn snapshot(&self, backends: Vec<Arc<Backend>>) -> EndpointSet {
+        self.health
+            .set_members(backends.iter().map(|b| Arc::clone(b.health())).collect());
+        EndpointSet::new(backends)
     }
 
     /// The policy this balancer runs.
@@ -245,27 +262,37 @@ pub(crate) mod tests {
 
     /// `n` backends on ports 1000.., with the given weights (1 where none is given).
     pub(crate) fn set_with(n: usize, weights: &[u32]) -> EndpointSet {
-        set_for(n, weights, &Arc::new(BalanceSettings::default()))
+        set_for(
+            n,
+            weights,
+            &Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        )
+        .1
     }
 
-    /// As [`set_with`], for backends balanced with `settings`.
+    /// As [`set_with`], for backends balanced with `settings` and `health`, and their
+    /// balancer.
     pub(crate) fn set_for(
         n: usize,
         weights: &[u32],
         settings: &Arc<BalanceSettings>,
-    ) -> EndpointSet {
+        health: HealthSettings,
+    ) -> (Balancer, EndpointSet) {
         let cfg = UpstreamConfig::default();
-        EndpointSet::new(
+        let balancer = Balancer::new("t", Arc::clone(settings), health);
+        let set = balancer.snapshot(
             (0..n)
                 .map(|i| {
                     let addr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
                     let ep = Endpoint::new(addr).with_weight(weights.get(i).copied().unwrap_or(1));
                     let up = Upstream::new(ep.addr.clone(), &cfg);
                     up.assume_ready();
-                    Backend::new(up, &ep, Arc::clone(settings))
+                    Backend::new(up, &ep, &balancer)
                 })
                 .collect(),
-        )
+        );
+        (balancer, set)
     }
 
     pub(crate) fn port(b: &Backend) -> usize {
@@ -343,8 +370,7 @@ mod policy_tests {
     #[test]
     fn least_request_avoids_the_loaded_endpoint() {
         let st = settings(Policy::LeastRequest, None);
-        let s = set_for(3, &[], &st);
-        let b = Balancer::new(Arc::clone(&st));
+        let (b, s) = set_for(3, &[], &st, HealthSettings::default());
         let busy: Vec<_> = (0..5).map(|_| s.backends[0].start_call()).collect();
         let counts = picks(&b, &s, 300, false);
         assert_eq!(counts[0], 0, "{counts:?}");
@@ -356,15 +382,15 @@ mod policy_tests {
     #[test]
     fn least_request_shares_by_weight_under_load() {
         let st = settings(Policy::LeastRequest, None);
-        let s = set_for(2, &[3, 1], &st);
-        let counts = picks(&Balancer::new(st), &s, 400, true);
+        let (b, s) = set_for(2, &[3, 1], &st, HealthSettings::default());
+        let counts = picks(&b, &s, 400, true);
         assert!((295..=305).contains(&counts[0]), "{counts:?}");
     }
 
     #[test]
     fn peak_ewma_avoids_the_slow_and_the_failing() {
         let st = settings(Policy::PeakEwma, None);
-        let s = set_for(3, &[], &st);
+        let (bal, s) = set_for(3, &[], &st, HealthSettings::default());
         for b in s.iter() {
             finish(b, Duration::from_millis(1), Outcome::Status(0));
         }
@@ -379,7 +405,7 @@ mod policy_tests {
             Duration::from_micros(50),
             Outcome::Status(14),
         );
-        let counts = picks(&Balancer::new(Arc::clone(&st)), &s, 300, false);
+        let counts = picks(&bal, &s, 300, false);
         // Two random choices: the dearest is never taken, the second only when drawn
         // with the dearest (a third of draws).
         assert_eq!(
@@ -399,7 +425,7 @@ mod policy_tests {
     #[test]
     fn peak_ewma_estimate_peaks_then_decays() {
         let st = settings(Policy::PeakEwma, None);
-        let s = set_for(1, &[], &st);
+        let (_, s) = set_for(1, &[], &st, HealthSettings::default());
         let b = &s.backends[0];
         let fresh = b.latency_estimate(now_ns());
         assert!(
@@ -420,13 +446,12 @@ mod policy_tests {
     fn slow_start_ramps_a_returning_endpoint() {
         for policy in [Policy::RoundRobin, Policy::LeastRequest] {
             let st = settings(policy, Some(Duration::from_millis(400)));
-            let s = set_for(3, &[], &st);
+            let (b, s) = set_for(3, &[], &st, HealthSettings::default());
             std::thread::sleep(Duration::from_millis(420));
             assert_eq!(s.backends[0].ramp(now_ns()), 1.0);
             s.backends[0].restart_slow_start();
             let ramp = s.backends[0].ramp(now_ns());
             assert!((0.1..0.15).contains(&ramp), "{ramp}");
-            let b = Balancer::new(Arc::clone(&st));
             let counts = picks(&b, &s, 300, policy == Policy::LeastRequest);
             assert!(counts[0] < 45, "{policy}: {counts:?}");
             std::thread::sleep(Duration::from_millis(420));

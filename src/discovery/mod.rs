@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::balance::{BalanceSettings, Balancer, EndpointSet};
+use crate::health::HealthSettings;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
@@ -46,6 +47,8 @@ pub struct DiscoveryConfig {
     pub balance: BalanceSettings,
     /// Per-service balancing, by service name (from the config file).
     pub service_balance: HashMap<ServiceName, BalanceSettings>,
+    /// Outlier ejection and active health checks.
+    pub health: HealthSettings,
 }
 
 /// Map from service name to its state; replaced whole (copy on write) when a service is added.
@@ -113,7 +116,7 @@ impl Discovery {
         let service = Arc::new(Service::new(
             name.clone(),
             Arc::clone(&metrics),
-            Balancer::new(Arc::new(balance)),
+            Balancer::new(name.as_str(), Arc::new(balance), self.config.health.clone()),
         ));
         let upstream_config = UpstreamConfig {
             metrics: Some(metrics),

@@ -14,7 +14,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 
 use super::Service;
 use crate::backoff::Backoff;
-use crate::balance::{Backend, EndpointSet};
+use crate::balance::Backend;
 use crate::endpoint::{BackendAddr, Endpoint};
 use crate::etcd::{timed, RequestError};
 use crate::route::ServiceName;
@@ -148,14 +148,12 @@ impl WatchState {
                     tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
                     let up = Upstream::new(addr.clone(), &self.upstream_config);
                     up.start(self.upstream_config.clone());
-                    self.backends.insert(
-                        addr.clone(),
-                        Backend::new(up, ep, Arc::clone(self.service.balancer().settings())),
-                    );
+                    self.backends
+                        .insert(addr.clone(), Backend::new(up, ep, self.service.balancer()));
                 }
             }
         }
-        let set = EndpointSet::new(self.backends.values().cloned().collect());
+        let set = (self.service.balancer()).snapshot(self.backends.values().cloned().collect());
         self.service.publish(set);
     }
 }

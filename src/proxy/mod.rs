@@ -157,6 +157,7 @@ pub async fn serve(
             metrics: Metrics::new(),
             balance: Default::default(),
             service_balance: Default::default(),
+            health: Default::default(),
         },
     );
     let admin = AdminState::new(Arc::clone(&discovery));
