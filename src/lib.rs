@@ -9,7 +9,8 @@
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
-//! - [`config`]: command-line flags and their environment variables.
+//! - [`settings`]: every setting declared once (flag, environment variable, config file
+//!   key, default), layered flag > environment > file > default.
 //! - [`status`]: gRPC errors produced by the proxy itself.
 //! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
 //!   the demo, the tests and the benchmarks.
@@ -18,7 +19,6 @@
 
 pub mod admin;
 pub mod balance;
-pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod route;
+pub mod settings;
 pub mod status;
 pub mod testkit;
 pub mod tls;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use serde::Serialize;
 
-use crate::config::{parse_duration, EtcdArgs};
 use crate::discovery::value::{service_prefix, EndpointValue, ValueFormat};
 use crate::route::{validate_service_name, ServiceName};
+use crate::settings::{duration, EtcdSettings};
 
 /// Flags of `switchyard endpoints`.
 #[derive(clap::Args, Debug, Clone)]
@@ -21,11 +21,11 @@ pub struct EndpointsArgs {
     #[arg(long)]
     pub json: bool,
     /// Time allowed for each etcd request.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub timeout: Duration,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// One key under the prefix, decoded as far as it goes.

@@ -20,10 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{reply, AdminResponse, METRICS, TEXT};
-use crate::config::{parse_duration, AdminListen, EtcdArgs};
 use crate::discovery::value::{BackendAddr, ValueFormat};
 use crate::metrics::RegistrationMetrics;
 use crate::route::ServiceName;
+use crate::settings::{duration, AdminListen, EtcdSettings};
 
 use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
 use super::{check_ttl, Registration, RegistrationError, RegistrationSpec, RegistrationState};
@@ -78,7 +78,7 @@ pub struct RegisterArgs {
     pub admin_listen: AdminListen,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// `--addr`: `host:port`, and not a wildcard address that clients cannot reach.
@@ -98,14 +98,14 @@ pub fn parse_register_addr(s: &str) -> Result<BackendAddr, String> {
 
 /// `--ttl`: a duration of whole seconds within etcd's lease limits.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let ttl = parse_duration(s)?;
+    let ttl = duration::parse(s)?;
     check_ttl(ttl).map_err(|e| e.to_string())?;
     Ok(ttl)
 }
 
 /// A duration greater than zero.
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match duration::parse(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
         d => Ok(d),
     }
