@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use switchyard::discovery::value::ValueFormat;
 use switchyard::registration::sidecar::{run_until, RegisterArgs};
 use switchyard::registration::{Registration, RegistrationSpec, RegistrationState};
+use switchyard::registry::ValueFormat;
 use switchyard::settings::EtcdSettings;
 
 const ECHO: &str = "switchyard.echo.v1.Echo";
