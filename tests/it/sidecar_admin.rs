@@ -1,7 +1,6 @@
 //! Registration metrics and the `switchyard register` sidecar's admin listener, against a
 //! real etcd, a real Echo backend and the real binary.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::time::Duration;
