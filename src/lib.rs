@@ -11,14 +11,16 @@
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`config`]: command-line flags and their environment variables.
 //! - [`status`]: gRPC errors produced by the proxy itself.
-//! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
-//!   the demo, the tests and the benchmarks.
+//! - `demo`, `testkit` and `echo` (cargo feature `demo`, on for the tests and benchmarks):
+//!   the example Echo backend and client and local etcd processes, for the demo, the tests
+//!   and the benchmarks; not part of the proxy's own builds.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod balance;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
@@ -28,11 +30,13 @@ pub mod proxy;
 pub mod registration;
 pub mod route;
 pub mod status;
+#[cfg(feature = "demo")]
 pub mod testkit;
 pub mod tls;
 pub mod upstream;
 
 /// Generated code for the example `Echo` service used by demos, tests and benchmarks.
+#[cfg(feature = "demo")]
 pub mod echo {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("switchyard.echo.v1");
