@@ -6,11 +6,15 @@
 //!   [`proxy::relay`]).
 //! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
 //!   immutable snapshots ([`balance::EndpointSet`]).
+//! - [`registry`]: registry formats: what an etcd key and its value say about backends
+//!   (one codec per format, shared by discovery, `register` and `endpoints`).
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`config`]: command-line flags and their environment variables.
 //! - [`status`]: gRPC errors produced by the proxy itself.
+//! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
+//! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
 //! - `demo`, `testkit` and `echo` (cargo feature `demo`, on for the tests and benchmarks):
 //!   the example Echo backend and client and local etcd processes, for the demo, the tests
 //!   and the benchmarks; not part of the proxy's own builds.
@@ -18,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod backoff;
 pub mod balance;
 pub mod config;
 #[cfg(feature = "demo")]
@@ -28,6 +33,7 @@ pub mod etcd;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;
+pub mod registry;
 pub mod route;
 pub mod status;
 #[cfg(feature = "demo")]
