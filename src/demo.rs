@@ -468,7 +468,7 @@ pub struct DemoBackendArgs {
     pub ttl: Duration,
     /// etcd location and key prefix (with --service).
     #[command(flatten)]
-    pub etcd: crate::config::EtcdArgs,
+    pub etcd: crate::settings::EtcdSettings,
     /// Weight registered with --service (etcd naming `Metadata.weight`).
     #[arg(long, default_value_t = 1)]
     pub weight: u32,
@@ -562,7 +562,7 @@ pub struct DemoClientArgs {
     #[arg(long, default_value_t = 12)]
     pub calls: usize,
     /// Pause between calls.
-    #[arg(long, default_value = "0s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = crate::settings::duration::parse)]
     pub interval: Duration,
 }
 
