@@ -154,9 +154,18 @@ pub async fn serve(
                 ..UpstreamConfig::default()
             },
             metrics: Metrics::new(),
-            balance: Default::default(),
-            service_balance: Default::default(),
-            health: Default::default(),
+            balance: args.balance.settings(),
+            service_balance: args
+                .balance
+                .services
+                .iter()
+                .filter_map(|(name, section)| {
+                    // Names are checked with the other settings; none is invalid here.
+                    let name = ServiceName::new(name).ok()?;
+                    Some((name, args.balance.service_settings(section)))
+                })
+                .collect(),
+            health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
         },
     );
     let admin = AdminState::new(Arc::clone(&discovery));
