@@ -431,6 +431,15 @@ impl EchoBackend {
         self.health.set_service_status("", status).await;
     }
 
+    /// Sets what the standard health service reports for the Echo service itself.
+    pub async fn set_echo_serving(&self, serving: bool) {
+        if serving {
+            self.health.set_serving::<EchoServer<EchoService>>().await;
+        } else {
+            self.health.set_not_serving::<EchoServer<EchoService>>().await;
+        }
+    }
+
     /// Stops gracefully: GOAWAY to clients, open calls finish, then the listener closes.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -26,7 +26,7 @@ use std::time::Duration;
 pub use backend::{Backend, CallGuard, Fit, Outcome};
 
 use crate::clock::now_ns;
-use crate::health::{HealthSettings, ServiceHealth};
+use crate::health::{ActiveCheck, HealthSettings, ServiceHealth};
 
 /// The balancing policies, as named in settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -195,6 +195,20 @@ impl Balancer {
     /// The health accounting of the service's endpoints.
     pub fn health(&self) -> &Arc<ServiceHealth> {
         &self.health
+    }
+
+    /// A new endpoint of the service, reached through `upstream`; its active health
+    /// check starts with it when one is configured (call within the runtime).
+    pub fn add_backend(
+        &self,
+        upstream: Arc<crate::upstream::Upstream>,
+        endpoint: &crate::endpoint::Endpoint,
+    ) -> Arc<Backend> {
+        let backend = Backend::new(upstream, endpoint, self);
+        if self.health.settings().check == ActiveCheck::Grpc {
+            crate::health::active::spawn(Arc::clone(&self.health), backend.health(), backend.addr());
+        }
+        backend
     }
 
     /// The snapshot of `backends` to publish; the health accounting learns the

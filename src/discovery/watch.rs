@@ -148,12 +148,12 @@ impl WatchState {
                     tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
                     let up = Upstream::new(addr.clone(), &self.upstream_config);
                     up.start(self.upstream_config.clone());
-                    self.backends
-                        .insert(addr.clone(), Backend::new(up, ep, self.service.balancer()));
+                    let backend = self.service.balancer().add_backend(up, ep);
+                    self.backends.insert(addr.clone(), backend);
                 }
             }
         }
-        let set = (self.service.balancer()).snapshot(self.backends.values().cloned().collect());
+        let set = self.service.balancer().snapshot(self.backends.values().cloned().collect());
         self.service.publish(set);
     }
 }

@@ -7,6 +7,7 @@ mod common;
 mod faults;
 
 mod admin;
+mod balance;
 mod bad_input;
 mod config;
 mod proxy;

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+pub mod active;
+
 use crate::clock::now_ns;
 
 /// A set of gRPC status codes (0-16) that count as the backend failing the call.
