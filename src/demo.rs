@@ -436,7 +436,9 @@ impl EchoBackend {
         if serving {
             self.health.set_serving::<EchoServer<EchoService>>().await;
         } else {
-            self.health.set_not_serving::<EchoServer<EchoService>>().await;
+            self.health
+                .set_not_serving::<EchoServer<EchoService>>()
+                .await;
         }
     }
 

@@ -178,7 +178,7 @@ impl Metrics {
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "switchyard_endpoints",
-                "Known endpoints by service and connection state (connecting, ready, failed).",
+                "Known endpoints by service and state (connecting, ready, failed; ejected, unhealthy).",
             ),
             &["service", "state"],
         );

@@ -121,6 +121,22 @@ impl Backend {
         }
     }
 
+    /// The endpoint's state as operators see it: `ejected`, `unhealthy` (by its active
+    /// check), or its connection's state.
+    pub fn state_name(&self, now: u64) -> &'static str {
+        if self.health.ejected_until(now).is_some() {
+            "ejected"
+        } else if self.health.is_unhealthy() {
+            "unhealthy"
+        } else {
+            self.upstream.state().as_str()
+        }
+    }
+
+    /// Every state [`Backend::state_name`] names.
+    pub const STATE_NAMES: [&'static str; 5] =
+        ["connecting", "ready", "failed", "ejected", "unhealthy"];
+
     /// Restarts slow start: the endpoint came back from failure.
     pub fn restart_slow_start(&self) {
         self.since.store(now_ns(), Ordering::Relaxed);

@@ -206,7 +206,11 @@ impl Balancer {
     ) -> Arc<Backend> {
         let backend = Backend::new(upstream, endpoint, self);
         if self.health.settings().check == ActiveCheck::Grpc {
-            crate::health::active::spawn(Arc::clone(&self.health), backend.health(), backend.addr());
+            crate::health::active::spawn(
+                Arc::clone(&self.health),
+                backend.health(),
+                backend.addr(),
+            );
         }
         backend
     }

@@ -153,7 +153,10 @@ impl WatchState {
                 }
             }
         }
-        let set = self.service.balancer().snapshot(self.backends.values().cloned().collect());
+        let set = self
+            .service
+            .balancer()
+            .snapshot(self.backends.values().cloned().collect());
         self.service.publish(set);
     }
 }

@@ -116,8 +116,12 @@ impl Checker {
                 CheckState::Serving => {
                     tracing::info!(service, backend = %self.addr, "health check: SERVING; endpoint in rotation")
                 }
-                _ if out => tracing::info!(service, backend = %self.addr, "health check: not serving; endpoint out of rotation"),
-                _ => tracing::warn!(service, backend = %self.addr, "health check: not serving, but the cap keeps the endpoint in rotation"),
+                _ if out => {
+                    tracing::info!(service, backend = %self.addr, "health check: not serving; endpoint out of rotation")
+                }
+                _ => {
+                    tracing::warn!(service, backend = %self.addr, "health check: not serving, but the cap keeps the endpoint in rotation")
+                }
             }
             self.last = state;
         }

@@ -38,7 +38,11 @@ pub struct BalanceSection {
     pub slow_start: Duration,
     /// Per-service settings, by service name (config file only).
     #[arg(skip)]
-    #[serde(default, rename = "service", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        rename = "service",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub services: BTreeMap<String, ServiceSection>,
 }
 

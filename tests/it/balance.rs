@@ -16,7 +16,12 @@ async fn put_weighted(etcd: &EtcdProcess, b: &EchoBackend, weight: u32) {
         r#"{{"Op":0,"Addr":"{}","Metadata":{{"weight":{weight}}}}}"#,
         b.addr()
     );
-    put(etcd.endpoint(), &format!("services/{SVC}/{}", b.addr()), &value).await;
+    put(
+        etcd.endpoint(),
+        &format!("services/{SVC}/{}", b.addr()),
+        &value,
+    )
+    .await;
 }
 
 /// Which backend answered each of `n` sequential calls.
@@ -165,7 +170,10 @@ async fn slow_start_ramps_a_new_endpoint_up_to_its_share() {
         "the early calls took too long to say anything"
     );
     // Within the first half of the window its share is at most ~55 % of its weight's 1/3.
-    assert!(early_new <= 30, "{early_new} of 150 calls in the ramp's first half");
+    assert!(
+        early_new <= 30,
+        "{early_new} of 150 calls in the ramp's first half"
+    );
     tokio::time::sleep_until(started + window + Duration::from_millis(200)).await;
     let late = sequence(proxy.addr, 150).await;
     let late_new = late.iter().filter(|n| *n == "new").count();
@@ -181,7 +189,10 @@ async fn bad_balancing_and_ejection_values_name_their_flag() {
         (&["--balance", "fastest"][..], "--balance"),
         (&["--slow-start", "soon"][..], "--slow-start"),
         (&["--eject-after", "many"][..], "--eject-after"),
-        (&["--max-ejected-percent", "101"][..], "--max-ejected-percent"),
+        (
+            &["--max-ejected-percent", "101"][..],
+            "--max-ejected-percent",
+        ),
         (&["--failure-codes", "14,99"][..], "--failure-codes"),
         (&["--health-check", "http"][..], "--health-check"),
     ] {
@@ -191,16 +202,27 @@ async fn bad_balancing_and_ejection_values_name_their_flag() {
         let code = p.wait_exit(Duration::from_secs(10)).await;
         assert_eq!(code, Some(2), "{args:?} should be refused");
         let text = p.log_text();
-        assert!(text.contains(flag), "{args:?}: the error does not name {flag}: {text}");
+        assert!(
+            text.contains(flag),
+            "{args:?}: the error does not name {flag}: {text}"
+        );
     }
     let mut p = SwitchyardProcess::spawn(
-        &["proxy", "--etcd-endpoints", "http://127.0.0.1:9", "--balance", "fastest"],
+        &[
+            "proxy",
+            "--etcd-endpoints",
+            "http://127.0.0.1:9",
+            "--balance",
+            "fastest",
+        ],
         &[],
     );
     p.wait_exit(Duration::from_secs(10)).await;
     let text = p.log_text();
     assert!(
-        text.contains("round-robin") && text.contains("least-request") && text.contains("peak-ewma"),
+        text.contains("round-robin")
+            && text.contains("least-request")
+            && text.contains("peak-ewma"),
         "the error lists the policies: {text}"
     );
 }

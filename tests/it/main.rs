@@ -7,9 +7,10 @@ mod common;
 mod faults;
 
 mod admin;
-mod balance;
 mod bad_input;
+mod balance;
 mod config;
+mod ejection;
 mod proxy;
 mod refused;
 mod registration;
