@@ -147,7 +147,7 @@ pub async fn serve(
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefix: args.etcd.prefix.clone(),
+            prefixes: vec![args.etcd.prefix.clone()],
             max_services: args.max_services,
             upstream: UpstreamConfig {
                 connect_timeout: args.connect_timeout,
