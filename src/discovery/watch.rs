@@ -74,14 +74,7 @@ impl Keys {
                 }
                 return self.decoded.insert(key.to_vec(), d.endpoints.clone()) != Some(d.endpoints);
             }
-            Ok(d) => format!(
-                "{} value lists no endpoint to serve{}",
-                d.format,
-                d.skipped
-                    .iter()
-                    .map(|s| format!("; {s}"))
-                    .collect::<String>()
-            ),
+            Ok(d) => d.why_nothing_to_serve(),
             Err(e) => e.to_string(),
         };
         if self.logged_bad.insert(key.to_vec(), mod_revision) != Some(mod_revision) {

@@ -361,6 +361,18 @@ pub struct Decoded {
     pub skipped: Vec<Skipped>,
 }
 
+impl Decoded {
+    /// Why a value that decoded lists nothing to serve (for log lines and listings).
+    pub fn why_nothing_to_serve(&self) -> String {
+        let mut why = format!("{} value lists no endpoint to serve", self.format);
+        for s in &self.skipped {
+            why.push_str("; ");
+            why.push_str(&s.to_string());
+        }
+        why
+    }
+}
+
 /// Decodes the value of etcd key `key`, recognising its format by its shape.
 pub fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, ValueError> {
     if value.len() > MAX_VALUE_LEN {
