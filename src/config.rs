@@ -17,7 +17,7 @@ use clap::{ArgMatches, Args, FromArgMatches};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use crate::route::{ServiceName, ServiceNameError};
+use crate::route::{RouteSpec, Routes, ServiceName, ServiceNameError};
 
 /// Flags that say where etcd is and where services live in it.
 #[derive(clap::Args, Debug, Clone)]
@@ -30,9 +30,12 @@ pub struct EtcdArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
-    /// Key prefix under which services register (`<prefix>/<service>/<addr>`).
-    #[arg(long, env = "SWITCHYARD_PREFIX", default_value = "services")]
-    pub prefix: String,
+    /// Key prefix under which services register (`<prefix>/<service>/...`), kept as
+    /// written (empty for go-zero, `/microservices` for Kratos); repeatable: a service's
+    /// endpoints are those under any of them. Default: `services` (for `register`: the
+    /// --format's own).
+    #[arg(long, env = "SWITCHYARD_PREFIX", value_name = "PREFIX")]
+    pub prefix: Vec<String>,
     /// Time allowed to open a connection to an etcd endpoint.
     #[arg(long, env = "SWITCHYARD_ETCD_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub etcd_connect_timeout: Duration,
@@ -58,13 +61,27 @@ impl EtcdArgs {
     pub fn local(endpoint: impl Into<String>) -> Self {
         Self {
             etcd_endpoints: vec![endpoint.into()],
-            prefix: "services".into(),
+            prefix: Vec::new(),
             etcd_connect_timeout: Duration::from_secs(2),
             etcd_user: None,
             etcd_password: None,
             etcd_ca: None,
             etcd_cert: None,
             etcd_key: None,
+        }
+    }
+}
+
+/// The key prefix used when none is given.
+pub const DEFAULT_PREFIX: &str = "services";
+
+impl EtcdArgs {
+    /// The key prefixes given, or the default one.
+    pub fn prefixes(&self) -> Vec<String> {
+        if self.prefix.is_empty() {
+            vec![DEFAULT_PREFIX.to_owned()]
+        } else {
+            self.prefix.clone()
         }
     }
 }
@@ -163,6 +180,16 @@ pub struct ProxyArgs {
     /// etcd location and key prefix.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Route `GRPC_SERVICE=REGISTERED_NAME`, repeatable: calls whose path names
+    /// GRPC_SERVICE go to the instances registered as REGISTERED_NAME (e.g.
+    /// `helloworld.v1.Greeter=helloworld`). Bound listeners are not routed.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ROUTE",
+        value_delimiter = ',',
+        value_name = "GRPC_SERVICE=REGISTERED_NAME"
+    )]
+    pub route: Vec<RouteSpec>,
     /// Time allowed to connect (TCP + HTTP/2 handshake) to a backend.
     #[arg(long, env = "SWITCHYARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -217,6 +244,7 @@ impl ProxyArgs {
             config: None,
             listen,
             etcd,
+            route: Vec::new(),
             connect_timeout: Duration::from_secs(1),
             discovery_timeout: Duration::from_secs(3),
             max_services: 1024,
@@ -266,6 +294,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("admin_listen", "admin.listen"),
     ("etcd_endpoints", "etcd.endpoints"),
     ("prefix", "etcd.prefix"),
+    ("route", "route"),
     ("etcd_connect_timeout", "etcd.connect_timeout"),
     ("etcd_user", "etcd.user"),
     ("etcd_password", "etcd.password"),
@@ -308,6 +337,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// `--listen`, one `[[listener]]` table each.
     pub listener: Option<Vec<FileListener>>,
+    /// `--route`, one `[[route]]` table each (`grpc_service`, `registered`).
+    pub route: Option<Vec<RouteSpec>>,
     /// The admin listener.
     #[serde(default)]
     pub admin: FileAdmin,
@@ -355,8 +386,9 @@ pub struct FileAdmin {
 pub struct FileEtcd {
     /// `--etcd-endpoints`.
     pub endpoints: Option<Vec<String>>,
-    /// `--prefix`.
-    pub prefix: Option<String>,
+    /// `--prefix`: one prefix, or a list of them.
+    #[serde(default, deserialize_with = "de_one_or_many")]
+    pub prefix: Option<Vec<String>>,
     /// `--etcd-connect-timeout`.
     #[serde(default, deserialize_with = "de_duration")]
     pub connect_timeout: Option<Duration>,
@@ -433,6 +465,20 @@ pub struct FileUpstreamTls {
     pub key: Option<PathBuf>,
     /// `--upstream-sni`.
     pub sni: Option<String>,
+}
+
+/// A string, or a list of strings.
+fn de_one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 fn de_parse<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -716,6 +762,7 @@ fn merge(
             .collect()
     });
     set!("listen", listen => args.listen);
+    set!("route", file.route => args.route);
     set!("admin_listen", file.admin.listen => args.admin_listen);
     let e = file.etcd;
     set!("etcd_endpoints", e.endpoints => args.etcd.etcd_endpoints);
@@ -845,8 +892,13 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if e.prefix.trim_matches('/').is_empty() {
-        return Err(s.field_error("prefix", "the key prefix is empty".into()));
+    for (i, p) in e.prefix.iter().enumerate() {
+        if e.prefix[..i].contains(p) {
+            return Err(s.field_error("prefix", format!("{p:?} is given twice")));
+        }
+    }
+    if let Err(err) = Routes::new(&a.route) {
+        return Err(s.field_error("route", err.to_string()));
     }
     pair(
         e.etcd_user.is_some(),
@@ -979,6 +1031,13 @@ impl fmt::Display for Settings {
                 None => writeln!(f, "listener {} -> service from the call's path", l.addr)?,
             }
         }
+        for r in &a.route {
+            writeln!(
+                f,
+                "route {} -> service {}",
+                r.grpc_service, r.registered
+            )?;
+        }
         match a.admin_listen.0 {
             Some(addr) => writeln!(f, "admin {addr}")?,
             None => writeln!(f, "admin off")?,
@@ -986,9 +1045,13 @@ impl fmt::Display for Settings {
         let e = &a.etcd;
         writeln!(
             f,
-            "etcd {} prefix {:?} (tls {}, auth {})",
+            "etcd {} prefix {} (tls {}, auth {})",
             e.etcd_endpoints.join(","),
-            e.prefix,
+            e.prefixes()
+                .iter()
+                .map(|p| format!("{p:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             match (&e.etcd_ca, &e.etcd_cert) {
                 (_, Some(_)) => "mtls",
                 (Some(_), None) => "on",

@@ -131,7 +131,7 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.listen[1].service.as_ref().unwrap().as_str(), "pkg.A");
     assert_eq!(a.admin_listen.0, Some("127.0.0.1:17071".parse().unwrap()));
     assert_eq!(a.etcd.etcd_endpoints.len(), 2);
-    assert_eq!(a.etcd.prefix, "fleet/services");
+    assert_eq!(a.etcd.prefix, ["fleet/services"]);
     assert_eq!(a.etcd.etcd_connect_timeout, Duration::from_secs(7));
     assert_eq!(a.etcd.etcd_user.as_deref(), Some("switchyard"));
     assert_eq!(a.etcd.etcd_password.as_deref(), Some("pw"));
@@ -195,7 +195,7 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         "text",
     ])
     .unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "from-flag");
+    assert_eq!(s.proxy.etcd.prefix, ["from-flag"]);
     assert_eq!(s.proxy.listen.len(), 1);
     assert_eq!(s.proxy.listen[0].addr.port(), 18000);
     assert_eq!(s.proxy.drain_timeout, Duration::from_secs(3));
@@ -208,7 +208,7 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let small = write(dir.path(), "small.toml", "[etcd]\nprefix = \"p\"\n");
     let s = load(&["--config", small.to_str().unwrap()]).unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "p");
+    assert_eq!(s.proxy.etcd.prefix, ["p"]);
     assert_eq!(s.proxy.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
     assert_eq!(s.proxy.listen[0].addr.port(), 7070);
     assert_eq!(s.proxy.drain_timeout, Duration::from_secs(10));

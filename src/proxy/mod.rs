@@ -66,6 +66,9 @@ pub enum ProxyError {
     /// A bound service could not be set up.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The routes do not fit together.
+    #[error("--route: {0}")]
+    Route(#[from] crate::route::RouteError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` completes.
@@ -147,7 +150,7 @@ pub async fn serve(
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefixes: vec![args.etcd.prefix.clone()],
+            prefixes: args.etcd.prefixes(),
             max_services: args.max_services,
             upstream: UpstreamConfig {
                 connect_timeout: args.connect_timeout,
@@ -157,6 +160,7 @@ pub async fn serve(
             metrics: Metrics::new(),
         },
     );
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
     let admin = AdminState::new(Arc::clone(&discovery));
     // Resolve and bind everything that can fail before any task is started.
     let mut serving = Vec::with_capacity(listeners.len());
@@ -165,11 +169,10 @@ pub async fn serve(
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
             None => Target::ByPath,
         };
-        let forwarder = Arc::new(Forwarder::new(
-            Arc::clone(&discovery),
-            target,
-            args.discovery_timeout,
-        ));
+        let forwarder = Arc::new(
+            Forwarder::new(Arc::clone(&discovery), target, args.discovery_timeout)
+                .with_routes(Arc::clone(&routes)),
+        );
         serving.push((bound, forwarder));
     }
     let admin_listener = match args.admin_listen.0 {

@@ -300,7 +300,7 @@ pub async fn run(args: EndpointsArgs) -> Result<(), ListError> {
     let mut client = crate::etcd::connect(&args.etcd).await?;
     let entries = list(
         &mut client,
-        std::slice::from_ref(&args.etcd.prefix),
+        &args.etcd.prefixes(),
         args.service.as_ref(),
         args.timeout,
     )
