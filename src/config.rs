@@ -1032,11 +1032,7 @@ impl fmt::Display for Settings {
             }
         }
         for r in &a.route {
-            writeln!(
-                f,
-                "route {} -> service {}",
-                r.grpc_service, r.registered
-            )?;
+            writeln!(f, "route {} -> service {}", r.grpc_service, r.registered)?;
         }
         match a.admin_listen.0 {
             Some(addr) => writeln!(f, "admin {addr}")?,

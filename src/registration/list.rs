@@ -1,8 +1,8 @@
 //! `switchyard endpoints`: lists what is registered under the prefixes, decoded, with
 //! each value's format, for operators. Malformed keys and values are listed as such;
 //! under the empty prefix (go-zero's keys have no common prefix) only keys shaped
-//! `<service>/<name>` and not under another listed prefix are taken, since the whole
-//! keyspace is under it.
+//! `<service>/<name>` whose value is a registry value and that are not under another
+//! listed prefix are taken, since the whole keyspace is under it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -133,12 +133,15 @@ pub async fn list(
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if root.is_empty() {
-                // The whole keyspace: only what looks like `<service>/<name>` and is
-                // not another prefix's.
+                // The whole keyspace: only what looks like `<service>/<name>` holding
+                // a registry value, and is not another prefix's.
                 let elsewhere = roots
                     .iter()
                     .any(|r| !r.is_empty() && key.starts_with(r.as_str()));
-                if elsewhere || split_key(&key).is_err() {
+                if elsewhere
+                    || split_key(&key).is_err()
+                    || crate::registry::decode(kv.key(), kv.value()).is_err()
+                {
                     continue;
                 }
             }
