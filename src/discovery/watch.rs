@@ -74,15 +74,19 @@ impl Keys {
                 }
                 return self.decoded.insert(key.to_vec(), d.endpoints.clone()) != Some(d.endpoints);
             }
-            Ok(d) => d.why_nothing_to_serve(),
-            Err(e) => e.to_string(),
+            Ok(d) => (
+                d.why_nothing_to_serve(),
+                "skipping endpoint value: nothing to serve",
+            ),
+            Err(e) => (e.to_string(), "skipping malformed endpoint value"),
         };
         if self.logged_bad.insert(key.to_vec(), mod_revision) != Some(mod_revision) {
+            let (reason, message) = why;
             tracing::warn!(
                 service = %service,
                 key = %String::from_utf8_lossy(key),
-                reason = %why,
-                "skipping endpoint value"
+                %reason,
+                "{message}"
             );
         }
         self.decoded.remove(key).is_some()

@@ -53,11 +53,7 @@ impl Codec for EtcdNaming {
         value: Shape<'_>,
         _skipped: &mut Vec<Skipped>,
     ) -> Result<Vec<Endpoint>, ValueError> {
-        let invalid = |reason| ValueError::invalid(ValueFormat::EtcdNaming, reason);
-        let Shape::Json(map) = value else {
-            return Err(invalid("not a JSON object".to_owned()));
-        };
-        let update = Update::deserialize(map).map_err(|e| invalid(e.to_string()))?;
+        let update: Update = super::read_json(ValueFormat::EtcdNaming, value)?;
         if update.op != OP_ADD {
             return Err(ValueError::NotAdd(update.op));
         }

@@ -83,11 +83,7 @@ impl Codec for GoMicro {
         value: Shape<'_>,
         skipped: &mut Vec<Skipped>,
     ) -> Result<Vec<Endpoint>, ValueError> {
-        let invalid = |reason| ValueError::invalid(ValueFormat::GoMicro, reason);
-        let Shape::Json(map) = value else {
-            return Err(invalid("not a JSON object".to_owned()));
-        };
-        let service = ReadService::deserialize(map).map_err(|e| invalid(e.to_string()))?;
+        let service: ReadService = super::read_json(ValueFormat::GoMicro, value)?;
         let mut endpoints = Vec::new();
         for node in service.nodes.unwrap_or_default() {
             let metadata = node.metadata.filter(|m| !m.is_null());

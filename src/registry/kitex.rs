@@ -70,17 +70,14 @@ impl Codec for Kitex {
         value: Shape<'_>,
         _skipped: &mut Vec<Skipped>,
     ) -> Result<Vec<Endpoint>, ValueError> {
-        let invalid = |reason| ValueError::invalid(ValueFormat::Kitex, reason);
-        let Shape::Json(map) = value else {
-            return Err(invalid("not a JSON object".to_owned()));
-        };
-        let info = ReadInfo::deserialize(map).map_err(|e| invalid(e.to_string()))?;
+        let info: ReadInfo = super::read_json(ValueFormat::Kitex, value)?;
         match info.network.as_deref() {
             None | Some("" | "tcp" | "tcp4" | "tcp6") => {}
             Some(other) => {
-                return Err(invalid(format!(
-                    "network {other:?} cannot be reached (tcp only)"
-                )))
+                return Err(ValueError::invalid(
+                    ValueFormat::Kitex,
+                    format!("network {other:?} cannot be reached (tcp only)"),
+                ))
             }
         }
         let weight = match info.weight {

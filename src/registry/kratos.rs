@@ -72,15 +72,11 @@ impl Codec for Kratos {
         value: Shape<'_>,
         skipped: &mut Vec<Skipped>,
     ) -> Result<Vec<Endpoint>, ValueError> {
-        let invalid = |reason| ValueError::invalid(ValueFormat::Kratos, reason);
-        let Shape::Json(map) = value else {
-            return Err(invalid("not a JSON object".to_owned()));
-        };
-        let instance = ReadInstance::deserialize(map).map_err(|e| invalid(e.to_string()))?;
+        let instance: ReadInstance = super::read_json(ValueFormat::Kratos, value)?;
         let name = instance.name.unwrap_or_default();
         if let Some(service) = super::service_segment(key) {
             if name != service {
-                return Err(invalid(format!(
+                return Err(ValueError::invalid(ValueFormat::Kratos, format!(
                     "it names service {name:?}, not {service:?} as its key does (Kratos clients skip it too)"
                 )));
             }

@@ -472,6 +472,17 @@ pub fn instance_key(prefix: &str, service: &str, name: &str) -> String {
     k
 }
 
+/// A JSON value of `format` read into `T` (the format's fields).
+fn read_json<'a, T: Deserialize<'a>>(
+    format: ValueFormat,
+    value: Shape<'a>,
+) -> Result<T, ValueError> {
+    match value {
+        Shape::Json(map) => T::deserialize(map).map_err(|e| ValueError::invalid(format, e)),
+        Shape::Text(_) => Err(ValueError::invalid(format, "not a JSON object")),
+    }
+}
+
 /// The last segment of `key` (after its last `/`).
 fn last_segment(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
