@@ -1,11 +1,10 @@
 //! Other registries' layouts against a real etcd: values byte for byte as go-zero, Kratos,
-//! Kitex, go-micro and etcd's naming package write them (tests/fixtures/registries.toml,
+//! Kitex, go-micro and etcd's naming package write them (tests/it/fixtures/registries.toml,
 //! each citing the framework's source) served through the proxy; several prefixes at
 //! once; routes from gRPC service names to registered names; the register sidecar's
 //! keys and values in each format, read back by our codecs and shaped as the framework's
 //! own decoder expects; bad values skipped while the rest of their service serves.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -448,7 +447,7 @@ async fn registered_in_each_format_the_backend_is_served_and_read_back() {
     let mut names = BTreeSet::new();
     for f in formats {
         let b = EchoBackend::start(f.name()).await.unwrap();
-        let client = switchyard::etcd::connect(&switchyard::config::EtcdArgs::local(e))
+        let client = switchyard::etcd::connect(&switchyard::settings::EtcdSettings::local(e))
             .await
             .unwrap();
         let spec = switchyard::registration::RegistrationSpec::new(ECHO, b.addr()).format(f);
