@@ -521,10 +521,10 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
         Some(service) => {
             let client = crate::etcd::connect(&args.etcd).await?;
             let mut spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
-                .prefix(args.etcd.prefix.clone())
+                .prefix(args.etcd.prefixes().swap_remove(0))
                 .ttl(args.ttl);
             if args.weight != 1 {
-                spec = spec.metadata(serde_json::json!({ "weight": args.weight }));
+                spec = spec.weight(args.weight);
             }
             let reg = crate::registration::Registration::start(client, spec).await?;
             tracing::info!(key = reg.key(), ttl = ?args.ttl, "registered in etcd");

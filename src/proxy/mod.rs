@@ -65,6 +65,9 @@ pub enum ProxyError {
     /// A bound service could not be set up.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The routes do not fit together.
+    #[error("--route: {0}")]
+    Route(#[from] crate::route::RouteError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` completes.
@@ -146,7 +149,7 @@ pub async fn serve(
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefix: args.etcd.prefix.clone(),
+            prefixes: args.etcd.prefixes(),
             max_services: args.limits.max_services,
             upstream: UpstreamConfig {
                 connect_timeout: args.timeouts.connect,
@@ -168,6 +171,7 @@ pub async fn serve(
             health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
         },
     );
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
     let admin = AdminState::new(Arc::clone(&discovery));
     // Resolve and bind everything that can fail before any task is started.
     let mut serving = Vec::with_capacity(listeners.len());
@@ -176,11 +180,10 @@ pub async fn serve(
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
             None => Target::ByPath,
         };
-        let forwarder = Arc::new(Forwarder::new(
-            Arc::clone(&discovery),
-            target,
-            args.timeouts.discovery,
-        ));
+        let forwarder = Arc::new(
+            Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery)
+                .with_routes(Arc::clone(&routes)),
+        );
         serving.push((bound, forwarder));
     }
     let admin_listener = match args.admin.listen.0 {

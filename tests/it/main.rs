@@ -14,6 +14,7 @@ mod ejection;
 mod proxy;
 mod refused;
 mod registration;
+mod registries;
 mod resilience;
 mod sidecar_admin;
 mod tls;
