@@ -119,7 +119,7 @@ fn cancelled_by_client(err: &h2::Error) -> bool {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if self.inner.is_some() {
+        if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {
             // Dropped before its end: the client went away (reset its stream).
             if let Some(r) = self.record.as_mut() {
                 r.status(usize::from(Code::Cancelled as u8));

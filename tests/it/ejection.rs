@@ -184,9 +184,18 @@ async fn active_checks_follow_a_node_flipped_to_not_serving_and_back() {
         flipped.elapsed()
     );
     bs[0].set_echo_serving(true).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t = tally(&calls(p.addr, 30).await);
-    assert_eq!(t.get("b0"), Some(&10), "b0 back after SERVING: {t:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = tally(&calls(p.addr, 30).await);
+        if t.get("b0") == Some(&10) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b0 not back after SERVING: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
