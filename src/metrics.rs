@@ -35,6 +35,8 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
+    /// Config reloads (SIGHUP), by result.
+    config_reloads: IntCounterVec,
     /// Registrations held by this process (the `register` sidecar).
     pub registrations: RegistrationMetrics,
 }
@@ -191,6 +193,13 @@ impl Metrics {
             &["service"],
         );
         let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_config_reloads_total",
+                "Config reloads on SIGHUP, by result (applied, or refused: the running settings stay).",
+            ),
+            &["result"],
+        );
         // The options above are all valid (static names, distinct labels).
         let (
             Ok(calls),
@@ -200,6 +209,7 @@ impl Metrics {
             Ok(endpoints),
             Ok(watch_up),
             Ok(etcd_up),
+            Ok(config_reloads),
         ) = (
             calls,
             duration,
@@ -208,11 +218,12 @@ impl Metrics {
             endpoints,
             watch_up,
             etcd_up,
+            config_reloads,
         )
         else {
             unreachable!("static metric definitions are valid")
         };
-        Arc::new(Self {
+        let metrics = Arc::new(Self {
             calls: register(&registry, calls),
             duration: register(&registry, duration),
             inflight: register(&registry, inflight),
@@ -220,9 +231,15 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
+            config_reloads: register(&registry, config_reloads),
             registrations: RegistrationMetrics::new(&registry),
             registry,
-        })
+        });
+        // Both results exported from the start, at 0.
+        for applied in [true, false] {
+            metrics.config_reloads.with_label_values(&[reload_result(applied)]);
+        }
+        metrics
     }
 
     /// The registry holding every metric (to add more collectors).
@@ -235,6 +252,13 @@ impl Metrics {
         render(&self.registry)
     }
 
+    /// Counts a config reload: `applied` or `refused`.
+    pub fn config_reloaded(&self, applied: bool) {
+        self.config_reloads
+            .with_label_values(&[reload_result(applied)])
+            .inc();
+    }
+
     /// Handles for one service.
     pub fn service(self: &Arc<Self>, service: &str) -> Arc<ServiceMetrics> {
         Arc::new(ServiceMetrics {
@@ -244,6 +268,15 @@ impl Metrics {
             inflight: self.inflight.with_label_values(&[service]),
             own: Default::default(),
         })
+    }
+}
+
+/// The `result` label of `switchyard_config_reloads_total`.
+fn reload_result(applied: bool) -> &'static str {
+    if applied {
+        "applied"
+    } else {
+        "refused"
     }
 }
 
