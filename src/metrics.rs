@@ -237,7 +237,9 @@ impl Metrics {
         });
         // Both results exported from the start, at 0.
         for applied in [true, false] {
-            metrics.config_reloads.with_label_values(&[reload_result(applied)]);
+            metrics
+                .config_reloads
+                .with_label_values(&[reload_result(applied)]);
         }
         metrics
     }

@@ -10,8 +10,8 @@ pub mod conn;
 pub mod error;
 pub mod forward;
 mod listeners;
-pub mod reload;
 pub mod relay;
+pub mod reload;
 pub mod replay;
 pub mod sockets;
 
@@ -168,7 +168,14 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
-    serve_with(Running::new(args), listeners, Sockets::none(), None, shutdown).await
+    serve_with(
+        Running::new(args),
+        listeners,
+        Sockets::none(),
+        None,
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_with(
@@ -256,7 +263,10 @@ async fn serve_with(
     }
     probe.abort();
     let drain_timeout = live.running.settings.timeouts.drain;
-    tracing::info!(?drain_timeout, "shutting down: no new connections, draining calls");
+    tracing::info!(
+        ?drain_timeout,
+        "shutting down: no new connections, draining calls"
+    );
     let _ = stop_tx.send(true);
     if let Some(t) = admin_task {
         let _ = t.await;

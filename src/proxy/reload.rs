@@ -68,7 +68,10 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
     keep("upstream_tls", r.upstream_tls != n.upstream_tls);
     keep("admin.listen", r.admin != n.admin);
     keep("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
-    keep("limits.max_services", r.limits.max_services != n.limits.max_services);
+    keep(
+        "limits.max_services",
+        r.limits.max_services != n.limits.max_services,
+    );
     keep(
         "limits.worker_threads",
         r.limits.worker_threads != n.limits.worker_threads,

@@ -56,7 +56,9 @@ impl Sockets {
                         tracing::info!(fd, %addr, name, "socket passed by the service manager");
                         passed.push(Passed { name, addr, socket });
                     }
-                    Err(e) => tracing::warn!(fd, error = %e, "passed socket has no address; ignored"),
+                    Err(e) => {
+                        tracing::warn!(fd, error = %e, "passed socket has no address; ignored")
+                    }
                 },
                 Ok(None) => {}
                 Err(e) => {
