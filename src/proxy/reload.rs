@@ -59,24 +59,24 @@ impl From<Loaded> for Running {
 fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> {
     let (r, n) = (&running.settings, &mut new.settings);
     let mut changed = Vec::new();
-    let mut keep = |key: &'static str, differs: bool| {
+    let mut note = |key: &'static str, differs: bool| {
         if differs {
             changed.push(key);
         }
     };
-    keep("etcd", r.etcd != n.etcd);
-    keep("upstream_tls", r.upstream_tls != n.upstream_tls);
-    keep("admin.listen", r.admin != n.admin);
-    keep("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
-    keep(
+    note("etcd", r.etcd != n.etcd);
+    note("upstream_tls", r.upstream_tls != n.upstream_tls);
+    note("admin.listen", r.admin != n.admin);
+    note("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
+    note(
         "limits.max_services",
         r.limits.max_services != n.limits.max_services,
     );
-    keep(
+    note(
         "limits.worker_threads",
         r.limits.worker_threads != n.limits.worker_threads,
     );
-    keep(
+    note(
         "log_format",
         running.log_format.is_some() && running.log_format != new.log_format,
     );
