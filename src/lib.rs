@@ -16,14 +16,16 @@
 //! - [`status`]: gRPC errors produced by the proxy itself.
 //! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
 //! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
-//! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
-//!   the demo, the tests and the benchmarks.
+//! - `demo`, `testkit` and `echo` (cargo feature `demo`, on for the tests and benchmarks):
+//!   the example Echo backend and client and local etcd processes, for the demo, the tests
+//!   and the benchmarks; not part of the proxy's own builds.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod backoff;
 pub mod balance;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
@@ -35,11 +37,13 @@ pub mod registry;
 pub mod route;
 pub mod settings;
 pub mod status;
+#[cfg(feature = "demo")]
 pub mod testkit;
 pub mod tls;
 pub mod upstream;
 
 /// Generated code for the example `Echo` service used by demos, tests and benchmarks.
+#[cfg(feature = "demo")]
 pub mod echo {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("switchyard.echo.v1");

@@ -32,8 +32,10 @@ enum Command {
     /// List the endpoints registered under the prefix.
     Endpoints(switchyard::registration::list::EndpointsArgs),
     /// Run an example Echo backend (for the demo, tests and benchmarks).
+    #[cfg(feature = "demo")]
     DemoBackend(switchyard::demo::DemoBackendArgs),
     /// Call the example Echo service through the proxy and show which backend answered.
+    #[cfg(feature = "demo")]
     DemoClient(switchyard::demo::DemoClientArgs),
 }
 
@@ -160,9 +162,11 @@ async fn run(
         Command::Endpoints(args) => switchyard::registration::list::run(args)
             .await
             .map_err(anyhow::Error::from),
+        #[cfg(feature = "demo")]
         Command::DemoBackend(args) => switchyard::demo::run_backend(args)
             .await
             .map_err(anyhow::Error::from),
+        #[cfg(feature = "demo")]
         Command::DemoClient(args) => switchyard::demo::run_client(args)
             .await
             .map_err(anyhow::Error::from),

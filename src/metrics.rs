@@ -37,8 +37,6 @@ pub struct Metrics {
     pub etcd_up: IntGauge,
     /// Config reloads (SIGHUP), by result.
     config_reloads: IntCounterVec,
-    /// Registrations held by this process (the `register` sidecar).
-    pub registrations: RegistrationMetrics,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -232,7 +230,6 @@ impl Metrics {
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
             config_reloads: register(&registry, config_reloads),
-            registrations: RegistrationMetrics::new(&registry),
             registry,
         });
         // Both results exported from the start, at 0.
@@ -242,11 +239,6 @@ impl Metrics {
                 .with_label_values(&[reload_result(applied)]);
         }
         metrics
-    }
-
-    /// The registry holding every metric (to add more collectors).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// The Prometheus text exposition of all metrics.
@@ -502,12 +494,13 @@ mod tests {
 
     #[test]
     fn registrations_are_exposed() {
-        let m = Metrics::new();
-        m.registrations.set_held("a", 2);
-        m.registrations.event("a", RegistrationEvent::Registered);
-        m.registrations.event("a", RegistrationEvent::LeaseLost);
-        m.registrations.event("a", RegistrationEvent::Registered);
-        let text = String::from_utf8(m.render()).unwrap();
+        let registry = Registry::new();
+        let m = RegistrationMetrics::new(&registry);
+        m.set_held("a", 2);
+        m.event("a", RegistrationEvent::Registered);
+        m.event("a", RegistrationEvent::LeaseLost);
+        m.event("a", RegistrationEvent::Registered);
+        let text = String::from_utf8(render(&registry)).unwrap();
         assert!(text.contains(r#"switchyard_registrations{service="a"} 2"#));
         assert!(text
             .contains(r#"switchyard_registration_events_total{event="registered",service="a"} 2"#));

@@ -1,7 +1,6 @@
 //! Registration against a real etcd: the library, the `switchyard register` sidecar
 //! (the real binary where a test must signal or kill it), and `switchyard endpoints`.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

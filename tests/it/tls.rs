@@ -1,8 +1,7 @@
 //! TLS end to end, with certificates made at test time: a TLS listener served to a tonic
 //! client, TLS with a client certificate (mTLS) and a fixed server name (SNI) to backends,
 //! an etcd that requires TLS client certificates, and user/password auth to etcd.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::path::Path;

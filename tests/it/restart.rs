@@ -4,8 +4,7 @@
 //! calls throughout, fail-fast (a call that finds no proxy fails: no wait-for-ready), on
 //! one kept connection and on a new connection per call; like gRPC's own clients it
 //! sends a call again once if it never left the client (see `never_sent`).
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::process::Command;

@@ -1,7 +1,6 @@
 //! The admin listener: `/metrics`, `/endpoints`, `/healthz`, `/readyz`, against a real
 //! etcd, real backends and calls through the proxy.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::time::Duration;

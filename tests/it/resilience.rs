@@ -2,13 +2,10 @@
 //! itself, losing no call that could be saved. Every fault is injected for real
 //! (processes killed, listeners that never answer or reset, endpoints churned in etcd).
 
-mod common;
-mod faults;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use faults::*;
+use crate::common::*;
+use crate::faults::*;
 
 /// A proxy against `etcd` whose calls for the Echo service have warmed up on every
 /// backend named in `names` (each served at least one call).

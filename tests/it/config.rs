@@ -1,7 +1,6 @@
 //! The config file: every flag settable there, precedence flag > env > file > default,
 //! errors with file, line and field, `check-config`, and the shipped example configs.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,15 +2,12 @@
 //! well-behaved gRPC client never would, checks the answer, and then checks that the
 //! proxy still serves a good client.
 
-mod common;
-mod faults;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
+use crate::faults::*;
 use bytes::Bytes;
-use common::*;
-use faults::*;
 use switchyard::echo::EchoRequest;
 use switchyard::settings::ProxySettings;
 use tokio::io::AsyncWriteExt;
