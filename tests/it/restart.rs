@@ -119,6 +119,31 @@ fn never_sent(s: &tonic::Status) -> bool {
     shown.contains("GoAway(") || shown.contains("Canceled, \"connection closed\"")
 }
 
+/// etcd with one Echo backend (named "b") registered.
+async fn echo_service() -> (EtcdProcess, EchoBackend, TestRegistration) {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let backend = EchoBackend::start("b").await.unwrap();
+    let reg = register(
+        etcd.endpoint(),
+        "switchyard.echo.v1.Echo",
+        backend.addr(),
+        5,
+    )
+    .await;
+    (etcd, backend, reg)
+}
+
+/// Asserts that no call failed.
+fn assert_none_failed(tally: &Tally) {
+    assert!(
+        tally.failed.is_empty(),
+        "{} failed of {}: {:?}",
+        tally.failed.len(),
+        tally.ok,
+        &tally.failed[..tally.failed.len().min(5)]
+    );
+}
+
 /// Sends `sig` (`-TERM`, `-HUP`) to `pid`.
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
@@ -154,15 +179,7 @@ fn wait_logged(p: &SwitchyardProcess, parts: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_proxy_on_the_same_port_takes_over_without_a_failed_call() {
-    let etcd = EtcdProcess::start().await.unwrap();
-    let backend = EchoBackend::start("b").await.unwrap();
-    let _reg = register(
-        etcd.endpoint(),
-        "switchyard.echo.v1.Echo",
-        backend.addr(),
-        5,
-    )
-    .await;
+    let (etcd, _backend, _reg) = echo_service().await;
     let listen = switchyard::testkit::free_addr().unwrap().to_string();
     let admin = |a: SocketAddr| a.to_string();
     let (admin1, admin2) = (
@@ -200,13 +217,7 @@ async fn a_second_proxy_on_the_same_port_takes_over_without_a_failed_call() {
     assert_eq!(first.wait_exit(Duration::from_secs(20)).await, Some(0));
     calling.more(200).await;
     let tally = calling.finish().await;
-    assert!(
-        tally.failed.is_empty(),
-        "{} failed of {}: {:?}",
-        tally.failed.len(),
-        tally.ok,
-        &tally.failed[..tally.failed.len().min(5)]
-    );
+    assert_none_failed(&tally);
     assert!(second.logged(&["listening"]), "{}", second.log_text());
     // A third process without SO_REUSEPORT (any other program) cannot take the port.
     assert!(std::net::TcpListener::bind(&listen).is_err());
@@ -215,15 +226,7 @@ async fn a_second_proxy_on_the_same_port_takes_over_without_a_failed_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activated_restarts_fail_no_call() {
     use command_fds::{CommandFdExt, FdMapping};
-    let etcd = EtcdProcess::start().await.unwrap();
-    let backend = EchoBackend::start("b").await.unwrap();
-    let _reg = register(
-        etcd.endpoint(),
-        "switchyard.echo.v1.Echo",
-        backend.addr(),
-        5,
-    )
-    .await;
+    let (etcd, _backend, _reg) = echo_service().await;
     // The supervisor (systemd's part): it holds the socket across the proxy's restarts.
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let listen = socket.local_addr().unwrap();
@@ -259,13 +262,7 @@ async fn socket_activated_restarts_fail_no_call() {
         calling.more(100).await;
     }
     let tally = calling.finish().await;
-    assert!(
-        tally.failed.is_empty(),
-        "{} failed of {}: {:?}",
-        tally.failed.len(),
-        tally.ok,
-        &tally.failed[..tally.failed.len().min(5)]
-    );
+    assert_none_failed(&tally);
     assert!(!p.logged(&["cannot listen"]), "{}", p.log_text());
 }
 
@@ -322,13 +319,7 @@ async fn sighup_applies_the_file_and_refuses_a_broken_one() {
     );
     calling.more(100).await;
     let tally = calling.finish().await;
-    assert!(
-        tally.failed.is_empty(),
-        "{} failed of {}: {:?}",
-        tally.failed.len(),
-        tally.ok,
-        &tally.failed[..tally.failed.len().min(5)]
-    );
+    assert_none_failed(&tally);
     assert_eq!(tally.last, "b");
     let m = admin_get(admin, "/metrics").await.unwrap().body;
     let reloads = |result| metric(&m, "switchyard_config_reloads_total", &[("result", result)]);
