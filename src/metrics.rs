@@ -36,6 +36,8 @@ pub struct Metrics {
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
     ejections: IntCounterVec,
+    /// Config reloads (SIGHUP), by result.
+    config_reloads: IntCounterVec,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -197,6 +199,13 @@ impl Metrics {
             ),
             &["service", "endpoint"],
         );
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_config_reloads_total",
+                "Config reloads on SIGHUP, by result (applied, or refused: the running settings stay).",
+            ),
+            &["result"],
+        );
         // The options above are all valid (static names, distinct labels).
         let (
             Ok(calls),
@@ -207,6 +216,7 @@ impl Metrics {
             Ok(watch_up),
             Ok(etcd_up),
             Ok(ejections),
+            Ok(config_reloads),
         ) = (
             calls,
             duration,
@@ -216,11 +226,12 @@ impl Metrics {
             watch_up,
             etcd_up,
             ejections,
+            config_reloads,
         )
         else {
             unreachable!("static metric definitions are valid")
         };
-        Arc::new(Self {
+        let metrics = Arc::new(Self {
             calls: register(&registry, calls),
             duration: register(&registry, duration),
             inflight: register(&registry, inflight),
@@ -229,13 +240,28 @@ impl Metrics {
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
             ejections: register(&registry, ejections),
+            config_reloads: register(&registry, config_reloads),
             registry,
-        })
+        });
+        // Both results exported from the start, at 0.
+        for applied in [true, false] {
+            metrics
+                .config_reloads
+                .with_label_values(&[reload_result(applied)]);
+        }
+        metrics
     }
 
     /// The Prometheus text exposition of all metrics.
     pub fn render(&self) -> Vec<u8> {
         render(&self.registry)
+    }
+
+    /// Counts a config reload: `applied` or `refused`.
+    pub fn config_reloaded(&self, applied: bool) {
+        self.config_reloads
+            .with_label_values(&[reload_result(applied)])
+            .inc();
     }
 
     /// Handles for one service.
@@ -247,6 +273,15 @@ impl Metrics {
             inflight: self.inflight.with_label_values(&[service]),
             own: Default::default(),
         })
+    }
+}
+
+/// The `result` label of `switchyard_config_reloads_total`.
+fn reload_result(applied: bool) -> &'static str {
+    if applied {
+        "applied"
+    } else {
+        "refused"
     }
 }
 

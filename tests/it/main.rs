@@ -16,5 +16,6 @@ mod refused;
 mod registration;
 mod registries;
 mod resilience;
+mod restart;
 mod sidecar_admin;
 mod tls;

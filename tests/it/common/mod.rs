@@ -378,7 +378,7 @@ impl SwitchyardProcess {
     }
 
     /// Starts `cmd` (stdin closed, stderr piped) and collects its output lines.
-    fn launch(mut cmd: std::process::Command, listen: Option<SocketAddr>) -> SwitchyardProcess {
+    pub fn launch(mut cmd: std::process::Command, listen: Option<SocketAddr>) -> SwitchyardProcess {
         use std::io::{BufRead, Read};
         let mut child = cmd
             .stdin(std::process::Stdio::null())
