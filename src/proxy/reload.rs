@@ -234,7 +234,7 @@ mod tests {
         new.log_format = Some(LogFormat::Json);
         let changed = keep_restart_only(&running, &mut new);
         assert_eq!(changed, ["etcd", "limits.worker_threads", "log_format"]);
-        assert_eq!(new.settings.etcd.prefix, ["services"]);
+        assert_eq!(new.settings.etcd.prefix, running.settings.etcd.prefix);
         assert_eq!(new.settings.limits.worker_threads, 1);
         assert_eq!(new.log_format, Some(LogFormat::Text));
         // What can change live does.
