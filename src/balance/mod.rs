@@ -4,7 +4,7 @@
 //! endpoints change. Each call asks the service's [`Balancer`] for one with
 //! [`Balancer::select_with`], passing its own rule for endpoints it will not take (those
 //! it already tried). The balancer never offers an endpoint that cannot be used, and
-//! prefers connected, trusted ones (see [`Backend::is_preferred`]) for every policy.
+//! prefers connected, trusted ones (see [`Backend::fit`]) for every policy.
 //! Each call's end is reported once, through the [`CallGuard`] of the backend that took
 //! it: the signal load-aware policies and failure accounting read.
 //!
