@@ -84,15 +84,7 @@ async fn weights_three_to_one_give_three_quarters_of_the_calls_interleaved() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_alternates_exactly_by_default() {
-    init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
-    let mut backends = Vec::new();
-    let mut regs = Vec::new();
-    for i in 0..3 {
-        let b = EchoBackend::start(&format!("b{i}")).await.unwrap();
-        regs.push(register(etcd.endpoint(), SVC, b.addr(), 10).await);
-        backends.push(b);
-    }
+    let (etcd, _backends, _regs) = echo_backends(3).await;
     let proxy = Proxy::start(&[etcd.endpoint().to_owned()]).await;
     warm(proxy.addr, &["b0", "b1", "b2"]).await;
     let calls = sequence(proxy.addr, 30).await;
@@ -104,15 +96,7 @@ async fn round_robin_alternates_exactly_by_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_aware_policies_keep_a_slow_node_under_twelve_percent() {
-    init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
-    let mut backends = Vec::new();
-    let mut regs = Vec::new();
-    for i in 0..3 {
-        let b = EchoBackend::start(&format!("b{i}")).await.unwrap();
-        regs.push(register(etcd.endpoint(), SVC, b.addr(), 10).await);
-        backends.push(b);
-    }
+    let (etcd, backends, _regs) = echo_backends(3).await;
     backends[0].faults().delay_ms.store(100, Ordering::Relaxed);
     for policy in [Policy::LeastRequest, Policy::PeakEwma] {
         let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |s| {
@@ -143,15 +127,7 @@ async fn load_aware_policies_keep_a_slow_node_under_twelve_percent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_new_endpoint_up_to_its_share() {
-    init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
-    let mut backends = Vec::new();
-    let mut regs = Vec::new();
-    for i in 0..2 {
-        let b = EchoBackend::start(&format!("b{i}")).await.unwrap();
-        regs.push(register(etcd.endpoint(), SVC, b.addr(), 10).await);
-        backends.push(b);
-    }
+    let (etcd, _backends, mut regs) = echo_backends(2).await;
     let window = Duration::from_secs(4);
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |s| {
         s.balance.slow_start = window

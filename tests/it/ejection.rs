@@ -13,22 +13,6 @@ use switchyard::health::ActiveCheck;
 use switchyard::settings::{AdminListen, ProxySettings};
 use tonic::Code;
 
-const SVC: &str = "switchyard.echo.v1.Echo";
-
-/// etcd, `n` registered backends named b0.., and what keeps them registered.
-async fn backends(n: usize) -> (EtcdProcess, Vec<EchoBackend>, Vec<TestRegistration>) {
-    init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
-    let mut bs = Vec::new();
-    let mut regs = Vec::new();
-    for i in 0..n {
-        let b = EchoBackend::start(&format!("b{i}")).await.unwrap();
-        regs.push(register(etcd.endpoint(), SVC, b.addr(), 10).await);
-        bs.push(b);
-    }
-    (etcd, bs, regs)
-}
-
 /// A proxy with an admin listener, settings adjusted by `tweak`.
 async fn proxy(etcd: &EtcdProcess, tweak: impl FnOnce(&mut ProxySettings)) -> (Proxy, SocketAddr) {
     let admin = switchyard::testkit::free_addr().unwrap();
@@ -76,7 +60,7 @@ async fn ejections(admin: SocketAddr) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_failing_every_call_is_ejected_and_returns_when_healed() {
-    let (etcd, bs, _regs) = backends(3).await;
+    let (etcd, bs, _regs) = echo_backends(3).await;
     bs[0].faults().fail_code.store(14, Ordering::Relaxed);
     let (p, admin) = proxy(&etcd, |s| s.ejection.duration = Duration::from_secs(2)).await;
     let results = calls(p.addr, 600).await;
@@ -110,7 +94,7 @@ async fn a_node_failing_every_call_is_ejected_and_returns_when_healed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_node_fails_calls_still_reach_nodes_and_carry_their_status() {
-    let (etcd, bs, _regs) = backends(3).await;
+    let (etcd, bs, _regs) = echo_backends(3).await;
     for b in &bs {
         b.faults().fail_code.store(14, Ordering::Relaxed);
     }
@@ -127,7 +111,7 @@ async fn when_every_node_fails_calls_still_reach_nodes_and_carry_their_status() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_errors_and_cancelled_calls_eject_nobody() {
-    let (etcd, bs, _regs) = backends(3).await;
+    let (etcd, bs, _regs) = echo_backends(3).await;
     bs[0].faults().fail_code.store(5, Ordering::Relaxed); // NOT_FOUND
     let (p, admin) = proxy(&etcd, |_| {}).await;
     let t = tally(&calls(p.addr, 90).await);
@@ -149,7 +133,7 @@ async fn application_errors_and_cancelled_calls_eject_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_keeps_failing_nodes_in_rotation_beyond_its_share() {
-    let (etcd, bs, _regs) = backends(4).await;
+    let (etcd, bs, _regs) = echo_backends(4).await;
     for b in &bs[..3] {
         b.faults().fail_code.store(14, Ordering::Relaxed);
     }
@@ -164,7 +148,7 @@ async fn the_cap_keeps_failing_nodes_in_rotation_beyond_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_checks_follow_a_node_flipped_to_not_serving_and_back() {
-    let (etcd, bs, _regs) = backends(3).await;
+    let (etcd, bs, _regs) = echo_backends(3).await;
     let (p, _admin) = proxy(&etcd, |s| {
         s.health_check.kind = ActiveCheck::Grpc;
         s.health_check.interval = Duration::from_millis(500);
@@ -200,7 +184,7 @@ async fn active_checks_follow_a_node_flipped_to_not_serving_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cancelling_a_stream_is_counted_cancelled_not_unavailable() {
-    let (etcd, bs, _regs) = backends(1).await;
+    let (etcd, bs, _regs) = echo_backends(1).await;
     let _ = &bs;
     let (p, admin) = proxy(&etcd, |_| {}).await;
     let mut c = client(p.addr).await;
