@@ -151,11 +151,22 @@ async fn active_checks_follow_a_node_flipped_to_not_serving_and_back() {
     let (etcd, bs, _regs) = echo_backends(3).await;
     let (p, _admin) = proxy(&etcd, |s| {
         s.health_check.kind = ActiveCheck::Grpc;
-        s.health_check.interval = Duration::from_millis(500);
+        s.health_check.interval = Duration::from_secs(2);
     })
     .await;
-    let t = tally(&calls(p.addr, 30).await);
-    assert_eq!(t.get("b0"), Some(&10), "{t:?}");
+    // Every node in rotation once its check has answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = tally(&calls(p.addr, 30).await);
+        if t.get("b0") == Some(&10) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b0 not in rotation: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bs[0].set_echo_serving(false).await;
     let flipped = tokio::time::Instant::now();
     // Within 1 s of the flip (Watch), b0 gets no more calls.
