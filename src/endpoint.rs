@@ -96,7 +96,6 @@ impl fmt::Debug for BackendAddr {
     }
 }
 
-
 /// A backend's share of calls relative to its service's other endpoints.
 pub type Weight = u32;
 

@@ -18,6 +18,7 @@ use http::uri::{Scheme, Uri};
 use http::{HeaderMap, Request, Response, StatusCode};
 
 use super::body::{H2Body, ResponseBody};
+use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{Discovery, Service};
@@ -65,6 +66,8 @@ pub struct Forwarder {
     discovery: Arc<Discovery>,
     target: Target,
     discovery_timeout: Duration,
+    /// Services the proxy answers itself (health, reflection).
+    local: Option<Arc<Local>>,
 }
 
 impl Forwarder {
@@ -74,7 +77,14 @@ impl Forwarder {
             discovery,
             target,
             discovery_timeout,
+            local: None,
         }
+    }
+
+    /// Answers health (and reflection) calls with `local` instead of forwarding them.
+    pub fn with_local(mut self, local: Arc<Local>) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// Serves one stream of a client connection from its request to the end of its
@@ -87,12 +97,17 @@ impl Forwarder {
         self: &Arc<Self>,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) -> Either<impl Future<Output = ()> + Send + 'static, std::future::Ready<()>> {
+    ) -> Either<impl Future<Output = ()> + Send + 'static, Answer> {
+        if let Some(local) = &self.local {
+            if let Some(call) = local.claims(req.uri().path(), req.headers()) {
+                return Either::Right(local.serve(call, req, respond));
+            }
+        }
         match self.route(req) {
             Ok(call) => Either::Left(Arc::clone(self).proxy(call, respond)),
             Err(own) => {
                 send_own(&mut respond, own);
-                Either::Right(std::future::ready(()))
+                Either::Right(Answer::done())
             }
         }
     }

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod conn;
 pub mod forward;
+pub mod local;
 pub mod relay;
 pub mod replay;
 
@@ -33,6 +34,7 @@ use tokio_rustls::TlsAcceptor;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 use conn::{ConnLimits, ServerSettings};
 use forward::{Forwarder, Target};
+use local::{Local, LocalContext};
 
 /// A listener already bound, with the service it is bound to (if any).
 #[derive(Debug)]
@@ -47,11 +49,13 @@ pub struct BoundListener {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (set by {}){}", .setting.names(), bind_advice(*.setting, .source))]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// Why.
+        /// The setting that gave the address.
+        setting: ListenSetting,
+        /// Why (printed once, as the error's source).
         #[source]
         source: std::io::Error,
     },
@@ -66,6 +70,39 @@ pub enum ProxyError {
     Discovery(#[from] DiscoveryError),
 }
 
+/// Which setting gave a listener its address (named when it cannot be bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenSetting {
+    /// `--listen` / `[[listener]] addr`.
+    Listen,
+    /// `--admin-listen` / `admin.listen`.
+    Admin,
+}
+
+impl ListenSetting {
+    /// The flag and the config file key.
+    pub fn names(self) -> &'static str {
+        match self {
+            Self::Listen => "--listen, config key `[[listener]] addr`",
+            Self::Admin => "--admin-listen, config key `admin.listen`",
+        }
+    }
+}
+
+/// What to do about a bind error, if there is something to say.
+fn bind_advice(setting: ListenSetting, error: &std::io::Error) -> &'static str {
+    match (error.kind(), setting) {
+        (std::io::ErrorKind::AddrInUse, ListenSetting::Admin) => {
+            ": another process holds the port; a second switchyard on this host needs its own \
+             --admin-listen (or --admin-listen off)"
+        }
+        (std::io::ErrorKind::AddrInUse, ListenSetting::Listen) => {
+            ": another process holds the port; choose another address with --listen"
+        }
+        _ => "",
+    }
+}
+
 /// Binds the configured listeners and serves until `shutdown` completes.
 pub async fn run(
     args: ProxyArgs,
@@ -77,6 +114,7 @@ pub async fn run(
             .await
             .map_err(|source| ProxyError::Bind {
                 addr: spec.addr,
+                setting: ListenSetting::Listen,
                 source,
             })?;
         listeners.push(BoundListener {
@@ -156,6 +194,14 @@ pub async fn serve(
         },
     );
     let admin = AdminState::new(Arc::clone(&discovery));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = Arc::new(LocalContext {
+        discovery: Arc::clone(&discovery),
+        etcd: etcd.clone(),
+        prefix: args.etcd.prefix.clone(),
+        draining: stop_rx.clone(),
+        discovery_timeout: args.discovery_timeout,
+    });
     // Resolve and bind everything that can fail before any task is started.
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
@@ -163,18 +209,26 @@ pub async fn serve(
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
             None => Target::ByPath,
         };
-        let forwarder = Arc::new(Forwarder::new(
-            Arc::clone(&discovery),
-            target,
-            args.discovery_timeout,
-        ));
-        serving.push((bound, forwarder));
+        let own = Local::new(
+            Arc::clone(&local),
+            match &target {
+                Target::Bound(s) => Some(Arc::clone(s)),
+                Target::ByPath => None,
+            },
+        );
+        let forwarder =
+            Forwarder::new(Arc::clone(&discovery), target, args.discovery_timeout).with_local(own);
+        serving.push((bound, Arc::new(forwarder)));
     }
     let admin_listener = match args.admin_listen.0 {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ProxyError::Bind { addr, source })?,
+                .map_err(|source| ProxyError::Bind {
+                    addr,
+                    setting: ListenSetting::Admin,
+                    source,
+                })?,
         ),
         None => None,
     };
@@ -186,10 +240,23 @@ pub async fn serve(
         tracker: tracker.clone(),
         connections: Arc::new(Semaphore::new(args.max_connections)),
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // One line says what this proxy serves, so two proxies on a host are told apart.
+    let listening: Vec<String> = serving
+        .iter()
+        .map(|(bound, _)| listener_text(bound))
+        .collect();
+    let admin_text = match admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        Some(addr) => addr.to_string(),
+        None => "off".to_owned(),
+    };
+    tracing::info!(
+        listeners = %listening.join(" "),
+        prefix = %args.etcd.prefix,
+        admin = %admin_text,
+        "listening"
+    );
     let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
     if let Some(listener) = admin_listener {
-        tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
         accept_tasks.push(tokio::spawn(crate::admin::serve(
             listener,
             Arc::clone(&admin),
@@ -197,8 +264,6 @@ pub async fn serve(
         )));
     }
     for (bound, forwarder) in serving {
-        let addr = bound.listener.local_addr().ok();
-        tracing::info!(listen = ?addr, service = ?bound.service, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
             bound.listener,
             forwarder,
@@ -226,6 +291,18 @@ pub async fn serve(
         ),
     }
     Ok(())
+}
+
+/// A listener as `--listen` spells it: `ADDR`, or `ADDR=SERVICE` when bound.
+fn listener_text(bound: &BoundListener) -> String {
+    let addr = match bound.listener.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(_) => "?".to_owned(),
+    };
+    match &bound.service {
+        Some(service) => format!("{addr}={service}"),
+        None => addr,
+    }
 }
 
 /// What every accept loop shares: how connections are set up, bounded and tracked.

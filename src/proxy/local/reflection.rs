@@ -1,0 +1,516 @@
+//! gRPC server reflection through the proxy (`grpc.reflection.v1` and `v1alpha`), on
+//! listeners that route by path.
+//!
+//! - `list_services`: the services registered under the proxy's prefix (one keys-only
+//!   etcd range get), plus `grpc.health.v1.Health`, which the proxy serves itself.
+//! - A request about a symbol (`file_containing_symbol`, `file_containing_extension`,
+//!   `all_extension_numbers_of_type`) goes to a backend of the service the symbol names:
+//!   the longest dotted prefix of the symbol that is a registered service
+//!   (`pkg.Svc.Method` → `pkg.Svc`); a symbol that names none (a message type) goes to the
+//!   backend that answered this stream before.
+//! - `file_by_filename` goes to the backend that answered this stream before (a client
+//!   asks for a file after a symbol's answer named it as a dependency).
+//! - `grpc.health.v1` symbols and its file are answered from tonic-health's descriptors.
+//!
+//! A backend is asked over its pooled connection, `v1` first and `v1alpha` if it does not
+//! serve `v1` (the messages are the same on the wire); one that serves neither gets the
+//! client an UNIMPLEMENTED error response naming the service and backend. Errors are
+//! reflection error responses, so the stream stays usable for other services.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use etcd_client::GetOptions;
+use futures_util::Stream;
+use prost::Message;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_reflection::pb::{v1, v1alpha};
+use v1::server_reflection_request::MessageRequest;
+use v1::server_reflection_response::MessageResponse;
+
+use super::backend::BackendChannel;
+use super::LocalContext;
+use crate::route::validate_service_name;
+use crate::upstream::Upstream;
+
+/// Time allowed for a backend's answer to one reflection request.
+pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time allowed for listing the registered services in etcd.
+pub const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The health service, which the proxy serves itself.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// The package of the health service's messages.
+const HEALTH_PACKAGE: &str = "grpc.health.v1";
+
+/// `grpc.reflection.v1.ServerReflection` through the proxy.
+#[derive(Debug)]
+pub struct ReflectionV1 {
+    ctx: Arc<LocalContext>,
+}
+
+/// `grpc.reflection.v1alpha.ServerReflection` through the proxy (answered as `v1`).
+#[derive(Debug)]
+pub struct ReflectionV1Alpha {
+    ctx: Arc<LocalContext>,
+}
+
+impl ReflectionV1 {
+    /// Reflection over the services of `ctx`.
+    pub fn new(ctx: Arc<LocalContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+impl ReflectionV1Alpha {
+    /// Reflection over the services of `ctx`.
+    pub fn new(ctx: Arc<LocalContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+/// The answers of one reflection stream.
+type Answers<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::server_reflection_server::ServerReflection for ReflectionV1 {
+    type ServerReflectionInfoStream = Answers<v1::ServerReflectionResponse>;
+
+    async fn server_reflection_info(
+        &self,
+        request: Request<Streaming<v1::ServerReflectionRequest>>,
+    ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
+        Ok(Response::new(answers(
+            Arc::clone(&self.ctx),
+            request.into_inner(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha::server_reflection_server::ServerReflection for ReflectionV1Alpha {
+    type ServerReflectionInfoStream = Answers<v1alpha::ServerReflectionResponse>;
+
+    async fn server_reflection_info(
+        &self,
+        request: Request<Streaming<v1alpha::ServerReflectionRequest>>,
+    ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
+        Ok(Response::new(answers(
+            Arc::clone(&self.ctx),
+            request.into_inner(),
+        )))
+    }
+}
+
+/// Answers each request of a stream in turn, as `v1` (the other version's messages are
+/// re-encoded both ways).
+fn answers<Req, Resp>(ctx: Arc<LocalContext>, incoming: Streaming<Req>) -> Answers<Resp>
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Default + Send + 'static,
+{
+    let session = Session { ctx, earlier: None };
+    Box::pin(futures_util::stream::unfold(
+        Some((incoming, session)),
+        |state| async move {
+            let (mut incoming, mut session) = state?;
+            match incoming.message().await {
+                Ok(Some(req)) => {
+                    let answer = session.answer(same_message(&req)).await;
+                    Some((Ok(same_message(&answer)), Some((incoming, session))))
+                }
+                Ok(None) => None,
+                Err(status) => Some((Err(status), None)),
+            }
+        },
+    ))
+}
+
+/// `v1` and `v1alpha` messages are the same on the wire: one becomes the other by
+/// re-encoding.
+fn same_message<A: Message, B: Message + Default>(a: &A) -> B {
+    B::decode(a.encode_to_vec().as_slice()).unwrap_or_default()
+}
+
+/// One client's reflection stream.
+struct Session {
+    ctx: Arc<LocalContext>,
+    /// The backend that answered this stream before.
+    earlier: Option<Backend>,
+}
+
+/// A backend asked for reflection, and the service it was picked for.
+#[derive(Clone)]
+struct Backend {
+    service: String,
+    upstream: Arc<Upstream>,
+    /// It serves only `v1alpha`.
+    alpha: bool,
+}
+
+impl Session {
+    async fn answer(&mut self, req: v1::ServerReflectionRequest) -> v1::ServerReflectionResponse {
+        let symbol = match &req.message_request {
+            Some(MessageRequest::ListServices(_)) => {
+                let listed = self.list().await;
+                return reply(req, listed);
+            }
+            Some(MessageRequest::FileByFilename(name)) => {
+                if let Some(file) = health_file().filter(|f| f.name == *name) {
+                    return reply(req, file.response());
+                }
+                return match self.earlier.clone() {
+                    Some(backend) => self.ask(backend, req).await,
+                    None => {
+                        let msg = format!(
+                            "switchyard: file '{name}': ask about a symbol first (a file \
+                             request goes to the backend that answered this stream before)"
+                        );
+                        reply(req, error(Code::NotFound, msg))
+                    }
+                };
+            }
+            Some(MessageRequest::FileContainingSymbol(s)) => s.clone(),
+            Some(MessageRequest::FileContainingExtension(e)) => e.containing_type.clone(),
+            Some(MessageRequest::AllExtensionNumbersOfType(t)) => t.clone(),
+            None => {
+                let msg = "switchyard: empty reflection request".to_owned();
+                return reply(req, error(Code::InvalidArgument, msg));
+            }
+        };
+        let is_health = symbol
+            .strip_prefix(HEALTH_PACKAGE)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        if is_health {
+            if let (Some(file), Some(MessageRequest::FileContainingSymbol(_))) =
+                (health_file(), &req.message_request)
+            {
+                return reply(req, file.response());
+            }
+        }
+        let registered = match self.registered().await {
+            Ok(r) => r,
+            Err(msg) => return reply(req, error(Code::Unavailable, msg)),
+        };
+        let backend = match service_named_by(&symbol, &registered) {
+            Some(service) => match &self.earlier {
+                Some(b) if b.service == service && b.upstream.is_usable() => b.clone(),
+                _ => match self.pick(service).await {
+                    Ok(b) => b,
+                    Err(msg) => return reply(req, error(Code::Unavailable, msg)),
+                },
+            },
+            None => match self.earlier.clone() {
+                Some(b) => b,
+                None => {
+                    let msg = format!(
+                        "switchyard: symbol '{symbol}' names no service registered under \
+                         prefix '{}'",
+                        self.ctx.prefix
+                    );
+                    return reply(req, error(Code::NotFound, msg));
+                }
+            },
+        };
+        self.ask(backend, req).await
+    }
+
+    /// The registered services, plus the health service.
+    async fn list(&self) -> MessageResponse {
+        match self.registered().await {
+            Ok(mut names) => {
+                names.insert(HEALTH_SERVICE.to_owned());
+                MessageResponse::ListServicesResponse(v1::ListServiceResponse {
+                    service: names
+                        .into_iter()
+                        .map(|name| v1::ServiceResponse { name })
+                        .collect(),
+                })
+            }
+            Err(msg) => error(Code::Unavailable, msg),
+        }
+    }
+
+    /// The names of the services registered under the prefix (one keys-only range get).
+    async fn registered(&self) -> Result<BTreeSet<String>, String> {
+        let root = prefix_root(&self.ctx.prefix);
+        let mut etcd = self.ctx.etcd.clone();
+        let listing = etcd.get(
+            root.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        );
+        let listing = match tokio::time::timeout(ETCD_TIMEOUT, listing).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(format!("switchyard: cannot list services in etcd: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "switchyard: etcd did not list the services within {ETCD_TIMEOUT:?}"
+                ))
+            }
+        };
+        Ok(listing
+            .kvs()
+            .iter()
+            .filter_map(|kv| service_of_key(kv.key(), root.len()))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// A backend of `service`: one that is connected if there is one.
+    async fn pick(&self, service: &str) -> Result<Backend, String> {
+        let svc = self
+            .ctx
+            .discovery
+            .service(service)
+            .map_err(|e| format!("switchyard: {e}"))?;
+        if !svc.is_loaded() && !svc.wait_loaded(self.ctx.discovery_timeout).await {
+            return Err(format!(
+                "switchyard: endpoints of service '{service}' not known yet (etcd unreachable?)"
+            ));
+        }
+        let set = svc.endpoints_full();
+        let upstream = set
+            .iter()
+            .find(|u| u.is_healthy())
+            .or_else(|| set.iter().find(|u| u.is_usable()))
+            .ok_or_else(|| format!("switchyard: no usable endpoint of service '{service}'"))?;
+        Ok(Backend {
+            service: service.to_owned(),
+            upstream: Arc::clone(upstream),
+            alpha: false,
+        })
+    }
+
+    /// Passes `req` to `backend`; it answers this stream's later file requests.
+    async fn ask(
+        &mut self,
+        mut backend: Backend,
+        req: v1::ServerReflectionRequest,
+    ) -> v1::ServerReflectionResponse {
+        let addr = backend.upstream.addr().clone();
+        let service = backend.service.clone();
+        let conn = match backend.upstream.connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("switchyard: backend {addr} of service '{service}': {e}");
+                return reply(req, error(Code::Unavailable, msg));
+            }
+        };
+        let channel = BackendChannel::new(conn.send.clone(), addr.clone());
+        let mut answer = Err(Status::unimplemented(""));
+        if !backend.alpha {
+            answer = ask_v1(channel.clone(), req.clone()).await;
+        }
+        if answer
+            .as_ref()
+            .is_err_and(|s| s.code() == Code::Unimplemented)
+        {
+            answer = ask_v1alpha(channel, same_message(&req))
+                .await
+                .map(|r| same_message(&r));
+            backend.alpha = true;
+        }
+        match answer {
+            Ok(answer) => {
+                self.earlier = Some(backend);
+                answer
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                let msg = format!(
+                    "switchyard: backend {addr} of service '{service}' does not serve gRPC \
+                     reflection (grpc.reflection.v1 or v1alpha)"
+                );
+                reply(req, error(Code::Unimplemented, msg))
+            }
+            Err(status) => {
+                let msg = format!(
+                    "switchyard: backend {addr} of service '{service}' failed the reflection \
+                     request: {}",
+                    status.message()
+                );
+                reply(req, error(status.code(), msg))
+            }
+        }
+    }
+}
+
+/// Asks a backend one `v1` reflection request.
+async fn ask_v1(
+    channel: BackendChannel,
+    req: v1::ServerReflectionRequest,
+) -> Result<v1::ServerReflectionResponse, Status> {
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = async move {
+        let mut answers = client
+            .server_reflection_info(tokio_stream::once(req))
+            .await?
+            .into_inner();
+        answers.message().await
+    };
+    first_answer(tokio::time::timeout(BACKEND_TIMEOUT, ask).await)
+}
+
+/// Asks a backend one `v1alpha` reflection request.
+async fn ask_v1alpha(
+    channel: BackendChannel,
+    req: v1alpha::ServerReflectionRequest,
+) -> Result<v1alpha::ServerReflectionResponse, Status> {
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = async move {
+        let mut answers = client
+            .server_reflection_info(tokio_stream::once(req))
+            .await?
+            .into_inner();
+        answers.message().await
+    };
+    first_answer(tokio::time::timeout(BACKEND_TIMEOUT, ask).await)
+}
+
+/// The backend's first answer, or why there is none.
+fn first_answer<R>(
+    got: Result<Result<Option<R>, Status>, tokio::time::error::Elapsed>,
+) -> Result<R, Status> {
+    match got {
+        Ok(Ok(Some(r))) => Ok(r),
+        Ok(Ok(None)) => Err(Status::unknown(
+            "the backend ended the stream without an answer",
+        )),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {BACKEND_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The registered service a symbol names: its longest dotted prefix in `registered`.
+fn service_named_by<'a>(symbol: &str, registered: &'a BTreeSet<String>) -> Option<&'a str> {
+    let mut candidate = symbol;
+    loop {
+        if let Some(name) = registered.get(candidate) {
+            return Some(name);
+        }
+        candidate = &candidate[..candidate.rfind('.')?];
+    }
+}
+
+/// The key prefix under which all services register (`<prefix>/`).
+fn prefix_root(prefix: &str) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    }
+}
+
+/// The service of an endpoint key `<root><service>/<endpoint>`.
+fn service_of_key(key: &[u8], root_len: usize) -> Option<&str> {
+    let rest = std::str::from_utf8(key.get(root_len..)?).ok()?;
+    let (service, endpoint) = rest.split_once('/')?;
+    (!endpoint.is_empty() && validate_service_name(service).is_ok()).then_some(service)
+}
+
+/// The answer to `req`.
+fn reply(
+    req: v1::ServerReflectionRequest,
+    message: MessageResponse,
+) -> v1::ServerReflectionResponse {
+    v1::ServerReflectionResponse {
+        valid_host: req.host.clone(),
+        original_request: Some(req),
+        message_response: Some(message),
+    }
+}
+
+/// An error response.
+fn error(code: Code, message: String) -> MessageResponse {
+    MessageResponse::ErrorResponse(v1::ErrorResponse {
+        error_code: code as i32,
+        error_message: message,
+    })
+}
+
+/// The health service's `.proto` file, from tonic-health's descriptors.
+struct HealthFile {
+    name: String,
+    encoded: Vec<u8>,
+}
+
+impl HealthFile {
+    fn response(&self) -> MessageResponse {
+        MessageResponse::FileDescriptorResponse(v1::FileDescriptorResponse {
+            file_descriptor_proto: vec![self.encoded.clone()],
+        })
+    }
+}
+
+fn health_file() -> Option<&'static HealthFile> {
+    static FILE: OnceLock<Option<HealthFile>> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let set =
+            prost_types::FileDescriptorSet::decode(tonic_health::pb::FILE_DESCRIPTOR_SET).ok()?;
+        let file = set
+            .file
+            .into_iter()
+            .find(|f| f.package() == HEALTH_PACKAGE)?;
+        Some(HealthFile {
+            name: file.name().to_owned(),
+            encoded: file.encode_to_vec(),
+        })
+    })
+    .as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symbol_names_its_longest_registered_prefix() {
+        let registered: BTreeSet<String> = ["pkg", "pkg.Svc", "other.Svc"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(service_named_by("pkg.Svc", &registered), Some("pkg.Svc"));
+        assert_eq!(
+            service_named_by("pkg.Svc.Method", &registered),
+            Some("pkg.Svc")
+        );
+        assert_eq!(service_named_by("pkg.Request", &registered), Some("pkg"));
+        assert_eq!(service_named_by("nope.Svc.M", &registered), None);
+        assert_eq!(service_named_by("", &registered), None);
+    }
+
+    #[test]
+    fn keys_give_their_service() {
+        let root = prefix_root("services/");
+        assert_eq!(root, "services/");
+        assert_eq!(prefix_root(""), "");
+        assert_eq!(
+            service_of_key(b"services/pkg.Svc/10.0.0.1:80", root.len()),
+            Some("pkg.Svc")
+        );
+        assert_eq!(service_of_key(b"services/pkg.Svc/", root.len()), None);
+        assert_eq!(service_of_key(b"services/bad name/x", root.len()), None);
+        assert_eq!(service_of_key(b"services/", root.len()), None);
+        assert_eq!(service_of_key(b"svc", root.len()), None);
+    }
+
+    #[test]
+    fn the_health_file_is_known_and_v1alpha_reads_v1() {
+        let file = health_file().expect("tonic-health ships its descriptors");
+        assert!(file.name.ends_with("health.proto"), "{}", file.name);
+        let req = v1::ServerReflectionRequest {
+            host: "h".into(),
+            message_request: Some(MessageRequest::FileContainingSymbol("a.B".into())),
+        };
+        let alpha: v1alpha::ServerReflectionRequest = same_message(&req);
+        assert_eq!(alpha.host, "h");
+        let back: v1::ServerReflectionRequest = same_message(&alpha);
+        assert_eq!(back, req);
+    }
+}
