@@ -7,7 +7,8 @@
 //!   `all_extension_numbers_of_type`) goes to a backend of the service the symbol names:
 //!   the longest dotted prefix of the symbol that is a registered service
 //!   (`pkg.Svc.Method` → `pkg.Svc`); a symbol that names none (a message type) goes to the
-//!   backend that answered this stream before.
+//!   backend that answered this stream before, or, first thing on a stream, to a backend
+//!   of a service in the symbol's package (`pkg.Request` → `pkg.Svc`).
 //! - `file_by_filename` goes to the backend that answered this stream before (a client
 //!   asks for a file after a symbol's answer named it as a dependency).
 //! - `grpc.health.v1` symbols and its file are answered from tonic-health's descriptors.
@@ -196,16 +197,15 @@ impl Session {
             Ok(r) => r,
             Err(msg) => return reply(req, error(Code::Unavailable, msg)),
         };
-        let backend = match service_named_by(&symbol, &registered) {
-            Some(service) => match &self.earlier {
-                Some(b) if b.service == service && b.upstream.is_usable() => b.clone(),
-                _ => match self.pick(service).await {
+        let named = service_named_by(&symbol, &registered);
+        let backend = match (named, &self.earlier) {
+            (Some(service), Some(b)) if b.service == service && b.upstream.is_usable() => b.clone(),
+            (None, Some(b)) => b.clone(),
+            _ => match named.or_else(|| service_near(&symbol, &registered)) {
+                Some(service) => match self.pick(service).await {
                     Ok(b) => b,
                     Err(msg) => return reply(req, error(Code::Unavailable, msg)),
                 },
-            },
-            None => match self.earlier.clone() {
-                Some(b) => b,
                 None => {
                     let msg = format!(
                         "switchyard: symbol '{symbol}' names no service registered under \
@@ -397,6 +397,25 @@ fn service_named_by<'a>(symbol: &str, registered: &'a BTreeSet<String>) -> Optio
     }
 }
 
+/// A registered service in the symbol's package, or the nearest enclosing one, for a
+/// symbol that names none (a message type asked about first thing on a stream).
+fn service_near<'a>(symbol: &str, registered: &'a BTreeSet<String>) -> Option<&'a str> {
+    let mut package = symbol;
+    loop {
+        package = &package[..package.rfind('.')?];
+        let inside = registered
+            .range::<str, _>((
+                std::ops::Bound::Excluded(package),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|name| name.starts_with(package))
+            .find(|name| name.as_bytes().get(package.len()) == Some(&b'.'));
+        if let Some(name) = inside {
+            return Some(name);
+        }
+    }
+}
+
 /// The key prefix under which all services register (`<prefix>/`).
 fn prefix_root(prefix: &str) -> String {
     let prefix = prefix.trim_end_matches('/');
@@ -483,6 +502,20 @@ mod tests {
         assert_eq!(service_named_by("pkg.Request", &registered), Some("pkg"));
         assert_eq!(service_named_by("nope.Svc.M", &registered), None);
         assert_eq!(service_named_by("", &registered), None);
+    }
+
+    #[test]
+    fn a_message_type_finds_a_service_of_its_package() {
+        let registered: BTreeSet<String> = ["a.b.Svc", "a.bc.Other", "x.Y"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(service_near("a.b.Request", &registered), Some("a.b.Svc"));
+        assert_eq!(service_near("a.b.c.Deep", &registered), Some("a.b.Svc"));
+        assert_eq!(service_near("a.Top", &registered), Some("a.b.Svc"));
+        assert_eq!(service_near("a.bc.M", &registered), Some("a.bc.Other"));
+        assert_eq!(service_near("z.M", &registered), None);
+        assert_eq!(service_near("M", &registered), None);
     }
 
     #[test]

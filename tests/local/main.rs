@@ -1,0 +1,11 @@
+//! Clients and tools no one here wrote, through the proxy: health checking (tonic and
+//! grpcio clients), server reflection (tonic's client and grpcurl), and two proxies on
+//! one host.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod clients;
+mod health;
+mod reflection;
+mod startup;
