@@ -11,9 +11,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
-use switchyard::balance::{EndpointSet, RoundRobin};
-use switchyard::discovery::{BackendAddr, Discovery, DiscoveryConfig};
-use switchyard::metrics::Metrics;
+use switchyard::balance::{Backend, Balancer, EndpointSet};
+use switchyard::discovery::{Discovery, DiscoveryConfig};
+use switchyard::endpoint::{BackendAddr, Endpoint};
+use switchyard::metrics::{status_slot, Metrics};
 use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
 use switchyard::proxy::replay::ReplayBody;
 use switchyard::route::service_from_path;
@@ -49,7 +50,10 @@ fn endpoint_set(n: usize) -> EndpointSet {
                 let addr: BackendAddr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1)
                     .parse()
                     .expect("valid address");
-                Upstream::new(addr, &cfg)
+                let up = Upstream::new(addr.clone(), &cfg);
+                // As in production once connected: the preferred endpoints.
+                up.assume_ready();
+                Backend::new(up, &Endpoint::new(addr))
             })
             .collect(),
     )
@@ -104,12 +108,12 @@ fn bench_route(c: &mut Criterion) {
 fn bench_pick(c: &mut Criterion) {
     for n in [3usize, 1000] {
         let set = Arc::new(endpoint_set(n));
-        let rr = RoundRobin::default();
+        let balancer = Balancer::default();
         c.bench_function(&format!("pick/round_robin of {n}"), |b| {
             b.iter(|| {
                 let tried = [usize::MAX; MAX_ATTEMPTS];
-                let (idx, up) = set
-                    .pick(&rr, |i| tried.contains(&i))
+                let (idx, up) = balancer
+                    .select_with(&set, |i| !tried.contains(&i))
                     .expect("usable endpoint");
                 black_box((idx, up.addr().port()))
             })
@@ -118,7 +122,9 @@ fn bench_pick(c: &mut Criterion) {
         c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
             b.iter(|| {
                 let set = shared.load_full();
-                let (idx, up) = set.pick(&rr, |_| false).expect("usable endpoint");
+                let (idx, up) = balancer
+                    .select_with(&set, |_| true)
+                    .expect("usable endpoint");
                 black_box((idx, Arc::clone(up)))
             })
         });
@@ -160,7 +166,7 @@ fn bench_metrics(c: &mut Criterion) {
     c.bench_function("metrics/call record (start, upstream, status, end)", |b| {
         b.iter(|| {
             let mut rec = service.start().upstream(endpoint.send());
-            rec.status(Some(black_box(&ok)));
+            rec.status(status_slot(Some(black_box(&ok))));
             drop(rec);
         })
     });

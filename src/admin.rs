@@ -21,7 +21,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::discovery::Discovery;
+use crate::etcd::timed;
 use crate::upstream::State;
 
 /// What the admin endpoints report on.
@@ -58,7 +60,7 @@ impl AdminState {
             let name = svc.name().as_str();
             let mut counts = [0i64; 3];
             for ep in svc.endpoints().iter() {
-                counts[ep.state() as usize] += 1;
+                counts[ep.upstream().state() as usize] += 1;
             }
             for state in [State::Connecting, State::Ready, State::Failed] {
                 m.endpoints
@@ -101,8 +103,8 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
                 .iter()
                 .map(|ep| EndpointJson {
                     address: ep.addr().as_str(),
-                    state: ep.state().as_str(),
-                    inflight: ep.metrics().map_or(0, |m| m.inflight()),
+                    state: ep.upstream().state().as_str(),
+                    inflight: i64::from(ep.in_flight()),
                 })
                 .collect(),
         })
@@ -211,14 +213,19 @@ where
     }
 }
 
-/// Probes etcd every few seconds; records reachability for `/readyz` and `switchyard_etcd_up`.
+/// Time between probes while etcd answers.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Probes etcd every few seconds (every [`PROBE_INTERVAL`] while it answers, backing off
+/// from 1 s to that while it does not); records reachability for `/readyz` and
+/// `switchyard_etcd_up`.
 pub async fn probe_etcd(mut client: etcd_client::Client, state: Arc<AdminState>) {
     let mut was_up: Option<bool> = None;
+    let mut backoff = Backoff::new(Duration::from_secs(1), PROBE_INTERVAL);
     loop {
-        let up = matches!(
-            tokio::time::timeout(Duration::from_secs(3), client.status()).await,
-            Ok(Ok(_))
-        );
+        let up = timed("status", Duration::from_secs(3), client.status())
+            .await
+            .is_ok();
         state.discovery.metrics().etcd_up.set(i64::from(up));
         if up {
             state.etcd_reached.store(true, Ordering::Relaxed);
@@ -231,11 +238,11 @@ pub async fn probe_etcd(mut client: etcd_client::Client, state: Arc<AdminState>)
             }
             was_up = Some(up);
         }
-        tokio::time::sleep(if up {
-            Duration::from_secs(5)
+        if up {
+            backoff.reset();
+            tokio::time::sleep(PROBE_INTERVAL).await;
         } else {
-            Duration::from_secs(1)
-        })
-        .await;
+            backoff.sleep().await;
+        }
     }
 }

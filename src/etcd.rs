@@ -1,9 +1,13 @@
-//! The etcd connection shared by discovery and registration.
+//! The etcd connection shared by discovery and registration, and the requests they
+//! share: any request with a time limit ([`timed`]), and "delete this key only while it
+//! is still under this lease" ([`delete_if_under_lease`]).
 
+use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 
+use crate::backoff::Backoff;
 use crate::config::EtcdArgs;
 
 /// Errors from setting up the etcd client.
@@ -64,15 +68,18 @@ pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
         .await
         .map_err(client_err)?;
     if let Some(creds) = creds {
-        let first = tokio::time::timeout(
+        let first = timed(
+            "authenticate",
             args.etcd_connect_timeout + Duration::from_secs(3),
             client.update_user(Some(creds.clone())),
         )
         .await;
         match first {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if credentials_rejected(&e) => return Err(client_err(e)),
-            _ => {
+            Ok(()) => {}
+            Err(RequestError::Failed { source, .. }) if credentials_rejected(&source) => {
+                return Err(client_err(source))
+            }
+            Err(_) => {
                 tracing::warn!(
                     user = %creds.0,
                     "etcd unreachable; will authenticate once it answers"
@@ -94,9 +101,9 @@ fn credentials_rejected(e: &etcd_client::Error) -> bool {
 
 /// Retries authentication with backoff until etcd accepts it (or rejects the credentials).
 async fn authenticate_later(mut client: Client, creds: (String, String)) {
-    let mut pause = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        tokio::time::sleep(pause).await;
+        backoff.sleep().await;
         match client.update_user(Some(creds.clone())).await {
             Ok(()) => {
                 tracing::info!(user = %creds.0, "authenticated to etcd");
@@ -108,6 +115,65 @@ async fn authenticate_later(mut client: Client, creds: (String, String)) {
             }
             Err(e) => tracing::debug!(error = %e, "etcd authentication failed; retrying"),
         }
-        pause = (pause * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Why an etcd request made with [`timed`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// etcd (or the connection to it) answered with an error.
+    #[error("etcd {op}: {source}")]
+    Failed {
+        /// The request (`get`, `watch`, `lease grant`, ...).
+        op: &'static str,
+        /// What etcd-client said.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// No answer within the time limit.
+    #[error("etcd {op}: no answer within {after:?}")]
+    TimedOut {
+        /// The request.
+        op: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+}
+
+impl RequestError {
+    /// The request that failed.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Failed { op, .. } | Self::TimedOut { op, .. } => op,
+        }
+    }
+}
+
+/// Runs one etcd request (`op` names it in the error) with the time limit `limit`: etcd
+/// requests otherwise wait as long as the connection takes to fail over or give up.
+pub async fn timed<T>(
+    op: &'static str,
+    limit: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RequestError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(r) => r.map_err(|source| RequestError::Failed { op, source }),
+        Err(_) => Err(RequestError::TimedOut { op, after: limit }),
+    }
+}
+
+/// Deletes `key` only if it is still attached to `lease`, in one transaction: a key that
+/// was since put again under another lease (a new registration of the same address)
+/// stays. Returns whether the key was deleted.
+pub async fn delete_if_under_lease(
+    client: &mut Client,
+    key: &str,
+    lease: i64,
+    limit: Duration,
+) -> Result<bool, RequestError> {
+    let txn = Txn::new()
+        .when([Compare::lease(key, CompareOp::Equal, lease)])
+        .and_then([TxnOp::delete(key, None)]);
+    let resp = timed("delete", limit, client.txn(txn)).await?;
+    Ok(resp.succeeded())
 }

@@ -6,17 +6,22 @@
 //!   [`proxy::relay`]).
 //! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
 //!   immutable snapshots ([`balance::EndpointSet`]).
+//! - [`registry`]: registry formats: what an etcd key and its value say about backends
+//!   (one codec per format, shared by discovery, `register` and `endpoints`).
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`config`]: command-line flags and their environment variables.
 //! - [`status`]: gRPC errors produced by the proxy itself.
+//! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
+//! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
 //! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
 //!   the demo, the tests and the benchmarks.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod demo;
@@ -26,6 +31,7 @@ pub mod etcd;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;
+pub mod registry;
 pub mod route;
 pub mod status;
 pub mod testkit;

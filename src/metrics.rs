@@ -403,12 +403,10 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
-    /// Notes the call's `grpc-status` (from trailers, or headers of a trailers-only reply).
+    /// Notes the call's `grpc-status` slot (see [`status_slot`]).
     #[inline]
-    pub fn status(&mut self, v: Option<&http::HeaderValue>) {
-        if v.is_some() {
-            self.slot = status_slot(v);
-        }
+    pub fn status(&mut self, slot: usize) {
+        self.slot = slot.min(STATUS_SLOTS - 1);
     }
 }
 
@@ -452,7 +450,7 @@ mod tests {
         {
             let mut rec = s.start().upstream(e.send());
             assert_eq!(e.inflight(), 1);
-            rec.status(Some(&http::HeaderValue::from_static("0")));
+            rec.status(status_slot(Some(&http::HeaderValue::from_static("0"))));
         }
         s.start().own(14);
         assert_eq!(e.inflight(), 0);

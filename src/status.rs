@@ -6,37 +6,14 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-/// gRPC status codes the proxy produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Code {
-    /// The call was cancelled.
-    Cancelled = 1,
-    /// Unknown error.
-    Unknown = 2,
-    /// The request is malformed.
-    InvalidArgument = 3,
-    /// The call's deadline passed before the proxy got an answer.
-    DeadlineExceeded = 4,
-    /// A limit was reached.
-    ResourceExhausted = 8,
-    /// The path names no method.
-    Unimplemented = 12,
-    /// Internal error.
-    Internal = 13,
-    /// No backend could take the call.
-    Unavailable = 14,
-}
+pub use tonic::Code;
 
-impl Code {
-    /// The code as the `grpc-status` header value.
-    pub fn header_value(self) -> HeaderValue {
-        const VALUES: [&str; 17] = [
-            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
-            "16",
-        ];
-        HeaderValue::from_static(VALUES[self as usize])
-    }
+/// `code` as the `grpc-status` header value (no formatting per call).
+pub fn code_header(code: Code) -> HeaderValue {
+    const VALUES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    HeaderValue::from_static(VALUES.get(code as usize).copied().unwrap_or("2"))
 }
 
 /// Bytes escaped in `grpc-message`: everything outside printable ASCII, plus `%`.
@@ -61,7 +38,7 @@ pub fn error_response(code: Code, message: &str) -> Response<()> {
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
-    h.insert("grpc-status", code.header_value());
+    h.insert("grpc-status", code_header(code));
     h.insert("grpc-message", encode_message(message));
     resp
 }

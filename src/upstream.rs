@@ -19,6 +19,7 @@ use h2::client::SendRequest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::backoff::Backoff;
 use crate::endpoint::BackendAddr;
 use crate::metrics::{EndpointMetrics, ServiceMetrics};
 use crate::tls::UpstreamTls;
@@ -198,6 +199,13 @@ impl Upstream {
         }
     }
 
+    /// Marks the backend connected although it has no connection: for benchmarks and
+    /// tests of selection, which send no call.
+    #[doc(hidden)]
+    pub fn assume_ready(&self) {
+        self.set_state(State::Ready);
+    }
+
     fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Release);
         self.changed.notify_waiters();
@@ -321,11 +329,6 @@ pub(crate) async fn keepalive(ping: Option<h2::PingPong>, interval: Duration) ->
     }
 }
 
-/// Doubles a delay, capped.
-fn next_backoff(current: Duration, config: &UpstreamConfig) -> Duration {
-    (current * 2).min(config.backoff_max)
-}
-
 /// Serves the connection until it ends or stops answering keep-alive pings. Whenever a
 /// call reports the backend unresponsive, probes it on this connection until it answers
 /// (calls prefer other backends meanwhile). The connection is not dropped for an
@@ -399,7 +402,7 @@ async fn connection_loop(
     check: Arc<Notify>,
     config: UpstreamConfig,
 ) {
-    let mut backoff = config.backoff_min;
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     loop {
         let Some(up) = this.upgrade() else { return };
         let addr = up.addr.clone();
@@ -429,8 +432,7 @@ async fn connection_loop(
                     }
                     up.set_state(State::Failed);
                     drop(up);
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = next_backoff(backoff, &config);
+                    backoff.sleep().await;
                     continue;
                 }
                 let connection = Arc::new(Connection {
@@ -464,11 +466,10 @@ async fn connection_loop(
                 // A connection that lived a while is re-established at once; one that died
                 // young backs off, so a backend that accepts and drops is not hammered.
                 if connected_at.elapsed() >= Duration::from_secs(1) {
-                    backoff = config.backoff_min;
+                    backoff.reset();
                 } else {
                     drop(up);
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = next_backoff(backoff, &config);
+                    backoff.sleep().await;
                 }
                 continue;
             }
@@ -485,17 +486,6 @@ async fn connection_loop(
         }
         up.set_state(State::Failed);
         drop(up);
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = next_backoff(backoff, &config);
+        backoff.sleep().await;
     }
-}
-
-/// Spreads reconnects of many upstreams apart (±20%), without a random number crate.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let factor = 0.8 + f64::from(nanos % 400) / 1000.0;
-    d.mul_f64(factor)
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use switchyard::config::EtcdArgs;
-use switchyard::discovery::value::ValueFormat;
 use switchyard::registration::sidecar::{run_until, RegisterArgs};
 use switchyard::registration::{Registration, RegistrationSpec, RegistrationState};
+use switchyard::registry::ValueFormat;
 
 const ECHO: &str = "switchyard.echo.v1.Echo";
 

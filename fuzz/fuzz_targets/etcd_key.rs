@@ -3,8 +3,8 @@
 //! under another service's (`services/a/` must not match `services/ab/...`).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use switchyard::discovery::value::{endpoint_key, service_prefix};
-use switchyard::discovery::BackendAddr;
+use switchyard::endpoint::BackendAddr;
+use switchyard::registry::{endpoint_key, service_prefix};
 use switchyard::route::ServiceName;
 
 fuzz_target!(|data: &[u8]| {

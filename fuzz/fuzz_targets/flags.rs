@@ -6,7 +6,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = s.parse::<switchyard::config::ListenSpec>();
         let _ = switchyard::config::parse_duration(s);
-        let _ = s.parse::<switchyard::discovery::BackendAddr>();
+        let _ = s.parse::<switchyard::endpoint::BackendAddr>();
         let _ = s.parse::<switchyard::config::AdminListen>();
     }
 });

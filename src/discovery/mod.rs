@@ -4,7 +4,6 @@
 //! ([`watch`]); later calls read the service's current [`EndpointSet`] snapshot, with no
 //! etcd round trip and no lock shared by all calls.
 
-pub mod value;
 mod watch;
 
 use std::collections::HashMap;
@@ -16,12 +15,10 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balance::{EndpointSet, RoundRobin};
+use crate::balance::{Balancer, EndpointSet};
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
-
-pub use value::{BackendAddr, EndpointValue, ValueFormat};
 
 /// Why a service could not be looked up.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +108,7 @@ impl Discovery {
         let task = tokio::spawn(watch::run(
             Arc::clone(&service),
             self.etcd.clone(),
-            value::service_prefix(&self.config.prefix, name.as_str()),
+            crate::registry::service_prefix(&self.config.prefix, name.as_str()),
             upstream_config,
         ));
         if let Ok(mut t) = service.task.lock() {
@@ -145,12 +142,12 @@ impl Drop for Discovery {
     }
 }
 
-/// One watched service: its current endpoints and its round-robin cursor.
+/// One watched service: its current endpoints and its balancer.
 #[derive(Debug)]
 pub struct Service {
     name: ServiceName,
     endpoints: ArcSwap<EndpointSet>,
-    rr: RoundRobin,
+    balancer: Balancer,
     loaded: AtomicBool,
     loaded_notify: Notify,
     etcd_reachable: AtomicBool,
@@ -165,7 +162,7 @@ impl Service {
         Self {
             name,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
-            rr: RoundRobin::default(),
+            balancer: Balancer::default(),
             loaded: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
@@ -198,10 +195,10 @@ impl Service {
         self.endpoints.load_full()
     }
 
-    /// The service's round-robin cursor.
+    /// The service's balancer, which picks a backend for each call.
     #[inline]
-    pub fn round_robin(&self) -> &RoundRobin {
-        &self.rr
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
     }
 
     /// Whether the endpoint list was loaded from etcd at least once.

@@ -9,8 +9,10 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 
-use crate::metrics::CallRecord;
-use crate::status::{encode_message, Code, GRPC_STATUS};
+use super::attempt::Sent;
+use crate::balance::{CallGuard, Outcome};
+use crate::metrics::{status_slot, CallRecord, CallTimer};
+use crate::status::{code_header, encode_message, Code, GRPC_STATUS};
 
 /// An HTTP/2 stream's incoming body (a client's request or a backend's response):
 /// DATA frames, then trailers. Window capacity is given back as each frame is taken, so
@@ -68,31 +70,51 @@ impl Body for H2Body {
     }
 }
 
-/// A backend's response body, streamed back unchanged; its call is counted when it
-/// ends or is dropped. A backend stream that breaks mid-way ends with UNAVAILABLE
-/// trailers of the proxy's own.
+/// A backend's response body, streamed back unchanged; its call's end is reported
+/// (metrics, balancer) when it ends or is dropped. A backend stream that breaks mid-way
+/// ends with UNAVAILABLE trailers of the proxy's own.
 #[derive(Debug)]
 pub struct ResponseBody {
     /// The backend's stream; `None` once the body has ended.
     inner: Option<H2Body>,
     /// The call's metrics record, if measured.
     record: Option<CallRecord>,
+    /// Tells the backend's balancer state how the call ended.
+    guard: CallGuard,
 }
 
 impl ResponseBody {
-    /// A backend's response stream, passed through.
-    pub fn new(inner: h2::RecvStream, record: Option<CallRecord>) -> Self {
+    /// A backend's response stream, passed through; `timer` has timed the call since it
+    /// arrived, `sent` counts it on the backend that answered.
+    pub fn new(inner: h2::RecvStream, timer: CallTimer, sent: Sent) -> Self {
         Self {
             inner: Some(H2Body::new(inner)),
-            record,
+            record: sent.metrics.map(|m| timer.upstream(m)),
+            guard: sent.guard,
         }
+    }
+
+    /// Reads the status of a trailers-only answer from its response headers.
+    pub fn headers(&mut self, headers: &HeaderMap) {
+        if let Some(v) = headers.get(&GRPC_STATUS) {
+            self.status(Some(v));
+        }
+    }
+
+    /// Notes the call's `grpc-status` (none: the stream ended without one).
+    fn status(&mut self, v: Option<&http::HeaderValue>) {
+        let slot = status_slot(v);
+        if let Some(r) = self.record.as_mut() {
+            r.status(slot);
+        }
+        self.guard.set_outcome(Outcome::Status(slot as u8));
     }
 }
 
 /// Trailers that end a response whose backend stream broke mid-way.
 fn broken_stream_trailers(err: &h2::Error) -> HeaderMap {
     let mut t = HeaderMap::with_capacity(2);
-    t.insert(GRPC_STATUS.clone(), Code::Unavailable.header_value());
+    t.insert(GRPC_STATUS.clone(), code_header(Code::Unavailable));
     let msg = format!("switchyard: backend stream failed: {err}");
     t.insert("grpc-message", encode_message(&msg));
     t
@@ -115,18 +137,19 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(None) => {
                 this.inner = None;
+                this.status(None);
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, "backend response stream failed");
                 this.inner = None;
-                Frame::trailers(broken_stream_trailers(&e))
+                this.guard.set_outcome(Outcome::StreamFailed);
+                return Poll::Ready(Some(Ok(Frame::trailers(broken_stream_trailers(&e)))));
             }
         };
         if let Some(trailers) = frame.trailers_ref() {
-            if let Some(r) = this.record.as_mut() {
-                r.status(trailers.get(&GRPC_STATUS));
-            }
+            let status = trailers.get(&GRPC_STATUS);
+            this.status(status);
             this.inner = None;
         }
         Poll::Ready(Some(Ok(frame)))

@@ -1,32 +1,31 @@
 //! The per-call path: check the request, choose its service, pick a backend
-//! round-robin, and send the stream there, retrying calls that never reached a backend.
+//! with the service's balancer, and send the stream there, retrying calls that never reached a backend.
 
 use std::future::{poll_fn, Future};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
 use h2::server::SendResponse;
-use tokio::sync::oneshot;
 
 use http::header::CONTENT_TYPE;
 use http::request::Parts;
-use http::uri::{Scheme, Uri};
 use http::{HeaderMap, Request, Response, StatusCode};
 
+use super::attempt::{try_backend, Attempt, Sent};
 use super::body::{H2Body, ResponseBody};
+use super::error::ProxyError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{Discovery, Service};
-use crate::endpoint::BackendAddr;
-use crate::metrics::EndpointCall;
 use crate::route::service_from_path;
-use crate::status::{error_response, http_error, Code, GRPC_STATUS};
-use crate::upstream::{Connection, Upstream};
+use crate::status::http_error;
+use http_body::Body as _;
+
+pub use super::attempt::{set_authority, UNRESPONSIVE_AFTER};
 
 /// A request that passed the checks, bound for `service`.
 struct Call {
@@ -46,10 +45,6 @@ enum Own {
 
 /// Most backends one call is offered to before the proxy gives up.
 pub const MAX_ATTEMPTS: usize = 5;
-
-/// A call abandoned (deadline or cancel) after waiting this long for a backend's
-/// response headers makes the proxy probe that backend's connection.
-pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
 
 /// Where a listener's calls go.
 #[derive(Debug, Clone)]
@@ -126,23 +121,15 @@ impl Forwarder {
         let service = match &self.target {
             Target::Bound(s) => Arc::clone(s),
             Target::ByPath => {
-                let name = match service_from_path(req.uri().path()) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return Err(Own::Grpc(error_response(
-                            Code::Unimplemented,
-                            &format!("switchyard: {e}: {:?}", req.uri().path()),
-                        )))
-                    }
-                };
-                match self.discovery.service(name) {
+                let found = service_from_path(req.uri().path())
+                    .map_err(|error| ProxyError::BadPath {
+                        error,
+                        path: req.uri().path().to_owned(),
+                    })
+                    .and_then(|name| Ok(self.discovery.service(name)?));
+                match found {
                     Ok(s) => s,
-                    Err(e) => {
-                        return Err(Own::Grpc(error_response(
-                            Code::ResourceExhausted,
-                            &format!("switchyard: {e}"),
-                        )))
-                    }
+                    Err(e) => return Err(Own::Grpc(e.response())),
                 }
             }
         };
@@ -189,11 +176,11 @@ impl Forwarder {
             }
         })
         .await;
-        let (resp, endpoint) = match result {
+        let (resp, sent) = match result {
             Some(Ok(r)) => r,
-            Some(Err((code, message))) => {
-                timer.own(code as u8);
-                send_own(&mut respond, Own::Grpc(error_response(code, &message)));
+            Some(Err(e)) => {
+                timer.own(e.code() as u8);
+                send_own(&mut respond, Own::Grpc(e.response()));
                 return None;
             }
             None => {
@@ -202,16 +189,13 @@ impl Forwarder {
             }
         };
         let (parts, inner) = resp.into_parts();
-        let record = endpoint.map(|e| {
-            let mut r = timer.upstream(e);
-            r.status(parts.headers.get(&GRPC_STATUS));
-            r
-        });
+        let mut body = ResponseBody::new(inner, timer, sent);
+        body.headers(&parts.headers);
         // A trailers-only answer ends with its headers.
-        let eos = inner.is_end_stream();
+        let eos = body.is_end_stream();
         match respond.send_response(Response::from_parts(parts, ()), eos) {
             Ok(_) if eos => None,
-            Ok(tx) => Some(Relay::new(ResponseBody::new(inner, record), tx)),
+            Ok(tx) => Some(Relay::new(body, tx)),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot send the response to the client");
                 None
@@ -236,241 +220,55 @@ impl Forwarder {
                 tokio::select! {
                     biased;
                     r = forwarded => r,
-                    _ = deadline => Err((
-                        Code::DeadlineExceeded,
-                        format!(
-                            "switchyard: deadline exceeded before a backend of service '{}' answered",
-                            service.name()
-                        ),
-                    )),
+                    _ = deadline => Err(ProxyError::DeadlineExceeded(service.name().clone())),
                 }
             }
             None => forwarded.await,
         }
     }
 
-    /// Sends the call to the service's backends in round-robin order until one takes it;
-    /// returns the backend's response and the metrics of the backend that answered.
+    /// Offers the call to the service's backends, as its balancer picks them, until one
+    /// takes it; returns that backend's response headers.
     async fn forward(&self, service: &Service, parts: &Parts, body: H2Body) -> Forwarded {
+        let name = service.name();
         if !service.is_loaded() && !Box::pin(service.wait_loaded(self.discovery_timeout)).await {
-            return Err((
-                Code::Unavailable,
-                format!(
-                    "switchyard: endpoints of service '{}' not known yet (etcd unreachable?)",
-                    service.name()
-                ),
-            ));
+            return Err(ProxyError::NotLoaded(name.clone()));
         }
         let set = service.endpoints_full();
         if set.is_empty() {
-            return Err((
-                Code::Unavailable,
-                format!(
-                    "switchyard: no endpoints registered for service '{}'",
-                    service.name()
-                ),
-            ));
+            return Err(ProxyError::NoEndpoints(name.clone()));
         }
         let mut body = ReplayBody::new(body);
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
-        let mut last_error: Option<String> = None;
+        let mut last = None;
         for attempt in 0..set.len().min(MAX_ATTEMPTS) {
-            let Some((idx, upstream)) = set.pick(service.round_robin(), |i| tried.contains(&i))
+            let Some((idx, backend)) = service
+                .balancer()
+                .select_with(&set, |i| !tried.contains(&i))
             else {
                 break;
             };
-            // A backend still connecting, or suspected of having frozen, gets the call
-            // only if no connected one is left to try (waiting on it could cost the
-            // call its deadline): the next connected one after it takes its turn.
-            let (idx, upstream) = if upstream.is_healthy() {
-                (idx, upstream)
-            } else {
-                set.next_after(idx, |i, u| u.is_healthy() && !tried.contains(&i))
-                    .unwrap_or((idx, upstream))
-            };
             tried[attempt] = idx;
-            let conn = match upstream.ready_connection() {
-                Some(c) => c,
-                None => match upstream.connection().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend not usable; trying next");
-                        last_error = Some(format!("{}: {e}", upstream.addr()));
-                        continue;
-                    }
-                },
-            };
-            let (response, send_body) = match open_stream(&conn, parts, upstream.addr()) {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    // The request never left: offer it to the next backend as it is.
-                    upstream.report_closed(&conn);
-                    tracing::debug!(service = %service.name(), backend = %upstream.addr(), error = %e, "backend connection closed; trying next");
-                    last_error = Some(format!("{}: {e}", upstream.addr()));
-                    continue;
+            match try_backend(name, backend, parts, body).await? {
+                Attempt::Answered(resp, sent) => return Ok((resp, sent)),
+                Attempt::NotTaken { body: b, why } => {
+                    body = b;
+                    last = Some((backend.addr().clone(), why));
                 }
-                Err(e) => return Err((Code::Internal, format!("switchyard: {e}"))),
-            };
-            let retry_body = body.try_clone();
-            // In flight on this endpoint from now until the response ends.
-            let sent = upstream.metrics().map(|m| m.send());
-            let pump = Pump::start(body, send_body);
-            let waiting = HeaderWait::new(upstream);
-            let result = response.await;
-            waiting.disarm();
-            let error = match result {
-                Ok(resp) => {
-                    pump.disarm();
-                    if let Some(b) = &retry_body {
-                        b.commit();
-                    }
-                    return Ok((resp, sent));
+                Attempt::Failed(error) => {
+                    return Err(ProxyError::BackendFailed {
+                        service: name.clone(),
+                        backend: backend.addr().clone(),
+                        error,
+                    })
                 }
-                Err(err) => match retry_body {
-                    // Refused before the backend processed it: replay elsewhere.
-                    Some(b) if never_processed(&err) => {
-                        body = b;
-                        err
-                    }
-                    _ => {
-                        return Err((
-                            Code::Unavailable,
-                            format!(
-                                "switchyard: service '{}': backend {} failed the call: {err}",
-                                service.name(),
-                                upstream.addr(),
-                            ),
-                        ))
-                    }
-                },
-            };
-            tracing::debug!(service = %service.name(), backend = %upstream.addr(), %error, "call not taken by backend; retrying on next");
-            last_error = Some(format!("{}: {error}", upstream.addr()));
-        }
-        Err((
-            Code::Unavailable,
-            format!(
-                "switchyard: all {} endpoints of service '{}' are unreachable{}",
-                set.len(),
-                service.name(),
-                last_error
-                    .map(|e| format!(" (last: {e})"))
-                    .unwrap_or_default()
-            ),
-        ))
-    }
-}
-
-/// Armed while a call waits for a backend's response headers: if the call is dropped
-/// (its deadline passed, or the client cancelled) after waiting at least
-/// [`UNRESPONSIVE_AFTER`], the backend is reported as possibly unresponsive.
-struct HeaderWait<'a> {
-    upstream: &'a Upstream,
-    since: tokio::time::Instant,
-    armed: bool,
-}
-
-impl<'a> HeaderWait<'a> {
-    fn new(upstream: &'a Upstream) -> Self {
-        Self {
-            upstream,
-            since: tokio::time::Instant::now(),
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for HeaderWait<'_> {
-    fn drop(&mut self) {
-        if self.armed && self.since.elapsed() >= UNRESPONSIVE_AFTER {
-            self.upstream.report_unresponsive();
-        }
-    }
-}
-
-/// Opens the call's stream on `conn`: its request head, pointed at `addr`, is queued.
-/// (A function of its own so that the head is not kept in the call's future.)
-#[allow(clippy::type_complexity)]
-fn open_stream(
-    conn: &Connection,
-    parts: &Parts,
-    addr: &BackendAddr,
-) -> Result<Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error>, http::Error> {
-    let mut head = Request::from_parts(parts.clone(), ());
-    set_authority(&mut head, addr)?;
-    Ok(conn.send.clone().send_request(head, false))
-}
-
-/// Sends a call's request body to its backend stream, with HTTP/2 flow control.
-///
-/// [`Pump::start`] runs it inline first: a unary call's whole body is usually there
-/// already, and then goes out at once, its first DATA frame queued with the HEADERS. A
-/// body still streaming is handed to a task of its own, which resets the backend stream
-/// if the call is abandoned before the backend's response headers arrive.
-struct Pump {
-    relay: Relay<ReplayBody>,
-    /// Fires when the call is abandoned before its response headers.
-    cancel: Option<oneshot::Receiver<()>>,
-}
-
-/// Held by the call while it waits for response headers; dropping it before
-/// [`PumpGuard::disarm`] cancels a body pump still running.
-struct PumpGuard(Option<oneshot::Sender<()>>);
-
-impl Drop for PumpGuard {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-impl Pump {
-    fn start(body: ReplayBody, tx: h2::SendStream<Bytes>) -> PumpGuard {
-        let mut pump = Pump {
-            relay: Relay::new(body, tx),
-            cancel: None,
-        };
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        if pump.relay.poll_relay(&mut cx).is_ready() {
-            return PumpGuard(None);
-        }
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        pump.cancel = Some(cancel_rx);
-        tokio::spawn(pump);
-        PumpGuard(Some(cancel_tx))
-    }
-}
-
-impl PumpGuard {
-    /// The backend answered: let the body pump run to its end.
-    fn disarm(mut self) {
-        drop(self.0.take());
-    }
-}
-
-impl Future for Pump {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if let Some(rx) = this.cancel.as_mut() {
-            match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    this.relay.reset(h2::Reason::CANCEL);
-                    return Poll::Ready(());
-                }
-                // The call got its answer: go on until the body ends.
-                Poll::Ready(Err(_)) => this.cancel = None,
-                Poll::Pending => {}
             }
         }
-        this.relay.poll_relay(cx)
+        Err(ProxyError::Unreachable {
+            service: name.clone(),
+            count: set.len(),
+            last,
+        })
     }
 }
 
@@ -490,26 +288,9 @@ fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
     }
 }
 
-/// What forwarding gives: the backend's response and the call's count in flight on the
-/// backend that answered, or a proxy error.
-type Forwarded = Result<(Response<h2::RecvStream>, Option<EndpointCall>), (Code, String)>;
-
-/// Whether an error says the backend refused the stream before processing it
-/// (REFUSED_STREAM, or a graceful GOAWAY that did not cover the stream).
-fn never_processed(err: &h2::Error) -> bool {
-    err.reason() == Some(h2::Reason::REFUSED_STREAM)
-        || (err.is_go_away() && err.reason() == Some(h2::Reason::NO_ERROR))
-}
-
-/// Points the request at `addr`, keeping its path.
-#[inline]
-pub fn set_authority<B>(req: &mut Request<B>, addr: &BackendAddr) -> Result<(), http::Error> {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(addr.authority().clone());
-    *req.uri_mut() = Uri::from_parts(parts)?;
-    Ok(())
-}
+/// What forwarding gives: the backend's response and the call's accounting, or why the
+/// proxy answers itself.
+type Forwarded = Result<(Response<h2::RecvStream>, Sent), ProxyError>;
 
 /// Whether the request's content-type is gRPC (`application/grpc`, `+proto`, `;...`).
 #[inline]

@@ -4,8 +4,10 @@
 //! stream polled inside the connection's task); each stream on it is handed to the
 //! listener's [`forward::Forwarder`], which relays it to a backend ([`relay`]).
 
+mod attempt;
 pub mod body;
 pub mod conn;
+pub mod error;
 pub mod forward;
 pub mod local;
 pub mod relay;

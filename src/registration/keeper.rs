@@ -1,39 +1,21 @@
 //! The background task of a [`Registration`](super::Registration): keeps the lease
 //! alive, and registers again with a new lease when the old one is lost.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, PutOptions};
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::{Checked, RegistrationError, RegistrationState, Reporter};
+use crate::backoff::Backoff;
+use crate::etcd::{delete_if_under_lease, timed, RequestError};
 use crate::metrics::RegistrationEvent;
 
-/// Runs one etcd request with a time limit, naming the request and key in the error.
-pub(super) async fn timed<T>(
-    key: &str,
-    op: &'static str,
-    limit: Duration,
-    request: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, RegistrationError> {
-    match tokio::time::timeout(limit, request).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(RegistrationError::Etcd {
-            op,
-            key: key.to_owned(),
-            source,
-        }),
-        Err(_) => Err(RegistrationError::Timeout {
-            op,
-            key: key.to_owned(),
-            after: limit,
-        }),
-    }
-}
+/// First pause after a failed etcd request or a lost lease.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 
 /// What we know about the key under the current lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,34 +39,6 @@ enum Interrupted {
 impl From<RegistrationError> for Interrupted {
     fn from(e: RegistrationError) -> Self {
         Self::Failed(e)
-    }
-}
-
-/// Exponential backoff between failed attempts.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-
-    fn new(max: Duration) -> Self {
-        Self {
-            next: Self::FIRST,
-            max: max.max(Self::FIRST),
-        }
-    }
-
-    /// The delay before the next attempt (and doubles the one after).
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
     }
 }
 
@@ -134,7 +88,9 @@ impl Keeper {
             expires_at: Instant::now(),
             check_lease: false,
             failing_since: None,
-            backoff: Backoff::new((checked.ttl / 3).min(Duration::from_secs(1))),
+            // At most a third of the TTL (and 1 s): a retry comes well before the lease
+            // would expire.
+            backoff: Backoff::new(BACKOFF_FIRST, (checked.ttl / 3).min(Duration::from_secs(1))),
         }
     }
 
@@ -144,13 +100,7 @@ impl Keeper {
         let lease = self.grant().await?;
         if let Err(e) = self.sync_key(lease).await {
             let mut c = self.client.clone();
-            let _ = timed(
-                &self.key,
-                "lease revoke",
-                self.request_timeout,
-                c.lease_revoke(lease),
-            )
-            .await;
+            let _ = timed("lease revoke", self.request_timeout, c.lease_revoke(lease)).await;
             return Err(e);
         }
         Ok(())
@@ -185,12 +135,12 @@ impl Keeper {
                     self.publish();
                     // Short at first (the backoff was reset when the lease was last kept
                     // alive), longer if etcd keeps losing new leases.
-                    tokio::time::sleep(self.backoff.next()).await;
+                    self.backoff.sleep().await;
                 }
                 Interrupted::Failed(e) => {
                     self.check_lease = true;
                     self.publish();
-                    let delay = self.backoff.next();
+                    let delay = self.backoff.next_delay();
                     let retry_in_ms = delay.as_millis() as u64;
                     let lease = self.lease.unwrap_or_default();
                     if self.failing_since.is_none() {
@@ -218,12 +168,12 @@ impl Keeper {
         let lease = match self.lease {
             Some(lease) if self.check_lease => {
                 let resp = timed(
-                    &self.key,
                     "lease time-to-live",
                     self.request_timeout,
                     self.client.lease_time_to_live(lease, None),
                 )
-                .await?;
+                .await
+                .map_err(RegistrationError::etcd(&self.key))?;
                 // etcd answers -1 for a lease it does not know.
                 if resp.ttl() < 0 {
                     return Err(Interrupted::LeaseLost);
@@ -238,12 +188,12 @@ impl Keeper {
 
         let opened = Instant::now();
         let (mut keeper, mut responses) = timed(
-            &self.key,
             "lease keep-alive",
             self.request_timeout,
             self.client.lease_keep_alive(lease),
         )
-        .await?;
+        .await
+        .map_err(RegistrationError::etcd(&self.key))?;
         // The opening request renewed the lease.
         self.expires_at = opened + self.ttl;
         self.backoff.reset();
@@ -269,12 +219,11 @@ impl Keeper {
                     self.publish();
                     match sent {
                         Some(at) if at.elapsed() >= answer_within => {
-                            return Err(RegistrationError::Timeout {
+                            let timed_out = RequestError::TimedOut {
                                 op: "lease keep-alive",
-                                key: self.key.to_string(),
                                 after: at.elapsed(),
-                            }
-                            .into());
+                            };
+                            return Err(RegistrationError::etcd(&self.key)(timed_out).into());
                         }
                         Some(_) => {}
                         None => {
@@ -303,23 +252,19 @@ impl Keeper {
     }
 
     fn etcd_error(&self, op: &'static str, source: etcd_client::Error) -> RegistrationError {
-        RegistrationError::Etcd {
-            op,
-            key: self.key.to_string(),
-            source,
-        }
+        RegistrationError::etcd(&self.key)(RequestError::Failed { op, source })
     }
 
     /// Grants a new lease and makes it the current one.
     async fn grant(&mut self) -> Result<i64, RegistrationError> {
         let asked = Instant::now();
         let resp = timed(
-            &self.key,
             "lease grant",
             self.request_timeout,
             self.client.lease_grant(self.ttl_secs, None),
         )
-        .await?;
+        .await
+        .map_err(RegistrationError::etcd(&self.key))?;
         self.lease = Some(resp.id());
         self.key_state = KeyState::Absent;
         self.check_lease = false;
@@ -333,7 +278,6 @@ impl Keeper {
         if want && self.key_state != KeyState::Present {
             self.key_state = KeyState::Unknown;
             timed(
-                &self.key,
                 "put",
                 self.request_timeout,
                 self.client.put(
@@ -342,17 +286,16 @@ impl Keeper {
                     Some(PutOptions::new().with_lease(lease)),
                 ),
             )
-            .await?;
+            .await
+            .map_err(RegistrationError::etcd(&self.key))?;
             self.key_state = KeyState::Present;
             self.report(|r| r.event(RegistrationEvent::Registered));
             tracing::debug!(key = %self.key, lease, "key put");
         } else if !want && self.key_state != KeyState::Absent {
             self.key_state = KeyState::Unknown;
-            let key: &str = &self.key;
-            let txn = Txn::new()
-                .when([Compare::lease(key, CompareOp::Equal, lease)])
-                .and_then([TxnOp::delete(key, None)]);
-            timed(key, "delete", self.request_timeout, self.client.txn(txn)).await?;
+            delete_if_under_lease(&mut self.client, &self.key, lease, self.request_timeout)
+                .await
+                .map_err(RegistrationError::etcd(&self.key))?;
             self.key_state = KeyState::Absent;
             tracing::info!(key = %self.key, lease, "key deleted (registration paused)");
         }
@@ -401,22 +344,5 @@ impl Keeper {
             }
         });
         self.report(|r| r.held(new.is_registered()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_max_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500));
-        assert_eq!(b.next(), Duration::from_millis(100));
-        assert_eq!(b.next(), Duration::from_millis(200));
-        assert_eq!(b.next(), Duration::from_millis(400));
-        assert_eq!(b.next(), Duration::from_millis(500));
-        assert_eq!(b.next(), Duration::from_millis(500));
-        b.reset();
-        assert_eq!(b.next(), Duration::from_millis(100));
     }
 }

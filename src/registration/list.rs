@@ -9,7 +9,8 @@ use etcd_client::{Client, GetOptions};
 use serde::Serialize;
 
 use crate::config::{parse_duration, EtcdArgs};
-use crate::discovery::value::{service_prefix, EndpointValue, ValueFormat};
+use crate::etcd::{timed, RequestError};
+use crate::registry::{service_prefix, ValueFormat};
 use crate::route::{validate_service_name, ServiceName};
 
 /// Flags of `switchyard endpoints`.
@@ -28,7 +29,8 @@ pub struct EndpointsArgs {
     pub etcd: EtcdArgs,
 }
 
-/// One key under the prefix, decoded as far as it goes.
+/// One endpoint listed under a key (a key may list several), or a key that lists none
+/// (malformed), decoded as far as it goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ListedEndpoint {
     /// The etcd key.
@@ -37,6 +39,10 @@ pub struct ListedEndpoint {
     pub service: String,
     /// The backend address from the value (absent if malformed).
     pub addr: Option<String>,
+    /// The endpoint's weight (absent if malformed).
+    pub weight: Option<u32>,
+    /// Whether the registry says to speak TLS to it (absent if malformed).
+    pub tls: Option<bool>,
     /// The value format (absent if malformed).
     pub format: Option<ValueFormat>,
     /// The value's metadata, if any.
@@ -55,34 +61,9 @@ pub enum ListError {
     /// The etcd client could not be set up.
     #[error(transparent)]
     Connect(#[from] crate::etcd::EtcdError),
-    /// An etcd request failed.
-    #[error("etcd {op}: {source}")]
-    Etcd {
-        /// The request.
-        op: &'static str,
-        /// What etcd-client said.
-        #[source]
-        source: etcd_client::Error,
-    },
-    /// An etcd request got no answer in time.
-    #[error("etcd {op}: no answer within {after:?}")]
-    Timeout {
-        /// The request.
-        op: &'static str,
-        /// How long it waited.
-        after: Duration,
-    },
-}
-
-async fn timed<T>(
-    op: &'static str,
-    limit: Duration,
-    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, ListError> {
-    match tokio::time::timeout(limit, request).await {
-        Ok(r) => r.map_err(|source| ListError::Etcd { op, source }),
-        Err(_) => Err(ListError::Timeout { op, after: limit }),
-    }
+    /// An etcd request failed or got no answer in time.
+    #[error(transparent)]
+    Etcd(#[from] RequestError),
 }
 
 /// Splits a key under `<prefix>/` into (service, rest); `Err` says why it is malformed.
@@ -150,35 +131,49 @@ pub async fn list(
                 }
             },
         };
-        let mut entry = ListedEndpoint {
+        let under = key.strip_prefix(root.as_str()).unwrap_or(&key);
+        let (service, decoded) = match split_key(under) {
+            Err((service, why)) => (service, Err(why)),
+            Ok((service, _)) => (
+                service,
+                crate::registry::decode(kv.key(), kv.value()).map_err(|e| e.to_string()),
+            ),
+        };
+        let entry = ListedEndpoint {
             key: key.clone(),
-            service: String::new(),
+            service: service.to_owned(),
             addr: None,
+            weight: None,
+            tls: None,
             format: None,
             metadata: None,
             lease,
             ttl_left,
             error: None,
         };
-        let under = key.strip_prefix(root.as_str()).unwrap_or(&key);
-        match split_key(under) {
-            Err((service, why)) => {
-                entry.service = service.to_owned();
-                entry.error = Some(why);
-            }
-            Ok((service, _)) => {
-                entry.service = service.to_owned();
-                match EndpointValue::decode(kv.value()) {
-                    Ok(v) => {
-                        entry.addr = Some(v.addr.to_string());
-                        entry.format = Some(v.format);
-                        entry.metadata = v.metadata;
-                    }
-                    Err(e) => entry.error = Some(e.to_string()),
+        match decoded {
+            Err(why) => out.push(ListedEndpoint {
+                error: Some(why),
+                ..entry
+            }),
+            Ok(d) if d.endpoints.is_empty() => out.push(ListedEndpoint {
+                format: Some(d.format),
+                error: Some(format!("{} value lists no endpoint", d.format)),
+                ..entry
+            }),
+            Ok(d) => {
+                for ep in d.endpoints {
+                    out.push(ListedEndpoint {
+                        addr: Some(ep.addr.to_string()),
+                        weight: Some(ep.weight),
+                        tls: Some(ep.tls),
+                        format: Some(d.format),
+                        metadata: ep.metadata,
+                        ..entry.clone()
+                    });
                 }
             }
         }
-        out.push(entry);
     }
     Ok(out)
 }
@@ -201,12 +196,7 @@ pub fn render_table(entries: &[ListedEndpoint]) -> String {
                 ),
                 None => (
                     e.addr.clone().unwrap_or_default(),
-                    match e.format {
-                        Some(ValueFormat::Plain) => "plain",
-                        Some(ValueFormat::EtcdNaming) => "etcd-naming",
-                        None => "-",
-                    }
-                    .to_owned(),
+                    e.format.map_or("-", ValueFormat::name).to_owned(),
                     e.metadata
                         .as_ref()
                         .map(|m| m.to_string())
@@ -286,6 +276,8 @@ mod tests {
             key: "services/a/h:1".into(),
             service: "a".into(),
             addr: Some("h:1".into()),
+            weight: Some(1),
+            tls: Some(false),
             format: Some(ValueFormat::EtcdNaming),
             metadata: Some(serde_json::json!({"zone": "z"})),
             lease: Some(7),
@@ -296,6 +288,8 @@ mod tests {
             key: "services/a/x".into(),
             service: "a".into(),
             addr: None,
+            weight: None,
+            tls: None,
             format: None,
             metadata: None,
             lease: None,
@@ -307,6 +301,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("SERVICE"));
         assert!(lines[1].contains("h:1") && lines[1].contains("9s"));
+        assert!(lines[1].contains("etcd-naming"));
         assert!(lines[1].contains(r#"{"zone":"z"}"#));
         assert!(lines[2].contains("MALFORMED") && lines[2].contains("not UTF-8"));
     }

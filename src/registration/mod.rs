@@ -39,12 +39,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::Client;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::discovery::value::{endpoint_key, AddrError, BackendAddr, EndpointValue, ValueFormat};
+use crate::backoff::Backoff;
+use crate::endpoint::{AddrError, BackendAddr, Endpoint};
+use crate::etcd::{delete_if_under_lease, timed, RequestError};
 use crate::metrics::{RegistrationEvent, RegistrationMetrics};
+use crate::registry::{endpoint_key, EncodeError, ValueFormat};
 use crate::route::{ServiceName, ServiceNameError};
 
 /// Shortest lease TTL accepted: 2 s. etcd (3.4, default timing: 100 ms heartbeat, 1 s
@@ -79,29 +82,17 @@ pub enum RegistrationError {
     /// The TTL is not a whole number of seconds (etcd leases are in seconds).
     #[error("ttl {0:?} is not a whole number of seconds")]
     TtlNotWholeSeconds(Duration),
-    /// Metadata was given with the plain value format, which cannot carry it.
-    #[error("metadata needs the etcd-naming value format (plain values are only host:port)")]
-    MetadataNeedsNamingFormat,
-    /// An etcd request failed.
-    #[error("etcd {op} for {key}: {source}")]
+    /// The value format cannot carry what the spec has (e.g. metadata in `plain`).
+    #[error("value: {0}")]
+    Value(#[from] EncodeError),
+    /// An etcd request failed or got no answer in time.
+    #[error("{key}: {source}")]
     Etcd {
-        /// The request (`lease grant`, `put`, ...).
-        op: &'static str,
         /// The registration's key.
         key: String,
-        /// What etcd-client said.
+        /// The request and what went wrong.
         #[source]
-        source: etcd_client::Error,
-    },
-    /// An etcd request got no answer in time.
-    #[error("etcd {op} for {key}: no answer within {after:?}")]
-    Timeout {
-        /// The request.
-        op: &'static str,
-        /// The registration's key.
-        key: String,
-        /// How long it waited.
-        after: Duration,
+        source: RequestError,
     },
     /// The keep-alive stream ended (etcd closed it).
     #[error("etcd lease keep-alive for {key}: stream closed")]
@@ -117,8 +108,15 @@ impl RegistrationError {
     pub fn is_transient(&self) -> bool {
         use tonic::Code;
         match self {
-            Self::Timeout { .. } | Self::StreamClosed { .. } => true,
-            Self::Etcd { source, .. } => match source {
+            Self::StreamClosed { .. }
+            | Self::Etcd {
+                source: RequestError::TimedOut { .. },
+                ..
+            } => true,
+            Self::Etcd {
+                source: RequestError::Failed { source, .. },
+                ..
+            } => match source {
                 etcd_client::Error::GRpcStatus(s) => matches!(
                     s.code(),
                     Code::Unavailable
@@ -135,6 +133,14 @@ impl RegistrationError {
                 _ => false,
             },
             _ => false,
+        }
+    }
+
+    /// Makes an etcd request's error one of the registration of `key`.
+    fn etcd(key: &str) -> impl FnOnce(RequestError) -> Self + '_ {
+        move |source| Self::Etcd {
+            key: key.to_owned(),
+            source,
         }
     }
 }
@@ -187,7 +193,8 @@ impl RegistrationSpec {
         self
     }
 
-    /// Sets the metadata written with the value (etcd-naming format only).
+    /// Sets the metadata written with the value (formats that carry it only:
+    /// [`ValueFormat::carries_metadata`]).
     pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
         self.metadata = Some(metadata);
         self
@@ -210,20 +217,10 @@ impl RegistrationSpec {
         let service = ServiceName::new(&self.service)?;
         let addr: BackendAddr = self.addr.parse()?;
         let ttl_secs = check_ttl(self.ttl)?;
-        let metadata = match (&self.metadata, self.format) {
-            (None | Some(serde_json::Value::Null), _) => None,
-            (Some(_), ValueFormat::Plain) => {
-                return Err(RegistrationError::MetadataNeedsNamingFormat)
-            }
-            (Some(m), ValueFormat::EtcdNaming) => Some(m.clone()),
-        };
         let key = endpoint_key(&self.prefix, service.as_str(), &addr);
-        let value = EndpointValue {
-            addr,
-            metadata,
-            format: self.format,
-        }
-        .encode();
+        let mut endpoint = Endpoint::new(addr);
+        endpoint.metadata = self.metadata.clone().filter(|m| !m.is_null());
+        let value = self.format.encode(&endpoint)?;
         Ok(Checked {
             report: self.metrics.clone().map(|metrics| {
                 Arc::new(Reporter {
@@ -406,13 +403,16 @@ impl Registration {
     /// just restarted) until the request timeout has passed.
     async fn remove_retrying(&self, lease: i64) -> Result<(), RegistrationError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
         loop {
             match self.remove(lease).await {
-                Err(e) if e.is_transient() && tokio::time::Instant::now() + backoff < deadline => {
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay >= deadline {
+                        return Err(e);
+                    }
                     tracing::debug!(key = %self.key, error = %e, "deregistration failed; trying again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    tokio::time::sleep(delay).await;
                 }
                 result => return result,
             }
@@ -423,12 +423,10 @@ impl Registration {
     async fn remove(&self, lease: i64) -> Result<(), RegistrationError> {
         let mut client = self.client.clone();
         let key: &str = &self.key;
-        let txn = Txn::new()
-            .when([Compare::lease(key, CompareOp::Equal, lease)])
-            .and_then([TxnOp::delete(key, None)]);
-        keeper::timed(key, "delete", self.request_timeout, client.txn(txn)).await?;
-        match keeper::timed(
-            key,
+        delete_if_under_lease(&mut client, key, lease, self.request_timeout)
+            .await
+            .map_err(RegistrationError::etcd(key))?;
+        match timed(
             "lease revoke",
             self.request_timeout,
             client.lease_revoke(lease),
@@ -436,11 +434,12 @@ impl Registration {
         .await
         {
             Ok(_) => Ok(()),
-            Err(RegistrationError::Etcd {
+            // Already gone (expired): nothing left to revoke.
+            Err(RequestError::Failed {
                 source: etcd_client::Error::GRpcStatus(s),
                 ..
             }) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(RegistrationError::etcd(key)(e)),
         }
     }
 }
@@ -516,7 +515,16 @@ mod tests {
             err(RegistrationSpec::new("a", "h:1")
                 .format(ValueFormat::Plain)
                 .metadata(serde_json::json!({"k": "v"}))),
-            RegistrationError::MetadataNeedsNamingFormat
+            RegistrationError::Value(EncodeError::NotCarried {
+                format: ValueFormat::Plain,
+                what: "metadata"
+            })
         ));
+        // Null metadata is no metadata.
+        assert!(RegistrationSpec::new("a", "h:1")
+            .format(ValueFormat::Plain)
+            .metadata(serde_json::Value::Null)
+            .validate()
+            .is_ok());
     }
 }

@@ -20,9 +20,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{reply, AdminResponse, METRICS, TEXT};
+use crate::backoff::Backoff;
 use crate::config::{parse_duration, AdminListen, EtcdArgs};
-use crate::discovery::value::{BackendAddr, ValueFormat};
+use crate::endpoint::BackendAddr;
 use crate::metrics::RegistrationMetrics;
+use crate::registry::{metadata_formats, ValueFormat};
 use crate::route::ServiceName;
 
 use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
@@ -42,12 +44,12 @@ pub struct RegisterArgs {
     /// sidecar dies.
     #[arg(long, env = "SWITCHYARD_TTL", default_value = "10s", value_parser = parse_ttl)]
     pub ttl: Duration,
-    /// Metadata `KEY=VALUE` written with the value (etcd-naming format), repeatable.
+    /// Metadata `KEY=VALUE` written with the value (formats that carry metadata), repeatable.
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
     pub metadata: Vec<(String, String)>,
-    /// Value format: `etcd-naming` (JSON read by grpc-go's etcd resolver and switchyard)
-    /// or `plain` (`host:port`).
-    #[arg(long, env = "SWITCHYARD_FORMAT", value_enum, default_value_t = ValueFormat::EtcdNaming)]
+    /// Value format written (each is described in the `registry` module's docs; the
+    /// default is read by switchyard and grpc-go's etcd resolver alike).
+    #[arg(long, env = "SWITCHYARD_FORMAT", default_value_t = ValueFormat::default(), value_parser = parse_format())]
     pub format: ValueFormat,
     /// Health check that gates the registration: the key is held only while it passes.
     #[arg(long, env = "SWITCHYARD_HEALTH_CHECK", value_enum, default_value_t = HealthCheckKind::None)]
@@ -96,6 +98,13 @@ pub fn parse_register_addr(s: &str) -> Result<BackendAddr, String> {
     Ok(addr)
 }
 
+/// `--format`: one of the registry's format names (listed in `--help`).
+fn parse_format() -> impl clap::builder::TypedValueParser<Value = ValueFormat> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(ValueFormat::names())
+        .try_map(|name| name.parse::<ValueFormat>())
+}
+
 /// `--ttl`: a duration of whole seconds within etcd's lease limits.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let ttl = parse_duration(s)?;
@@ -122,11 +131,12 @@ pub fn parse_metadata(s: &str) -> Result<(String, String), String> {
 impl RegisterArgs {
     /// Checks the flags that depend on one another; the message names the flags.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.metadata.is_empty() && self.format == ValueFormat::Plain {
-            return Err(
-                "--metadata needs --format etcd-naming (plain values are only host:port)"
-                    .to_owned(),
-            );
+        if !self.metadata.is_empty() && !self.format.carries_metadata() {
+            return Err(format!(
+                "--metadata needs a --format that carries metadata ({}); {} values do not",
+                metadata_formats(),
+                self.format
+            ));
         }
         Ok(())
     }
@@ -343,7 +353,7 @@ pub async fn run_until(
     report.set_phase(Phase::Registering);
 
     // Register, retrying while etcd is unreachable.
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let registration = loop {
         let attempt = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -352,12 +362,12 @@ pub async fn run_until(
         match attempt {
             Ok(r) => break r,
             Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot register yet; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(SidecarError::Register(e)),
         }

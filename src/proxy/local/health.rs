@@ -25,6 +25,7 @@ use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::LocalContext;
+use crate::balance::Fit;
 use crate::discovery::Service;
 use crate::route::validate_service_name;
 
@@ -72,7 +73,7 @@ impl Subject {
                     return None;
                 }
                 let set = service.endpoints();
-                Some(if set.iter().any(|e| e.is_usable()) {
+                Some(if set.iter().any(|b| b.fit() != Fit::No) {
                     ServingStatus::Serving
                 } else if set.is_empty() && !bound {
                     ServingStatus::ServiceUnknown

@@ -33,6 +33,7 @@ use v1::server_reflection_response::MessageResponse;
 
 use super::backend::BackendChannel;
 use super::LocalContext;
+use crate::balance::Fit;
 use crate::route::validate_service_name;
 use crate::upstream::Upstream;
 
@@ -141,12 +142,12 @@ fn same_message<A: Message, B: Message + Default>(a: &A) -> B {
 struct Session {
     ctx: Arc<LocalContext>,
     /// The backend that answered this stream before.
-    earlier: Option<Backend>,
+    earlier: Option<Asked>,
 }
 
 /// A backend asked for reflection, and the service it was picked for.
 #[derive(Clone)]
-struct Backend {
+struct Asked {
     service: String,
     upstream: Arc<Upstream>,
     /// It serves only `v1alpha`.
@@ -261,7 +262,7 @@ impl Session {
     }
 
     /// A backend of `service`: one that is connected if there is one.
-    async fn pick(&self, service: &str) -> Result<Backend, String> {
+    async fn pick(&self, service: &str) -> Result<Asked, String> {
         let svc = self
             .ctx
             .discovery
@@ -273,14 +274,14 @@ impl Session {
             ));
         }
         let set = svc.endpoints_full();
-        let upstream = set
+        let backend = set
             .iter()
-            .find(|u| u.is_healthy())
-            .or_else(|| set.iter().find(|u| u.is_usable()))
+            .find(|b| b.fit() == Fit::Preferred)
+            .or_else(|| set.iter().find(|b| b.fit() == Fit::Usable))
             .ok_or_else(|| format!("switchyard: no usable endpoint of service '{service}'"))?;
-        Ok(Backend {
+        Ok(Asked {
             service: service.to_owned(),
-            upstream: Arc::clone(upstream),
+            upstream: Arc::clone(backend.upstream()),
             alpha: false,
         })
     }
@@ -288,7 +289,7 @@ impl Session {
     /// Passes `req` to `backend`; it answers this stream's later file requests.
     async fn ask(
         &mut self,
-        mut backend: Backend,
+        mut backend: Asked,
         req: v1::ServerReflectionRequest,
     ) -> v1::ServerReflectionResponse {
         let addr = backend.upstream.addr().clone();
