@@ -240,19 +240,16 @@ impl Session {
     async fn registered(&self) -> Result<BTreeSet<String>, String> {
         let root = prefix_root(&self.ctx.prefix);
         let mut etcd = self.ctx.etcd.clone();
-        let listing = etcd.get(
-            root.as_str(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        );
-        let listing = match tokio::time::timeout(ETCD_TIMEOUT, listing).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return Err(format!("switchyard: cannot list services in etcd: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "switchyard: etcd did not list the services within {ETCD_TIMEOUT:?}"
-                ))
-            }
-        };
+        let listing = crate::etcd::timed(
+            "list services",
+            ETCD_TIMEOUT,
+            etcd.get(
+                root.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await
+        .map_err(|e| format!("switchyard: cannot list the registered services: {e}"))?;
         Ok(listing
             .kvs()
             .iter()
@@ -304,15 +301,13 @@ impl Session {
         let channel = BackendChannel::new(conn.send.clone(), addr.clone());
         let mut answer = Err(Status::unimplemented(""));
         if !backend.alpha {
-            answer = ask_v1(channel.clone(), req.clone()).await;
+            answer = ask_backend(channel.clone(), METHOD_V1, req.clone()).await;
         }
         if answer
             .as_ref()
             .is_err_and(|s| s.code() == Code::Unimplemented)
         {
-            answer = ask_v1alpha(channel, same_message(&req))
-                .await
-                .map(|r| same_message(&r));
+            answer = ask_backend(channel, METHOD_V1ALPHA, req.clone()).await;
             backend.alpha = true;
         }
         match answer {
@@ -339,31 +334,29 @@ impl Session {
     }
 }
 
-/// Asks a backend one `v1` reflection request.
-async fn ask_v1(
+/// The reflection method of each version: the same messages under two package names, so
+/// a backend that serves only `v1alpha` is asked with the same `v1` messages.
+const METHOD_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const METHOD_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// Asks a backend one reflection request on `method`; returns its first answer.
+async fn ask_backend(
     channel: BackendChannel,
+    method: &'static str,
     req: v1::ServerReflectionRequest,
 ) -> Result<v1::ServerReflectionResponse, Status> {
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut grpc = tonic::client::Grpc::new(channel);
     let ask = async move {
-        let mut answers = client
-            .server_reflection_info(tokio_stream::once(req))
-            .await?
-            .into_inner();
-        answers.message().await
-    };
-    first_answer(tokio::time::timeout(BACKEND_TIMEOUT, ask).await)
-}
-
-/// Asks a backend one `v1alpha` reflection request.
-async fn ask_v1alpha(
-    channel: BackendChannel,
-    req: v1alpha::ServerReflectionRequest,
-) -> Result<v1alpha::ServerReflectionResponse, Status> {
-    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
-    let ask = async move {
-        let mut answers = client
-            .server_reflection_info(tokio_stream::once(req))
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
+        let codec = tonic_prost::ProstCodec::<
+            v1::ServerReflectionRequest,
+            v1::ServerReflectionResponse,
+        >::default();
+        let path = http::uri::PathAndQuery::from_static(method);
+        let mut answers = grpc
+            .streaming(Request::new(tokio_stream::once(req)), path, codec)
             .await?
             .into_inner();
         answers.message().await
