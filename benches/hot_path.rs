@@ -15,9 +15,11 @@ use switchyard::balance::{Backend, Balancer, EndpointSet};
 use switchyard::discovery::{Discovery, DiscoveryConfig};
 use switchyard::endpoint::{BackendAddr, Endpoint};
 use switchyard::metrics::{status_slot, Metrics};
+use switchyard::proxy::body::H2Body;
 use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
 use switchyard::proxy::replay::ReplayBody;
 use switchyard::route::service_from_path;
+use switchyard::testkit::h2_pair::{H2Pair, H2Stream};
 use switchyard::upstream::{Upstream, UpstreamConfig};
 
 const PATH: &str = "/switchyard.echo.v1.Echo/Unary";
@@ -143,16 +145,29 @@ fn bench_build(c: &mut Criterion) {
             req
         })
     });
+    // The body wrapped is a real request stream's, received over an in-memory HTTP/2
+    // connection (set up outside the timed part; a batch holds 64 streams open at once).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut pair = rt.block_on(H2Pair::start()).expect("in-memory HTTP/2");
     c.bench_function("build/replayable body (wrap, try_clone, commit)", |b| {
         b.iter_batched(
-            || bytes::Bytes::from_static(b"\0\0\0\0\x08\x12\x06hello!"),
-            |data| {
-                let body = ReplayBody::fixed(data);
+            || rt.block_on(pair.stream(true)).expect("in-memory stream"),
+            |stream| {
+                let H2Stream {
+                    recv,
+                    response,
+                    send,
+                    respond,
+                } = stream;
+                let body = ReplayBody::new(H2Body::new(recv));
                 let retry = body.try_clone();
                 body.commit();
-                (body, retry)
+                (body, retry, (response, send, respond))
             },
-            BatchSize::SmallInput,
+            BatchSize::NumIterations(64),
         )
     });
 }

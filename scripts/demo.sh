@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 echo "== building switchyard"
-cargo build --quiet --bin switchyard
+cargo build --quiet --bin switchyard --features demo  # demo-backend, demo-client
 bin=target/debug/switchyard
 base=${DEMO_PORT_BASE:-27000}
 etcd_url="http://127.0.0.1:$((base))"

@@ -442,7 +442,7 @@ pub struct DemoBackendArgs {
     pub ttl: Duration,
     /// etcd location and key prefix (with --service).
     #[command(flatten)]
-    pub etcd: crate::config::EtcdArgs,
+    pub etcd: crate::settings::EtcdSettings,
 }
 
 /// Why the example backend stopped with an error.
@@ -519,7 +519,7 @@ pub struct DemoClientArgs {
     #[arg(long, default_value_t = 12)]
     pub calls: usize,
     /// Pause between calls.
-    #[arg(long, default_value = "0s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = crate::settings::duration::parse)]
     pub interval: Duration,
 }
 

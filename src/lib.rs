@@ -11,19 +11,21 @@
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
-//! - [`config`]: command-line flags and their environment variables.
+//! - [`settings`]: every setting declared once (flag, environment variable, config file
+//!   key, default), layered flag > environment > file > default.
 //! - [`status`]: gRPC errors produced by the proxy itself.
 //! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
 //! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
-//! - [`demo`] and [`testkit`]: the example Echo backend and local etcd processes, for
-//!   the demo, the tests and the benchmarks.
+//! - `demo`, `testkit` and `echo` (cargo feature `demo`, on for the tests and benchmarks):
+//!   the example Echo backend and client and local etcd processes, for the demo, the tests
+//!   and the benchmarks; not part of the proxy's own builds.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod backoff;
 pub mod balance;
-pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
@@ -33,12 +35,15 @@ pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod route;
+pub mod settings;
 pub mod status;
+#[cfg(feature = "demo")]
 pub mod testkit;
 pub mod tls;
 pub mod upstream;
 
 /// Generated code for the example `Echo` service used by demos, tests and benchmarks.
+#[cfg(feature = "demo")]
 pub mod echo {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("switchyard.echo.v1");

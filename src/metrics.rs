@@ -35,8 +35,6 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
-    /// Registrations held by this process (the `register` sidecar).
-    pub registrations: RegistrationMetrics,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -220,14 +218,8 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
-            registrations: RegistrationMetrics::new(&registry),
             registry,
         })
-    }
-
-    /// The registry holding every metric (to add more collectors).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// The Prometheus text exposition of all metrics.
@@ -467,12 +459,13 @@ mod tests {
 
     #[test]
     fn registrations_are_exposed() {
-        let m = Metrics::new();
-        m.registrations.set_held("a", 2);
-        m.registrations.event("a", RegistrationEvent::Registered);
-        m.registrations.event("a", RegistrationEvent::LeaseLost);
-        m.registrations.event("a", RegistrationEvent::Registered);
-        let text = String::from_utf8(m.render()).unwrap();
+        let registry = Registry::new();
+        let m = RegistrationMetrics::new(&registry);
+        m.set_held("a", 2);
+        m.event("a", RegistrationEvent::Registered);
+        m.event("a", RegistrationEvent::LeaseLost);
+        m.event("a", RegistrationEvent::Registered);
+        let text = String::from_utf8(render(&registry)).unwrap();
         assert!(text.contains(r#"switchyard_registrations{service="a"} 2"#));
         assert!(text
             .contains(r#"switchyard_registration_events_total{event="registered",service="a"} 2"#));

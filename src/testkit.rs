@@ -1,11 +1,13 @@
 //! Local etcd processes for the demo, the tests and the benchmarks: each runs the real
 //! `etcd` binary on free loopback ports with a temporary data dir, and is killed when
-//! dropped.
+//! dropped. And HTTP/2 connections in memory ([`h2_pair`]) for unit tests and benchmarks.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod h2_pair;
 
 /// Why a local etcd could not be started.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,8 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct Shared {
-    /// The client's body; `None` for a fixed body made by the proxy.
-    inner: Option<H2Body>,
+    /// The client's body.
+    inner: H2Body,
     /// Data frames yielded so far, while still replayable.
     recorded: Vec<Bytes>,
     recorded_len: usize,
@@ -45,29 +45,12 @@ impl ReplayBody {
     pub fn new(inner: H2Body) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
-                inner: Some(inner),
+                inner,
                 recorded: Vec::new(),
                 recorded_len: 0,
                 trailers: None,
                 done: false,
                 committed: false,
-            })),
-            pos: 0,
-            finished: false,
-        }
-    }
-
-    /// A fixed body made by the proxy itself (e.g. a probe request).
-    pub fn fixed(data: Bytes) -> Self {
-        let len = data.len();
-        Self {
-            shared: Arc::new(Mutex::new(Shared {
-                inner: None,
-                recorded: vec![data],
-                recorded_len: len,
-                trailers: None,
-                done: true,
-                committed: true,
             })),
             pos: 0,
             finished: false,
@@ -119,11 +102,7 @@ impl Body for ReplayBody {
             drop(s);
             return this.finish();
         }
-        let Some(inner) = s.inner.as_mut() else {
-            drop(s);
-            return this.finish();
-        };
-        match Pin::new(&mut *inner).poll_frame(cx) {
+        match Pin::new(&mut s.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.done = true;
@@ -171,7 +150,7 @@ impl Body for ReplayBody {
         if s.done {
             return s.trailers.is_none();
         }
-        s.inner.as_ref().is_some_and(Body::is_end_stream)
+        s.inner.is_end_stream()
     }
 }
 

@@ -93,11 +93,6 @@ impl HealthGate {
         })
     }
 
-    /// Whether the backend is healthy now (as far as the gate has decided).
-    pub fn is_healthy(&self) -> bool {
-        self.healthy
-    }
-
     /// Probes every interval until the backend's health changes; returns the new value.
     /// With [`HealthCheckKind::None`] the first call returns `true` and later calls never
     /// return.

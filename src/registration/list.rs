@@ -8,10 +8,10 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use serde::Serialize;
 
-use crate::config::{parse_duration, EtcdArgs};
 use crate::etcd::{timed, RequestError};
 use crate::registry::{service_prefix, ValueFormat};
 use crate::route::{validate_service_name, ServiceName};
+use crate::settings::{duration, EtcdSettings};
 
 /// Flags of `switchyard endpoints`.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,11 +22,11 @@ pub struct EndpointsArgs {
     #[arg(long)]
     pub json: bool,
     /// Time allowed for each etcd request.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub timeout: Duration,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// One endpoint listed under a key (a key may list several), or a key that lists none

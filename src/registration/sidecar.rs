@@ -21,11 +21,11 @@ use tokio::sync::watch;
 
 use crate::admin::{reply, AdminResponse, METRICS, TEXT};
 use crate::backoff::Backoff;
-use crate::config::{parse_duration, AdminListen, EtcdArgs};
 use crate::endpoint::BackendAddr;
 use crate::metrics::RegistrationMetrics;
 use crate::registry::{metadata_formats, ValueFormat};
 use crate::route::ServiceName;
+use crate::settings::{duration, AdminListen, EtcdSettings};
 
 use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
 use super::{check_ttl, Registration, RegistrationError, RegistrationSpec, RegistrationState};
@@ -80,7 +80,7 @@ pub struct RegisterArgs {
     pub admin_listen: AdminListen,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// `--addr`: `host:port`, and not a wildcard address that clients cannot reach.
@@ -107,14 +107,14 @@ fn parse_format() -> impl clap::builder::TypedValueParser<Value = ValueFormat> {
 
 /// `--ttl`: a duration of whole seconds within etcd's lease limits.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let ttl = parse_duration(s)?;
+    let ttl = duration::parse(s)?;
     check_ttl(ttl).map_err(|e| e.to_string())?;
     Ok(ttl)
 }
 
 /// A duration greater than zero.
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match duration::parse(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
         d => Ok(d),
     }

@@ -1,12 +1,11 @@
 //! Registration metrics and the `switchyard register` sidecar's admin listener, against a
 //! real etcd, a real Echo backend and the real binary.
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard::metrics::Metrics;
+use switchyard::metrics::{render, RegistrationMetrics};
 use switchyard::registration::{Registration, RegistrationSpec};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -42,17 +41,19 @@ async fn readyz(admin: SocketAddr) -> u16 {
 async fn library_reports_held_keys_and_events_when_given_metrics() {
     init_tracing();
     let etcd = EtcdProcess::start().await.unwrap();
-    let metrics = Metrics::new();
+    // Registration metrics of a library user: in a registry of its own.
+    let registry = prometheus::Registry::new();
+    let registrations = RegistrationMetrics::new(&registry);
     let reg = Registration::start(
         etcd.client().await.unwrap(),
         RegistrationSpec::new("svc-lib", "127.0.0.1:5000")
             .ttl(Duration::from_secs(3))
-            .metrics(metrics.registrations.clone()),
+            .metrics(registrations.clone()),
     )
     .await
     .unwrap();
     let value = |name: &str, labels: &[(&str, &str)]| {
-        metric(&String::from_utf8(metrics.render()).unwrap(), name, labels)
+        metric(&String::from_utf8(render(&registry)).unwrap(), name, labels)
     };
     assert_eq!(
         value("switchyard_registrations", &[("service", "svc-lib")]),
@@ -81,7 +82,7 @@ async fn library_reports_held_keys_and_events_when_given_metrics() {
         etcd.client().await.unwrap(),
         RegistrationSpec::new("svc-lib", "127.0.0.1:5001")
             .ttl(Duration::from_secs(3))
-            .metrics(metrics.registrations.clone()),
+            .metrics(registrations.clone()),
     )
     .await
     .unwrap();

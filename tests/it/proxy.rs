@@ -1,11 +1,10 @@
 //! Issue 2: discovery, routing and forwarding, end to end with a real etcd, real tonic
 //! backends and clients over loopback sockets.
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use switchyard::echo::EchoRequest;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};

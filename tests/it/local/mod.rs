@@ -2,9 +2,6 @@
 //! grpcio clients), server reflection (tonic's client and grpcurl), and two proxies on
 //! one host.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 mod clients;
 mod health;
 mod reflection;

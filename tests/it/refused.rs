@@ -4,16 +4,13 @@
 //! HTTP/2 servers on loopback (the `h2` crate's server, or raw frames where `h2` cannot
 //! send the GOAWAY wanted), registered in a real etcd next to real Echo backends.
 
-mod common;
-mod faults;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use faults::*;
+use crate::common::*;
+use crate::faults::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

