@@ -210,15 +210,16 @@ pub async fn serve(
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
             None => Target::ByPath,
         };
-        let own = Local::new(
-            Arc::clone(&local),
-            match &target {
-                Target::Bound(s) => Some(Arc::clone(s)),
-                Target::ByPath => None,
-            },
-        );
-        let forwarder =
-            Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery).with_local(own);
+        // Health (and reflection) answered here, unless a bound listener's are forwarded.
+        let own = match &target {
+            Target::Bound(_) if args.forward_health => None,
+            Target::Bound(s) => Some(Local::new(Arc::clone(&local), Some(Arc::clone(s)))),
+            Target::ByPath => Some(Local::new(Arc::clone(&local), None)),
+        };
+        let mut forwarder = Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery);
+        if let Some(own) = own {
+            forwarder = forwarder.with_local(own);
+        }
         serving.push((bound, Arc::new(forwarder)));
     }
     let admin_listener = match args.admin.listen.0 {

@@ -6,7 +6,8 @@
 //! endpoints are all unreachable, and unknown (Check: NOT_FOUND; Watch: SERVICE_UNKNOWN,
 //! then updates) while no endpoint of that name is registered. On a listener bound to a
 //! service, every name is that service (a client that dialed the listener dialed it), and
-//! no endpoint means NOT_SERVING. While the proxy drains, every name is NOT_SERVING, and
+//! no endpoint means NOT_SERVING (with `--forward-health`, a bound listener passes health
+//! calls to the service's backends instead). While the proxy drains, every name is NOT_SERVING, and
 //! watches end after saying so, so that they do not hold the drain up.
 //!
 //! `Watch` wakes on each endpoint snapshot discovery publishes, and re-checks every

@@ -120,6 +120,17 @@ async fn health_on_a_bound_listener_is_the_bound_service() {
         "b1"
     );
     proxy.shutdown().await;
+
+    // Asked to forward health, a bound listener passes it to the backend, which knows
+    // only its own names.
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &["bound.Svc"], |a| {
+        a.forward_health = true;
+    })
+    .await;
+    let c = health(proxy.bound[0]).await;
+    assert_eq!(check(&c, SVC).await, Ok(ServingStatus::Serving));
+    assert_eq!(check(&c, "bound.Svc").await, Err(Code::NotFound));
+    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
