@@ -475,7 +475,7 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
         Some(service) => {
             let client = crate::etcd::connect(&args.etcd).await?;
             let spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
-                .prefix(args.etcd.prefix.clone())
+                .prefix(args.etcd.prefixes().swap_remove(0))
                 .ttl(args.ttl);
             let reg = crate::registration::Registration::start(client, spec).await?;
             tracing::info!(key = reg.key(), ttl = ?args.ttl, "registered in etcd");

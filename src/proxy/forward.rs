@@ -21,7 +21,7 @@ use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{Discovery, Service};
-use crate::route::service_from_path;
+use crate::route::{service_from_path, Routes};
 use crate::status::http_error;
 use http_body::Body as _;
 
@@ -63,6 +63,7 @@ pub struct Forwarder {
     discovery_timeout: Duration,
     /// Services the proxy answers itself (health, reflection).
     local: Option<Arc<Local>>,
+    routes: Arc<Routes>,
 }
 
 impl Forwarder {
@@ -73,12 +74,20 @@ impl Forwarder {
             target,
             discovery_timeout,
             local: None,
+            routes: Arc::default(),
         }
     }
 
     /// Answers health (and reflection) calls with `local` instead of forwarding them.
     pub fn with_local(mut self, local: Arc<Local>) -> Self {
         self.local = Some(local);
+        self
+    }
+
+    /// The same forwarder, looking the services named in calls' paths up under their
+    /// routes' names.
+    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = routes;
         self
     }
 
@@ -126,7 +135,7 @@ impl Forwarder {
                         error,
                         path: req.uri().path().to_owned(),
                     })
-                    .and_then(|name| Ok(self.discovery.service(name)?));
+                    .and_then(|name| Ok(self.discovery.service(self.routes.resolve(name))?));
                 match found {
                     Ok(s) => s,
                     Err(e) => return Err(Own::Grpc(e.response())),

@@ -69,6 +69,9 @@ pub enum ProxyError {
     /// A bound service could not be set up.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The routes do not fit together.
+    #[error("--route: {0}")]
+    Route(#[from] crate::route::RouteError),
 }
 
 /// Which setting gave a listener its address (named when it cannot be bound).
@@ -184,7 +187,7 @@ pub async fn serve(
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefix: args.etcd.prefix.clone(),
+            prefixes: args.etcd.prefixes(),
             max_services: args.limits.max_services,
             upstream: UpstreamConfig {
                 connect_timeout: args.timeouts.connect,
@@ -194,12 +197,14 @@ pub async fn serve(
             metrics: Metrics::new(),
         },
     );
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
     let admin = AdminState::new(Arc::clone(&discovery));
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = Arc::new(LocalContext {
         discovery: Arc::clone(&discovery),
         etcd: etcd.clone(),
-        prefix: args.etcd.prefix.clone(),
+        prefixes: args.etcd.prefixes(),
+        routes: Arc::clone(&routes),
         draining: stop_rx.clone(),
         discovery_timeout: args.timeouts.discovery,
     });
@@ -216,7 +221,8 @@ pub async fn serve(
             Target::Bound(s) => Some(Local::new(Arc::clone(&local), Some(Arc::clone(s)))),
             Target::ByPath => Some(Local::new(Arc::clone(&local), None)),
         };
-        let mut forwarder = Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery);
+        let mut forwarder = Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery)
+            .with_routes(Arc::clone(&routes));
         if let Some(own) = own {
             forwarder = forwarder.with_local(own);
         }
@@ -253,7 +259,7 @@ pub async fn serve(
     };
     tracing::info!(
         listeners = %listening.join(" "),
-        prefix = %args.etcd.prefix,
+        prefixes = %args.etcd.prefixes().join(" "),
         admin = %admin_text,
         "listening"
     );

@@ -192,13 +192,20 @@ impl fmt::Display for Loaded {
                 None => writeln!(f, "listener {} -> service from the call's path", l.addr)?,
             }
         }
+        for r in &a.route {
+            writeln!(f, "route {} -> service {}", r.grpc_service, r.registered)?;
+        }
         writeln!(f, "admin {}", a.admin.listen)?;
         let e = &a.etcd;
         writeln!(
             f,
-            "etcd {} prefix {:?} (tls {}, auth {})",
+            "etcd {} prefix {} (tls {}, auth {})",
             e.endpoints.join(","),
-            e.prefix,
+            e.prefixes()
+                .iter()
+                .map(|p| format!("{p:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             match (&e.ca, &e.cert) {
                 (_, Some(_)) => "mtls",
                 (Some(_), None) => "on",

@@ -22,15 +22,18 @@ pub struct EtcdSettings {
         default_value = "http://127.0.0.1:2379"
     )]
     pub endpoints: Vec<String>,
-    /// Key prefix under which services register (`<prefix>/<service>/<addr>`).
+    /// Key prefix under which services register (`<prefix>/<service>/...`), kept as
+    /// written (empty for go-zero, `/microservices` for Kratos); repeatable (a list in
+    /// the file): a service's endpoints are those under any of them. Default: `services`
+    /// (for `register`: the --format's own).
     #[arg(
         id = "etcd.prefix",
         long = "prefix",
         env = "SWITCHYARD_PREFIX",
-        value_name = "PREFIX",
-        default_value = "services"
+        value_name = "PREFIX"
     )]
-    pub prefix: String,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub prefix: Vec<String>,
     /// Time allowed to open a connection to an etcd endpoint.
     #[arg(
         id = "etcd.connect_timeout",
@@ -91,7 +94,33 @@ impl Default for EtcdSettings {
     }
 }
 
+/// The key prefix used when none is given.
+pub const DEFAULT_PREFIX: &str = "services";
+
+/// One prefix (`prefix = "services"`) or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl EtcdSettings {
+    /// The key prefixes given, or the default one.
+    pub fn prefixes(&self) -> Vec<String> {
+        if self.prefix.is_empty() {
+            vec![DEFAULT_PREFIX.to_owned()]
+        } else {
+            self.prefix.clone()
+        }
+    }
+
     /// Settings for a local etcd at `endpoint` with the default prefix (for tests and tools).
     pub fn local(endpoint: impl Into<String>) -> Self {
         Self {

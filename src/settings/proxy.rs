@@ -43,6 +43,19 @@ pub struct ProxySettings {
     /// etcd location and key prefix.
     #[command(flatten)]
     pub etcd: EtcdSettings,
+    /// Route `GRPC_SERVICE=REGISTERED_NAME`, repeatable (`[[route]]` in the file, with
+    /// `grpc_service` and `registered`): calls whose path names GRPC_SERVICE go to the
+    /// instances registered as REGISTERED_NAME (e.g. `helloworld.v1.Greeter=helloworld`).
+    /// Bound listeners are not routed.
+    #[arg(
+        id = "route",
+        long = "route",
+        env = "SWITCHYARD_ROUTE",
+        value_name = "GRPC_SERVICE=REGISTERED_NAME",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub route: Vec<crate::route::RouteSpec>,
     /// Timeouts.
     #[command(flatten)]
     pub timeouts: TimeoutSettings,

@@ -50,8 +50,8 @@ fn every_setting_has_its_row_in_the_readme() {
         if id == "config" {
             continue;
         }
-        let key = if id == "listener" {
-            "`[[listener]]`".to_owned()
+        let key = if id == "listener" || id == "route" {
+            format!("`[[{id}]]`")
         } else {
             format!("`{id}`")
         };

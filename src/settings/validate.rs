@@ -59,8 +59,13 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if e.prefix.trim_matches('/').is_empty() {
-        return Err(s.field_error("etcd.prefix", "the key prefix is empty".into()));
+    for (i, p) in e.prefix.iter().enumerate() {
+        if e.prefix[..i].contains(p) {
+            return Err(s.field_error("etcd.prefix", format!("{p:?} is given twice")));
+        }
+    }
+    if let Err(err) = crate::route::Routes::new(&a.route) {
+        return Err(s.field_error("route", err.to_string()));
     }
     pair(
         e.user.is_some(),

@@ -62,12 +62,16 @@ addr = "127.0.0.1:17070"
 addr = "127.0.0.1:17001"
 service = "pkg.A"
 
+[[route]]
+grpc_service = "pkg.B"
+registered = "b.rpc"
+
 [admin]
 listen = "127.0.0.1:17071"
 
 [etcd]
 endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
-prefix = "fleet/services"
+prefix = ["fleet/services", ""]
 connect_timeout = "7s"
 user = "switchyard"
 password = "pw"
@@ -131,7 +135,8 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert!(a.forward_health);
     assert_eq!(a.admin.listen.0, Some("127.0.0.1:17071".parse().unwrap()));
     assert_eq!(a.etcd.endpoints.len(), 2);
-    assert_eq!(a.etcd.prefix, "fleet/services");
+    assert_eq!(a.etcd.prefix, ["fleet/services", ""]);
+    assert_eq!(a.route, ["pkg.B=b.rpc".parse().unwrap()]);
     assert_eq!(a.etcd.connect_timeout, Duration::from_secs(7));
     assert_eq!(a.etcd.user.as_deref(), Some("switchyard"));
     assert_eq!(a.etcd.password.as_deref(), Some("pw"));
@@ -189,7 +194,7 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         "text",
     ])
     .unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "from-flag");
+    assert_eq!(s.proxy.etcd.prefix, ["from-flag"]);
     assert_eq!(s.proxy.listeners.len(), 1);
     assert_eq!(s.proxy.listeners[0].addr.port(), 18000);
     assert_eq!(s.proxy.timeouts.drain, Duration::from_secs(3));
@@ -202,7 +207,7 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let small = write(dir.path(), "small.toml", "[etcd]\nprefix = \"p\"\n");
     let s = load(&["--config", small.to_str().unwrap()]).unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "p");
+    assert_eq!(s.proxy.etcd.prefix, ["p"]);
     assert_eq!(s.proxy.etcd.endpoints, ["http://127.0.0.1:2379"]);
     assert_eq!(s.proxy.listeners[0].addr.port(), 7070);
     assert_eq!(s.proxy.timeouts.drain, Duration::from_secs(10));

@@ -13,6 +13,7 @@ mod local;
 mod proxy;
 mod refused;
 mod registration;
+mod registries;
 mod resilience;
 mod sidecar_admin;
 mod tls;

@@ -2,7 +2,7 @@
 //!
 //! On a listener that routes by path, service `""` is the proxy itself (SERVING, or
 //! NOT_SERVING while it drains); any other name is the service registered in etcd under
-//! that name: SERVING while it has at least one usable endpoint, NOT_SERVING while its
+//! that name (or under its route's name): SERVING while it has at least one usable endpoint, NOT_SERVING while its
 //! endpoints are all unreachable, and unknown (Check: NOT_FOUND; Watch: SERVICE_UNKNOWN,
 //! then updates) while no endpoint of that name is registered. On a listener bound to a
 //! service, every name is that service (a client that dialed the listener dialed it), and
@@ -105,7 +105,7 @@ impl HealthService {
         if validate_service_name(name).is_err() {
             return Ok(Subject::Unknown);
         }
-        match self.ctx.discovery.service(name) {
+        match self.ctx.discovery.service(self.ctx.routes.resolve(name)) {
             Ok(service) => Ok(Subject::Service {
                 service,
                 bound: false,

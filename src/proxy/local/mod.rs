@@ -31,6 +31,7 @@ use tonic_reflection::pb::{v1, v1alpha};
 use super::body::H2Body;
 use super::relay::{Relay, ResetReason};
 use crate::discovery::{Discovery, Service};
+use crate::route::Routes;
 
 /// What the local services read: the services, etcd (to list them), and whether the
 /// proxy is draining.
@@ -39,8 +40,10 @@ pub struct LocalContext {
     pub discovery: Arc<Discovery>,
     /// The etcd client (reflection lists the registered services with it).
     pub etcd: etcd_client::Client,
-    /// The key prefix services register under.
-    pub prefix: String,
+    /// The key prefixes services register under.
+    pub prefixes: Vec<String>,
+    /// gRPC service names and the names they are registered under.
+    pub routes: Arc<Routes>,
     /// Turns true when the proxy starts draining.
     pub draining: watch::Receiver<bool>,
     /// How long a request waits for a service's first endpoint list.
@@ -50,7 +53,7 @@ pub struct LocalContext {
 impl std::fmt::Debug for LocalContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalContext")
-            .field("prefix", &self.prefix)
+            .field("prefixes", &self.prefixes)
             .field("draining", &*self.draining.borrow())
             .finish()
     }

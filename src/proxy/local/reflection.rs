@@ -1,8 +1,9 @@
 //! gRPC server reflection through the proxy (`grpc.reflection.v1` and `v1alpha`), on
 //! listeners that route by path.
 //!
-//! - `list_services`: the services registered under the proxy's prefix (one keys-only
-//!   etcd range get), plus `grpc.health.v1.Health`, which the proxy serves itself.
+//! - `list_services`: the services registered under the proxy's prefixes (one keys-only
+//!   etcd range get per prefix; a name that routes lead to is listed as the gRPC services
+//!   routed to it), plus `grpc.health.v1.Health`, which the proxy serves itself.
 //! - A request about a symbol (`file_containing_symbol`, `file_containing_extension`,
 //!   `all_extension_numbers_of_type`) goes to a backend of the service the symbol names:
 //!   the longest dotted prefix of the symbol that is a registered service
@@ -34,7 +35,7 @@ use v1::server_reflection_response::MessageResponse;
 use super::backend::BackendChannel;
 use super::LocalContext;
 use crate::balance::Fit;
-use crate::route::validate_service_name;
+use crate::route::{validate_service_name, Routes};
 use crate::upstream::Upstream;
 
 /// Time allowed for a backend's answer to one reflection request.
@@ -210,8 +211,8 @@ impl Session {
                 None => {
                     let msg = format!(
                         "switchyard: symbol '{symbol}' names no service registered under \
-                         prefix '{}'",
-                        self.ctx.prefix
+                         prefixes {:?} (nor routed to one)",
+                        self.ctx.prefixes
                     );
                     return reply(req, error(Code::NotFound, msg));
                 }
@@ -236,26 +237,32 @@ impl Session {
         }
     }
 
-    /// The names of the services registered under the prefix (one keys-only range get).
+    /// The services clients can call: those registered under the prefixes (one keys-only
+    /// range get per prefix), each under the gRPC service names routed to it, if any.
     async fn registered(&self) -> Result<BTreeSet<String>, String> {
-        let root = prefix_root(&self.ctx.prefix);
-        let mut etcd = self.ctx.etcd.clone();
-        let listing = crate::etcd::timed(
-            "list services",
-            ETCD_TIMEOUT,
-            etcd.get(
-                root.as_str(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await
-        .map_err(|e| format!("switchyard: cannot list the registered services: {e}"))?;
-        Ok(listing
-            .kvs()
-            .iter()
-            .filter_map(|kv| service_of_key(kv.key(), root.len()))
-            .map(str::to_owned)
-            .collect())
+        let mut registered = BTreeSet::new();
+        for prefix in &self.ctx.prefixes {
+            let root = prefix_root(prefix);
+            let mut etcd = self.ctx.etcd.clone();
+            let listing = crate::etcd::timed(
+                "list services",
+                ETCD_TIMEOUT,
+                etcd.get(
+                    root.as_str(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            )
+            .await
+            .map_err(|e| format!("switchyard: cannot list the registered services: {e}"))?;
+            registered.extend(
+                listing
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| service_of_key(kv.key(), root.len()))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(callable(registered, &self.ctx.routes))
     }
 
     /// A backend of `service`: one that is connected if there is one.
@@ -263,7 +270,7 @@ impl Session {
         let svc = self
             .ctx
             .discovery
-            .service(service)
+            .service(self.ctx.routes.resolve(service))
             .map_err(|e| format!("switchyard: {e}"))?;
         if !svc.is_loaded() && !svc.wait_loaded(self.ctx.discovery_timeout).await {
             return Err(format!(
@@ -410,6 +417,24 @@ fn service_near<'a>(symbol: &str, registered: &'a BTreeSet<String>) -> Option<&'
     }
 }
 
+/// The names clients call: each registered name, or instead the gRPC service names that
+/// routes send to it.
+fn callable(registered: BTreeSet<String>, routes: &Routes) -> BTreeSet<String> {
+    let routed: BTreeSet<(&str, &str)> = routes
+        .iter()
+        .map(|(grpc, to)| (to.as_str(), grpc.as_str()))
+        .filter(|(to, _)| registered.contains(*to))
+        .collect();
+    let mut names: BTreeSet<String> = routed.iter().map(|(_, g)| (*g).to_owned()).collect();
+    names.extend(
+        registered
+            .iter()
+            .filter(|r| !routed.iter().any(|(to, _)| to == r))
+            .cloned(),
+    );
+    names
+}
+
 /// The key prefix under which all services register (`<prefix>/`).
 fn prefix_root(prefix: &str) -> String {
     let prefix = prefix.trim_end_matches('/');
@@ -510,6 +535,25 @@ mod tests {
         assert_eq!(service_near("a.bc.M", &registered), Some("a.bc.Other"));
         assert_eq!(service_near("z.M", &registered), None);
         assert_eq!(service_near("M", &registered), None);
+    }
+
+    #[test]
+    fn routed_names_are_listed_as_their_grpc_services() {
+        let routes = Routes::new(&[
+            "helloworld.v1.Greeter=helloworld".parse().unwrap(),
+            "helloworld.v1.Admin=helloworld".parse().unwrap(),
+            "gone.v1.Svc=gone".parse().unwrap(),
+        ])
+        .unwrap();
+        let registered = ["helloworld", "pkg.Svc"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let names: Vec<String> = callable(registered, &routes).into_iter().collect();
+        assert_eq!(
+            names,
+            ["helloworld.v1.Admin", "helloworld.v1.Greeter", "pkg.Svc"]
+        );
     }
 
     #[test]

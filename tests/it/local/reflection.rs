@@ -261,3 +261,55 @@ async fn reflection_on_a_bound_listener_is_the_bound_service() {
     assert!(!files(r.ask(symbol(SVC)).await).is_empty());
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_follow_routes_and_prefixes() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b1 = EchoBackend::start("b1").await.unwrap();
+    let b2 = EchoBackend::start("b2").await.unwrap();
+    // Registered under a second prefix, and under a name that is not its gRPC service.
+    let key = format!("fleet/echo-svc/{}", b1.addr());
+    put(etcd.endpoint(), &key, &b1.addr().to_string()).await;
+    let _r = register(etcd.endpoint(), "plain.Svc", b2.addr(), 5).await;
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.etcd.prefix = vec!["services".into(), "fleet".into()];
+        a.route = vec![format!("{SVC}=echo-svc").parse().unwrap()];
+    })
+    .await;
+    let mut r = Reflection::open(proxy.addr).await;
+    let listed = services(r.ask(MessageRequest::ListServices(String::new())).await);
+    assert_eq!(
+        listed,
+        ["grpc.health.v1.Health", "plain.Svc", SVC],
+        "routed name shown"
+    );
+    let echo = files(r.ask(symbol(&format!("{SVC}.Unary"))).await);
+    assert!(echo.iter().any(|f| f.package() == "switchyard.echo.v1"));
+
+    let ch = Channel::from_shared(proxy.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    for name in [SVC, "echo-svc"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        served_by(&mut client(proxy.addr).await).await.unwrap(),
+        "b1"
+    );
+    proxy.shutdown().await;
+}

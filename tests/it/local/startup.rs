@@ -36,7 +36,7 @@ async fn two_proxies_on_one_host_with_their_own_admin_ports() {
         let line = p.wait_line(WAIT, "the start-up line", |l| l.contains("listening"));
         assert!(line.contains(&format!("listeners={listen}")), "{line}");
         assert!(line.contains(&format!("admin={admin}")), "{line}");
-        assert!(line.contains("prefix=services"), "{line}");
+        assert!(line.contains("prefixes=services"), "{line}");
         assert!(!line.contains("Some("), "{line}");
         wait_listening(listen, WAIT).await;
         let c = client(listen).await;
