@@ -25,11 +25,13 @@
 pub mod admin;
 pub mod backoff;
 pub mod balance;
+pub mod clock;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;

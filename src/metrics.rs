@@ -35,6 +35,7 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
+    ejections: IntCounterVec,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -177,7 +178,7 @@ impl Metrics {
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "switchyard_endpoints",
-                "Known endpoints by service and connection state (connecting, ready, failed).",
+                "Known endpoints by service and state (connecting, ready, failed; ejected, unhealthy).",
             ),
             &["service", "state"],
         );
@@ -189,6 +190,13 @@ impl Metrics {
             &["service"],
         );
         let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "switchyard_endpoint_ejections_total",
+                "Endpoints taken out of rotation for failing calls in a row, by service and endpoint.",
+            ),
+            &["service", "endpoint"],
+        );
         // The options above are all valid (static names, distinct labels).
         let (
             Ok(calls),
@@ -198,6 +206,7 @@ impl Metrics {
             Ok(endpoints),
             Ok(watch_up),
             Ok(etcd_up),
+            Ok(ejections),
         ) = (
             calls,
             duration,
@@ -206,6 +215,7 @@ impl Metrics {
             endpoints,
             watch_up,
             etcd_up,
+            ejections,
         )
         else {
             unreachable!("static metric definitions are valid")
@@ -218,6 +228,7 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
+            ejections: register(&registry, ejections),
             registry,
         })
     }
@@ -261,6 +272,10 @@ impl ServiceMetrics {
                 .endpoint_inflight
                 .with_label_values(&[&self.service, addr.as_str()]),
             by_status: Default::default(),
+            ejections: self
+                .metrics
+                .ejections
+                .with_label_values(&[&self.service, addr.as_str()]),
         })
     }
 
@@ -297,9 +312,15 @@ pub struct EndpointMetrics {
     /// Calls in flight on this endpoint (read back for `/endpoints`).
     inflight_gauge: IntGauge,
     by_status: [OnceLock<IntCounter>; STATUS_SLOTS],
+    ejections: IntCounter,
 }
 
 impl EndpointMetrics {
+    /// Counts one ejection of this endpoint.
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
     /// Calls in flight on this endpoint.
     pub fn inflight(&self) -> i64 {
         self.inflight_gauge.get()

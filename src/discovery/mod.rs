@@ -15,7 +15,8 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balance::{Balancer, EndpointSet};
+use crate::balance::{BalanceSettings, Balancer, EndpointSet};
+use crate::health::HealthSettings;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
@@ -43,6 +44,12 @@ pub struct DiscoveryConfig {
     pub upstream: UpstreamConfig,
     /// Where calls and endpoints are counted.
     pub metrics: Arc<Metrics>,
+    /// How services' calls are balanced unless overridden below.
+    pub balance: BalanceSettings,
+    /// Per-service balancing, by service name (from the config file).
+    pub service_balance: HashMap<ServiceName, BalanceSettings>,
+    /// Outlier ejection and active health checks.
+    pub health: HealthSettings,
 }
 
 /// Map from service name to its state; replaced whole (copy on write) when a service is added.
@@ -101,7 +108,17 @@ impl Discovery {
             ));
         }
         let metrics = self.config.metrics.service(name.as_str());
-        let service = Arc::new(Service::new(name.clone(), Arc::clone(&metrics)));
+        let balance = self
+            .config
+            .service_balance
+            .get(name.as_str())
+            .unwrap_or(&self.config.balance)
+            .clone();
+        let service = Arc::new(Service::new(
+            name.clone(),
+            Arc::clone(&metrics),
+            Balancer::new(name.as_str(), Arc::new(balance), self.config.health.clone()),
+        ));
         let upstream_config = UpstreamConfig {
             metrics: Some(metrics),
             ..self.config.upstream.clone()
@@ -163,11 +180,11 @@ pub struct Service {
 }
 
 impl Service {
-    fn new(name: ServiceName, metrics: Arc<ServiceMetrics>) -> Self {
+    fn new(name: ServiceName, metrics: Arc<ServiceMetrics>, balancer: Balancer) -> Self {
         Self {
             name,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
-            balancer: Balancer::default(),
+            balancer,
             loaded: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),

@@ -195,6 +195,18 @@ pub async fn serve(
                 ..UpstreamConfig::default()
             },
             metrics: Metrics::new(),
+            balance: args.balance.settings(),
+            service_balance: args
+                .balance
+                .services
+                .iter()
+                .filter_map(|(name, section)| {
+                    // Names are checked with the other settings; none is invalid here.
+                    let name = ServiceName::new(name).ok()?;
+                    Some((name, args.balance.service_settings(section)))
+                })
+                .collect(),
+            health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
         },
     );
     let routes = Arc::new(crate::route::Routes::new(&args.route)?);

@@ -8,7 +8,9 @@ mod faults;
 
 mod admin;
 mod bad_input;
+mod balance;
 mod config;
+mod ejection;
 mod local;
 mod proxy;
 mod refused;
