@@ -175,6 +175,8 @@ pub struct Service {
     etcd_reachable: AtomicBool,
     task: Mutex<Option<AbortHandle>>,
     metrics: Arc<ServiceMetrics>,
+    /// Counts published snapshots, so health watchers wake on each change.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Service {
@@ -188,6 +190,7 @@ impl Service {
             etcd_reachable: AtomicBool::new(false),
             task: Mutex::new(None),
             metrics,
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -252,6 +255,12 @@ impl Service {
         if !self.loaded.swap(true, Ordering::AcqRel) {
             self.loaded_notify.notify_waiters();
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every published snapshot (for health watchers; not the call path).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn stop(&self) {
