@@ -13,7 +13,7 @@ const PIPE_BYTES: usize = 1 << 20;
 
 /// A client and a server joined by one in-memory HTTP/2 connection. Both ends are driven
 /// by tasks spawned on the current runtime, so flow control, resets and window updates
-/// happen as on a socket.
+/// happen as on a socket; each end's settings are in force once the pair is made.
 #[derive(Debug)]
 pub struct H2Pair {
     client: SendRequest<Bytes>,
@@ -47,8 +47,9 @@ impl H2Pair {
         let (client_io, server_io) = tokio::io::duplex(PIPE_BYTES);
         let (client, server) =
             tokio::join!(client.handshake(client_io), server.handshake(server_io));
-        let (send_request, connection) = client?;
+        let (send_request, mut connection) = client?;
         let mut server = server?;
+        let ping = connection.ping_pong();
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -62,6 +63,11 @@ impl H2Pair {
                 }
             }
         });
+        // The pong comes after the server's SETTINGS, so the client has applied them
+        // (e.g. a small window) before the first stream opens.
+        if let Some(mut ping) = ping {
+            ping.ping(h2::Ping::opaque()).await?;
+        }
         Ok(Self {
             client: send_request,
             accepted,
