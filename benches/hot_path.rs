@@ -76,7 +76,7 @@ fn bench_route(c: &mut Criterion) {
     let discovery = Discovery::new(
         etcd,
         DiscoveryConfig {
-            prefix: "services".into(),
+            prefixes: vec!["services".into()],
             max_services: 1024,
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),

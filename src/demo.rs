@@ -434,7 +434,7 @@ pub struct DemoBackendArgs {
     pub ttl: Duration,
     /// etcd location and key prefix (with --service).
     #[command(flatten)]
-    pub etcd: crate::config::EtcdArgs,
+    pub etcd: crate::settings::EtcdSettings,
 }
 
 /// Why the example backend stopped with an error.
@@ -467,7 +467,7 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
         Some(service) => {
             let client = crate::etcd::connect(&args.etcd).await?;
             let spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
-                .prefix(args.etcd.prefix.clone())
+                .prefix(args.etcd.prefixes().swap_remove(0))
                 .ttl(args.ttl);
             let reg = crate::registration::Registration::start(client, spec).await?;
             tracing::info!(key = reg.key(), ttl = ?args.ttl, "registered in etcd");
@@ -511,7 +511,7 @@ pub struct DemoClientArgs {
     #[arg(long, default_value_t = 12)]
     pub calls: usize,
     /// Pause between calls.
-    #[arg(long, default_value = "0s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = crate::settings::duration::parse)]
     pub interval: Duration,
 }
 

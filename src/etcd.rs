@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 
 use crate::backoff::Backoff;
-use crate::config::EtcdArgs;
+use crate::settings::EtcdSettings;
 
 /// Errors from setting up the etcd client.
 #[derive(Debug, thiserror::Error)]
@@ -39,38 +39,34 @@ pub enum EtcdError {
 /// succeeds while etcd is still down; requests fail until it is reachable. With a user,
 /// credentials that etcd rejects are an error; if etcd is unreachable, authentication is
 /// retried in the background until it succeeds (expired tokens are refreshed after that).
-pub async fn connect(args: &EtcdArgs) -> Result<Client, EtcdError> {
-    if args.etcd_endpoints.is_empty() {
+pub async fn connect(args: &EtcdSettings) -> Result<Client, EtcdError> {
+    if args.endpoints.is_empty() {
         return Err(EtcdError::NoEndpoints);
     }
     let mut opts = ConnectOptions::new()
-        .with_connect_timeout(args.etcd_connect_timeout)
+        .with_connect_timeout(args.connect_timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true)
         .with_auto_token_refresh(true);
-    let creds = match (&args.etcd_user, &args.etcd_password) {
+    let creds = match (&args.user, &args.password) {
         (Some(user), Some(password)) => Some((user.clone(), password.clone())),
         (None, None) => None,
         _ => return Err(EtcdError::IncompleteAuth),
     };
-    if let Some(tls) = crate::tls::etcd_tls(
-        args.etcd_ca.as_deref(),
-        args.etcd_cert.as_deref(),
-        args.etcd_key.as_deref(),
-    )? {
+    if let Some(tls) = args.tls()? {
         opts = opts.with_tls(tls);
     }
     let client_err = |source| EtcdError::Client {
-        endpoints: args.etcd_endpoints.clone(),
+        endpoints: args.endpoints.clone(),
         source,
     };
-    let mut client = Client::connect(&args.etcd_endpoints, Some(opts))
+    let mut client = Client::connect(&args.endpoints, Some(opts))
         .await
         .map_err(client_err)?;
     if let Some(creds) = creds {
         let first = timed(
             "authenticate",
-            args.etcd_connect_timeout + Duration::from_secs(3),
+            args.connect_timeout + Duration::from_secs(3),
             client.update_user(Some(creds.clone())),
         )
         .await;

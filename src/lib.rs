@@ -11,7 +11,8 @@
 //! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
-//! - [`config`]: command-line flags and their environment variables.
+//! - [`settings`]: every setting declared once (flag, environment variable, config file
+//!   key, default), layered flag > environment > file > default.
 //! - [`status`]: gRPC errors produced by the proxy itself.
 //! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
 //! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
@@ -24,7 +25,6 @@
 pub mod admin;
 pub mod backoff;
 pub mod balance;
-pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
@@ -35,6 +35,7 @@ pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod route;
+pub mod settings;
 pub mod status;
 #[cfg(feature = "demo")]
 pub mod testkit;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use switchyard::config::{LogArgs, LogFormat};
+use switchyard::settings::{LogFormat, LogSettings};
 
 /// mimalloc: a call allocates and frees many small blocks (HTTP/2 frames, header maps)
 /// across threads, where it costs less CPU than the system allocator.
@@ -16,7 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "switchyard", version, about)]
 struct Cli {
     #[command(flatten)]
-    log: LogArgs,
+    log: LogSettings,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy: accept gRPC calls and forward them round-robin to etcd-registered backends.
-    Proxy(Box<switchyard::config::ProxyArgs>),
+    Proxy(Box<switchyard::settings::ProxyCommand>),
     /// Check a config file (with the current environment) without starting the proxy.
     CheckConfig(CheckConfigArgs),
     /// Hold a leased registration key in etcd for a backend (sidecar).
@@ -80,7 +80,8 @@ fn main() -> std::process::ExitCode {
     // The proxy's settings (and its log format) may come from a config file: load them
     // before logging starts.
     let settings = match (&cli.command, matches.subcommand_matches("proxy")) {
-        (Command::Proxy(_), Some(proxy_matches)) => match switchyard::config::load(proxy_matches) {
+        (Command::Proxy(_), Some(proxy_matches)) => match switchyard::settings::load(proxy_matches)
+        {
             Ok(s) => Some(s),
             Err(e) => return fail(e),
         },
@@ -94,7 +95,7 @@ fn main() -> std::process::ExitCode {
     // The proxy runs on as many threads as configured (one: a single-threaded runtime,
     // no cross-thread scheduling at all); the other commands on tokio's default (one
     // thread per core).
-    let mut runtime = match settings.as_ref().map(|s| s.proxy.worker_threads) {
+    let mut runtime = match settings.as_ref().map(|s| s.proxy.limits.worker_threads) {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -113,7 +114,7 @@ fn main() -> std::process::ExitCode {
 /// Runs the chosen command to its end.
 async fn run(
     command: Command,
-    settings: Option<switchyard::config::Settings>,
+    settings: Option<switchyard::settings::Loaded>,
 ) -> std::process::ExitCode {
     let result = match command {
         Command::Proxy(_) => match settings {
@@ -127,7 +128,7 @@ async fn run(
             }
             None => Err(anyhow::anyhow!("internal error: no settings for `proxy`")),
         },
-        Command::CheckConfig(args) => match switchyard::config::check(&args.file) {
+        Command::CheckConfig(args) => match switchyard::settings::check(&args.file) {
             Ok(settings) => {
                 use std::io::Write;
                 // A closed stdout (e.g. `| head -1`) is not an error of the check.

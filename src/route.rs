@@ -1,9 +1,12 @@
 //! Routing: which service a call is for.
 //!
 //! A listener bound to a service sends every call there; otherwise the service is the
-//! gRPC service part of the request path (`/pkg.Svc/Method` → `pkg.Svc`).
+//! gRPC service part of the request path (`/pkg.Svc/Method` → `pkg.Svc`), or the name a
+//! route gives it ([`Routes`]: `helloworld.v1.Greeter` → the Kratos app `helloworld`).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 
 /// Longest service name accepted, in bytes.
@@ -104,6 +107,110 @@ pub fn service_from_path(path: &str) -> Result<&str, PathError> {
     Ok(service)
 }
 
+/// `GRPC_SERVICE=REGISTERED_NAME`: calls for a gRPC service go to the instances
+/// registered under another name (`[[route]]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// The gRPC service named in calls' paths (`helloworld.v1.Greeter`).
+    #[serde(with = "as_text")]
+    pub grpc_service: ServiceName,
+    /// The name its instances are registered under (`helloworld`, `user.rpc`).
+    #[serde(with = "as_text")]
+    pub registered: ServiceName,
+}
+
+/// Why a route is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// Not `GRPC_SERVICE=REGISTERED_NAME`.
+    #[error("route {0:?} is not GRPC_SERVICE=REGISTERED_NAME")]
+    NotPair(String),
+    /// One side is not a valid service name.
+    #[error("route {0:?}: {1}")]
+    BadName(String, ServiceNameError),
+    /// One gRPC service routed to two names.
+    #[error("{0} is routed twice (to {1} and to {2})")]
+    Twice(ServiceName, ServiceName, ServiceName),
+}
+
+impl FromStr for RouteSpec {
+    type Err = RouteError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (from, to) = s
+            .split_once('=')
+            .ok_or_else(|| RouteError::NotPair(s.to_owned()))?;
+        let name =
+            |n: &str| ServiceName::new(n.trim()).map_err(|e| RouteError::BadName(s.to_owned(), e));
+        Ok(Self {
+            grpc_service: name(from)?,
+            registered: name(to)?,
+        })
+    }
+}
+
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.grpc_service, self.registered)
+    }
+}
+
+/// Service names in the config file: their text, checked as on the command line.
+mod as_text {
+    use super::ServiceName;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(name: &ServiceName, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceName, D::Error> {
+        let text = String::deserialize(d)?;
+        ServiceName::new(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The proxy's routes, from gRPC service names to registered names; built once, read by
+/// every call whose service comes from its path.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(HashMap<ServiceName, ServiceName>);
+
+impl Routes {
+    /// Routes from their specs; a gRPC service given twice with two targets is an error.
+    pub fn new<'a>(specs: impl IntoIterator<Item = &'a RouteSpec>) -> Result<Self, RouteError> {
+        let mut map: HashMap<ServiceName, ServiceName> = HashMap::new();
+        for spec in specs {
+            if let Some(to) = map.insert(spec.grpc_service.clone(), spec.registered.clone()) {
+                if to != spec.registered {
+                    return Err(RouteError::Twice(
+                        spec.grpc_service.clone(),
+                        to,
+                        spec.registered.clone(),
+                    ));
+                }
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// The name to look `grpc_service` up under: its route's, or its own. Allocates
+    /// nothing (and skips the lookup when there are no routes).
+    #[inline]
+    pub fn resolve<'a>(&'a self, grpc_service: &'a str) -> &'a str {
+        if self.0.is_empty() {
+            return grpc_service;
+        }
+        self.0
+            .get(grpc_service)
+            .map_or(grpc_service, ServiceName::as_str)
+    }
+
+    /// Whether there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +240,30 @@ mod tests {
         assert!(ServiceName::new("a.b-c_d9").is_ok());
         assert_eq!(ServiceName::new(""), Err(ServiceNameError::Empty));
         assert_eq!(ServiceName::new("a/b"), Err(ServiceNameError::BadChar('/')));
+    }
+
+    #[test]
+    fn routes_map_grpc_services_to_registered_names() {
+        let spec: RouteSpec = "helloworld.v1.Greeter=helloworld".parse().unwrap();
+        assert_eq!(spec.to_string(), "helloworld.v1.Greeter=helloworld");
+        let other: RouteSpec = " user.User = user.rpc ".parse().unwrap();
+        let routes = Routes::new([&spec, &other, &spec]).unwrap();
+        assert_eq!(routes.resolve("helloworld.v1.Greeter"), "helloworld");
+        assert_eq!(routes.resolve("user.User"), "user.rpc");
+        assert_eq!(routes.resolve("other.Svc"), "other.Svc");
+        assert_eq!(Routes::default().resolve("a"), "a");
+        let twice: RouteSpec = "user.User=b".parse().unwrap();
+        assert!(matches!(
+            Routes::new([&other, &twice]),
+            Err(RouteError::Twice(..))
+        ));
+        for bad in ["nopair", "a=", "=b", "a/b=c", "a=b=c"] {
+            assert!(bad.parse::<RouteSpec>().is_err(), "{bad}");
+        }
+        let file: RouteSpec =
+            toml::from_str("grpc_service = \"helloworld.v1.Greeter\"\nregistered = \"helloworld\"")
+                .unwrap();
+        assert_eq!(file, spec);
+        assert!(toml::from_str::<RouteSpec>("grpc_service = \"a b\"\nregistered = \"c\"").is_err());
     }
 }

@@ -8,32 +8,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-/// TLS flags of the proxy (listener side and backend side).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct TlsArgs {
-    /// PEM certificate chain served on the listeners (enables TLS on them; needs --tls-key).
-    #[arg(long, env = "SWITCHYARD_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "SWITCHYARD_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// Speak TLS to backends (needs --upstream-ca).
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_TLS")]
-    pub upstream_tls: bool,
-    /// PEM CA bundle that backend certificates must chain to.
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_CA")]
-    pub upstream_ca: Option<PathBuf>,
-    /// PEM client certificate presented to backends (mTLS; needs --upstream-key).
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_CERT")]
-    pub upstream_cert: Option<PathBuf>,
-    /// PEM private key for --upstream-cert.
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_KEY")]
-    pub upstream_key: Option<PathBuf>,
-    /// Server name checked in backend certificates (default: the backend's host).
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_SNI")]
-    pub upstream_sni: Option<String>,
-}
-
 /// TLS set-up errors; each names the file or setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -92,16 +66,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(cfg))
 }
 
-/// The listeners' TLS configuration from the flags; `None` when `--tls-cert` is not set.
-pub fn listener_config(args: &TlsArgs) -> Result<Option<Arc<ServerConfig>>, TlsError> {
-    match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => server_config(cert, key).map(Some),
-        (None, None) => Ok(None),
-        (Some(_), None) => Err(file_err(Path::new("--tls-cert"), "needs --tls-key too")),
-        (None, Some(_)) => Err(file_err(Path::new("--tls-key"), "needs --tls-cert too")),
-    }
-}
-
 /// TLS settings for backend connections.
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
@@ -112,17 +76,13 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// Builds backend TLS from the flags; `None` when `--upstream-tls` is off.
-    pub fn from_args(args: &TlsArgs) -> Result<Option<Self>, TlsError> {
-        if !args.upstream_tls {
-            return Ok(None);
-        }
-        let Some(ca) = &args.upstream_ca else {
-            return Err(TlsError::File {
-                path: PathBuf::from("--upstream-ca"),
-                reason: "required with --upstream-tls".into(),
-            });
-        };
+    /// Backend TLS trusting the CA bundle `ca`, presenting `client` (certificate, key) if
+    /// given (mTLS), and verifying `sni` instead of each backend's host if given.
+    pub fn new(
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+        sni: Option<&str>,
+    ) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in load_certs(ca)? {
             roots.add(c).map_err(|e| file_err(ca, e))?;
@@ -130,36 +90,23 @@ impl UpstreamTls {
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
-        let mut config = match (&args.upstream_cert, &args.upstream_key) {
-            (Some(cert), Some(key)) => {
+        let mut config = match client {
+            Some((cert, key)) => {
                 builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?
             }
-            (None, None) => builder.with_no_client_auth(),
-            (Some(_), None) => {
-                return Err(file_err(
-                    Path::new("--upstream-cert"),
-                    "needs --upstream-key too",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(file_err(
-                    Path::new("--upstream-key"),
-                    "needs --upstream-cert too",
-                ))
-            }
+            None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let sni = args
-            .upstream_sni
-            .as_ref()
+        let sni = sni
             .map(|s| {
-                ServerName::try_from(s.clone()).map_err(|_| TlsError::BadServerName(s.clone()))
+                ServerName::try_from(s.to_owned())
+                    .map_err(|_| TlsError::BadServerName(s.to_owned()))
             })
             .transpose()?;
-        Ok(Some(Self {
+        Ok(Self {
             config: Arc::new(config),
             sni,
-        }))
+        })
     }
 
     /// The server name to verify for a backend whose host is `host`.

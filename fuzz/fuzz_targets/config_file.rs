@@ -2,7 +2,7 @@
 //! an error that points at a line and column inside the file, never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use switchyard::config::{parse_file, ConfigError};
+use switchyard::settings::{parse_file, ConfigError};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use switchyard::endpoint::BackendAddr;
-use switchyard::registry::{endpoint_key, service_prefix};
+use switchyard::registry::{instance_key, service_prefix};
 use switchyard::route::ServiceName;
 
 fuzz_target!(|data: &[u8]| {
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         Some(Ok(addr)) => addr,
         _ => "127.0.0.1:1".parse().expect("static address"),
     };
-    let key = endpoint_key(prefix, a.as_str(), &addr);
+    let key = instance_key(prefix, a.as_str(), addr.as_str());
     assert!(key.starts_with(&pa), "{key:?} not under {pa:?}");
     assert_eq!(&key[pa.len()..], addr.as_str());
     // The address part of a key reads back as the same address.

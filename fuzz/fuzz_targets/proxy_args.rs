@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Parser, Debug)]
 struct Cli {
     #[command(flatten)]
-    args: switchyard::config::ProxyArgs,
+    args: switchyard::settings::ProxySettings,
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -17,14 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let argv = std::iter::once("switchyard-proxy").chain(text.split('\0'));
     if let Ok(cli) = Cli::try_parse_from(argv) {
         let a = cli.args;
-        assert!(!a.listen.is_empty());
-        for l in &a.listen {
+        assert!(!a.listeners.is_empty());
+        for l in &a.listeners {
             // A listen spec prints and parses back to itself.
-            let text = match &l.service {
-                Some(s) => format!("{}={s}", l.addr),
-                None => l.addr.to_string(),
-            };
-            assert_eq!(text.parse::<switchyard::config::ListenSpec>().ok().as_ref(), Some(l));
+            let text = l.to_string();
+            assert_eq!(text.parse::<switchyard::settings::ListenSpec>().ok().as_ref(), Some(l));
         }
     }
 });

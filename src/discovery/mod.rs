@@ -34,8 +34,9 @@ pub enum DiscoveryError {
 /// Settings of discovery.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    /// Key prefix under which services register.
-    pub prefix: String,
+    /// Key prefixes under which services register: a service's endpoints are those
+    /// found under any of them (`<prefix>/<service>/`), each prefix watched on its own.
+    pub prefixes: Vec<String>,
     /// Limit on the number of services watched at once.
     pub max_services: usize,
     /// Settings for the backend connections of discovered endpoints.
@@ -66,7 +67,7 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    /// A registry that watches services under `config.prefix` in `etcd`.
+    /// A registry that watches services under `config.prefixes` in `etcd`.
     pub fn new(etcd: etcd_client::Client, config: DiscoveryConfig) -> Arc<Self> {
         Arc::new(Self {
             etcd,
@@ -108,7 +109,11 @@ impl Discovery {
         let task = tokio::spawn(watch::run(
             Arc::clone(&service),
             self.etcd.clone(),
-            crate::registry::service_prefix(&self.config.prefix, name.as_str()),
+            self.config
+                .prefixes
+                .iter()
+                .map(|p| crate::registry::service_prefix(p, name.as_str()))
+                .collect(),
             upstream_config,
         ));
         if let Ok(mut t) = service.task.lock() {

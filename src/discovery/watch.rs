@@ -1,13 +1,16 @@
-//! The per-service watch task: range get, then watch from the get's revision + 1;
-//! on cancel, compaction or a lost connection: back off, re-list, re-watch.
-//! While etcd is unreachable the last published endpoints keep serving.
+//! The per-service watch: for each key prefix the service is looked up under, range get,
+//! then watch from the get's revision + 1; on cancel, compaction or a lost connection:
+//! back off, re-list, re-watch. While etcd is unreachable the last published endpoints
+//! keep serving.
 //!
-//! Values are decoded by [`crate::registry`]: a key may list several endpoints, and an
-//! address listed under several keys gets one upstream.
+//! A service's endpoints are the union of what its prefixes list (a fleet moving from one
+//! registry to another is served from both), published once every prefix has been listed
+//! at least once. Values are decoded by [`crate::registry`]: a key may list several
+//! endpoints, and an address listed under several keys (or prefixes) gets one upstream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
@@ -42,37 +45,51 @@ enum SyncError {
     Ended,
 }
 
-/// The service's keys as last seen, and the endpoints their values list.
+/// One prefix's keys as last seen, and the endpoints their values list.
 #[derive(Debug, Default)]
 struct Keys {
-    /// etcd key → endpoints, for keys whose value decoded. In key order, so that when
+    /// etcd key → endpoints, for keys whose value lists some. In key order, so that when
     /// two keys list one address, the first key's endpoint is the one used.
     decoded: BTreeMap<Vec<u8>, Vec<Endpoint>>,
-    /// Key → mod revision of its malformed value, once logged (one line per value).
+    /// Key → mod revision of its value that lists nothing to serve (malformed, or e.g. a
+    /// Kratos instance with only HTTP endpoints), once logged: one line per value.
     logged_bad: HashMap<Vec<u8>, i64>,
 }
 
 impl Keys {
-    /// Applies a PUT: a value that decodes sets the key's endpoints, another removes
-    /// them (logged once per value). Returns whether the endpoints changed.
+    /// Applies a PUT: a value that lists endpoints sets the key's endpoints, another
+    /// removes them (logged once per value). Returns whether the endpoints changed.
     fn put(&mut self, service: &ServiceName, key: &[u8], value: &[u8], mod_revision: i64) -> bool {
-        match crate::registry::decode(key, value) {
-            Ok(d) => {
+        let why = match crate::registry::decode(key, value) {
+            Ok(d) if !d.endpoints.is_empty() => {
                 self.logged_bad.remove(key);
-                self.decoded.insert(key.to_vec(), d.endpoints.clone()) != Some(d.endpoints)
-            }
-            Err(e) => {
-                if self.logged_bad.insert(key.to_vec(), mod_revision) != Some(mod_revision) {
-                    tracing::warn!(
+                if !d.skipped.is_empty() {
+                    tracing::debug!(
                         service = %service,
                         key = %String::from_utf8_lossy(key),
-                        reason = %e,
-                        "skipping malformed endpoint value"
+                        format = %d.format,
+                        skipped = ?d.skipped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "value lists endpoints that are not served"
                     );
                 }
-                self.decoded.remove(key).is_some()
+                return self.decoded.insert(key.to_vec(), d.endpoints.clone()) != Some(d.endpoints);
             }
+            Ok(d) => (
+                d.why_nothing_to_serve(),
+                "skipping endpoint value: nothing to serve",
+            ),
+            Err(e) => (e.to_string(), "skipping malformed endpoint value"),
+        };
+        if self.logged_bad.insert(key.to_vec(), mod_revision) != Some(mod_revision) {
+            let (reason, message) = why;
+            tracing::warn!(
+                service = %service,
+                key = %String::from_utf8_lossy(key),
+                %reason,
+                "{message}"
+            );
         }
+        self.decoded.remove(key).is_some()
     }
 
     /// Applies a DELETE; returns whether the endpoints changed.
@@ -90,7 +107,7 @@ impl Keys {
         self.decoded.clear();
         let logged = std::mem::take(&mut self.logged_bad);
         for (key, value, rev) in listing {
-            // A malformed value logged before the re-list is not logged again.
+            // A bad value logged before the re-list is not logged again.
             if let Some(&r) = logged.get(key) {
                 self.logged_bad.insert(key.to_vec(), r);
             }
@@ -98,41 +115,87 @@ impl Keys {
         }
     }
 
-    /// One endpoint per distinct address.
-    fn endpoints(&self) -> HashMap<&BackendAddr, &Endpoint> {
-        let mut out = HashMap::new();
-        for ep in self.decoded.values().flatten() {
-            out.entry(&ep.addr).or_insert(ep);
-        }
-        out
+    /// The endpoints, in key order (an address may appear more than once).
+    fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.decoded.values().flatten()
     }
 }
 
-/// The watch's state: the keys, and the backends built for their endpoints.
+/// One key prefix of the service: its keys, and where its watch stands.
+#[derive(Debug, Default)]
+struct PrefixState {
+    keys: Keys,
+    /// Listed from etcd at least once.
+    listed: bool,
+    /// Its watch is up.
+    reachable: bool,
+}
+
+/// The watch's state, shared by the service's prefix watches: their keys, and the
+/// backends built for their endpoints.
 struct WatchState {
     service: Arc<Service>,
     upstream_config: UpstreamConfig,
-    keys: Keys,
+    /// One per key prefix, in the order the prefixes are given.
+    prefixes: Vec<PrefixState>,
     /// One backend per distinct address, kept across snapshots.
     backends: HashMap<BackendAddr, Arc<Backend>>,
+    /// Endpoints left out because they ask for TLS and TLS to backends is off, once logged.
+    tls_refused: HashSet<BackendAddr>,
 }
 
 impl WatchState {
-    fn new(service: Arc<Service>, upstream_config: UpstreamConfig) -> Self {
+    fn new(service: Arc<Service>, upstream_config: UpstreamConfig, prefixes: usize) -> Self {
         Self {
             service,
             upstream_config,
-            keys: Keys::default(),
+            prefixes: (0..prefixes).map(|_| PrefixState::default()).collect(),
             backends: HashMap::new(),
+            tls_refused: HashSet::new(),
         }
     }
 
-    /// Builds and publishes a snapshot of the current endpoints, reusing backends (and
-    /// their connections) by address.
-    fn publish(&mut self) {
-        let wanted = self.keys.endpoints();
+    /// One endpoint per distinct address over all prefixes (the first prefix's, then the
+    /// first key's, that lists it), without those that cannot be served: an endpoint
+    /// that asks for TLS (Kratos `grpcs://`) is served only with TLS to backends on.
+    fn wanted(&mut self) -> HashMap<&BackendAddr, &Endpoint> {
+        let tls_on = self.upstream_config.tls.is_some();
+        let mut wanted = HashMap::new();
+        let mut refused = HashSet::new();
+        for ep in self.prefixes.iter().flat_map(|p| p.keys.endpoints()) {
+            if ep.tls && !tls_on {
+                refused.insert(&ep.addr);
+            } else {
+                wanted.entry(&ep.addr).or_insert(ep);
+            }
+        }
         let name = self.service.name();
-        self.backends.retain(|addr, _| {
+        for addr in refused.iter().filter(|a| !wanted.contains_key(*a)) {
+            if !self.tls_refused.contains(*addr) {
+                tracing::warn!(
+                    service = %name,
+                    backend = %addr,
+                    "endpoint not served: its registry says to speak TLS to it (grpcs://), and TLS to backends is off (--upstream-tls with --upstream-ca turns it on)"
+                );
+            }
+        }
+        self.tls_refused = refused.into_iter().cloned().collect();
+        wanted
+    }
+
+    /// Builds and publishes a snapshot of the current endpoints, reusing backends (and
+    /// their connections) by address; nothing is published until every prefix has been
+    /// listed once (a half-listed service would look smaller than it is).
+    fn publish(&mut self) {
+        if !self.prefixes.iter().all(|p| p.listed) {
+            return;
+        }
+        let service = Arc::clone(&self.service);
+        let upstream_config = self.upstream_config.clone();
+        let mut backends = std::mem::take(&mut self.backends);
+        let wanted = self.wanted();
+        let name = service.name();
+        backends.retain(|addr, _| {
             let keep = wanted.contains_key(addr);
             if !keep {
                 tracing::info!(service = %name, backend = %addr, "endpoint removed");
@@ -140,54 +203,98 @@ impl WatchState {
             keep
         });
         for (addr, ep) in wanted {
-            match self.backends.get(addr) {
+            match backends.get(addr) {
                 Some(b) => {
                     b.update(ep);
                 }
                 None => {
                     tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
-                    let up = Upstream::new(addr.clone(), &self.upstream_config);
-                    up.start(self.upstream_config.clone());
-                    self.backends.insert(addr.clone(), Backend::new(up, ep));
+                    let up = Upstream::new(addr.clone(), &upstream_config);
+                    up.start(upstream_config.clone());
+                    backends.insert(addr.clone(), Backend::new(up, ep));
                 }
             }
         }
-        let set = EndpointSet::new(self.backends.values().cloned().collect());
-        self.service.publish(set);
+        service.publish(EndpointSet::new(backends.values().cloned().collect()));
+        self.backends = backends;
+    }
+
+    /// Notes that prefix `index`'s watch is up (listed at `revision`) or lost (`error`),
+    /// logs the change, and sets the service's reachability: up while every prefix's is.
+    fn set_reachable(&mut self, index: usize, key_prefix: &str, up: Result<i64, &SyncError>) {
+        let name = self.service.name();
+        let was = std::mem::replace(&mut self.prefixes[index].reachable, up.is_ok());
+        match up {
+            Ok(revision) if !was => tracing::info!(
+                service = %name,
+                prefix = key_prefix,
+                revision,
+                endpoints = self.backends.len(),
+                "endpoints listed from etcd; watching"
+            ),
+            Err(error) if was => tracing::warn!(
+                service = %name,
+                prefix = key_prefix,
+                error = %error,
+                endpoints = self.backends.len(),
+                "etcd watch lost; keeping last known endpoints"
+            ),
+            Err(error) => {
+                tracing::debug!(service = %name, prefix = key_prefix, error = %error, "etcd still unreachable")
+            }
+            Ok(_) => {}
+        }
+        let all = self.prefixes.iter().all(|p| p.reachable);
+        self.service.etcd_reachable.store(all, Ordering::Relaxed);
     }
 }
 
-/// Runs the watch of one service forever (until aborted).
+/// The state, whoever panicked while holding it (its data stays consistent: every
+/// update is applied whole before the next).
+fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs the watches of one service, one per key prefix, forever (until aborted).
 pub(super) async fn run(
     service: Arc<Service>,
-    mut client: Client,
-    key_prefix: String,
+    client: Client,
+    key_prefixes: Vec<String>,
     upstream_config: UpstreamConfig,
 ) {
-    let mut state = WatchState::new(service, upstream_config);
+    let state = Mutex::new(WatchState::new(
+        service,
+        upstream_config,
+        key_prefixes.len(),
+    ));
+    let watches = key_prefixes
+        .iter()
+        .enumerate()
+        .map(|(index, prefix)| watch_prefix(&state, index, client.clone(), prefix));
+    futures_util::future::join_all(watches).await;
+}
+
+/// Keeps prefix `index` of the service listed and watched.
+async fn watch_prefix(
+    state: &Mutex<WatchState>,
+    index: usize,
+    mut client: Client,
+    key_prefix: &str,
+) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
-        let err = sync(&mut client, &key_prefix, &mut state, &mut backoff).await;
-        let svc = &state.service;
-        if svc.etcd_reachable.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                service = %svc.name(),
-                error = %err,
-                endpoints = state.backends.len(),
-                "etcd watch lost; keeping last known endpoints"
-            );
-        } else {
-            tracing::debug!(service = %svc.name(), error = %err, "etcd still unreachable");
-        }
+        let err = sync(&mut client, key_prefix, state, index, &mut backoff).await;
+        lock(state).set_reachable(index, key_prefix, Err(&err));
         backoff.sleep().await;
     }
 }
 
-/// One round: list, publish, then watch until something ends the watch.
+/// One round for one prefix: list, publish, then watch until something ends the watch.
 async fn sync(
     client: &mut Client,
     key_prefix: &str,
-    state: &mut WatchState,
+    state: &Mutex<WatchState>,
+    index: usize,
     backoff: &mut Backoff,
 ) -> SyncError {
     let listing = match timed(
@@ -201,25 +308,22 @@ async fn sync(
         Err(e) => return e.into(),
     };
     let revision = listing.header().map_or(0, |h| h.revision());
-    let svc = Arc::clone(&state.service);
-    state.keys.replace(
-        svc.name(),
-        listing
-            .kvs()
-            .iter()
-            .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
-    );
-    state.publish();
-    backoff.reset();
-    if !svc.etcd_reachable.swap(true, Ordering::Relaxed) {
-        tracing::info!(
-            service = %svc.name(),
-            prefix = key_prefix,
-            revision,
-            endpoints = state.backends.len(),
-            "endpoints listed from etcd; watching"
+    {
+        let mut st = lock(state);
+        let service = Arc::clone(&st.service);
+        let prefix = &mut st.prefixes[index];
+        prefix.keys.replace(
+            service.name(),
+            listing
+                .kvs()
+                .iter()
+                .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
         );
+        prefix.listed = true;
+        st.publish();
+        st.set_reachable(index, key_prefix, Ok(revision));
     }
+    backoff.reset();
 
     let options = WatchOptions::new()
         .with_prefix()
@@ -246,20 +350,19 @@ async fn sync(
         if resp.canceled() {
             return SyncError::Cancelled(resp.cancel_reason().to_owned());
         }
+        let mut st = lock(state);
+        let service = Arc::clone(&st.service);
+        let keys = &mut st.prefixes[index].keys;
         let mut changed = false;
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             changed |= match event.event_type() {
-                EventType::Put => {
-                    state
-                        .keys
-                        .put(svc.name(), kv.key(), kv.value(), kv.mod_revision())
-                }
-                EventType::Delete => state.keys.delete(kv.key()),
+                EventType::Put => keys.put(service.name(), kv.key(), kv.value(), kv.mod_revision()),
+                EventType::Delete => keys.delete(kv.key()),
             };
         }
         if changed {
-            state.publish();
+            st.publish();
         }
     }
 }
@@ -273,11 +376,12 @@ mod tests {
         ServiceName::new("svc").unwrap()
     }
 
-    /// (address, weight) of each endpoint, by address.
+    /// (address, weight) of each endpoint, one per address (the first key's), by address.
     fn endpoints(keys: &Keys) -> Vec<(&str, u32)> {
+        let mut seen = HashSet::new();
         let mut v: Vec<_> = keys
             .endpoints()
-            .values()
+            .filter(|e| seen.insert(&e.addr))
             .map(|e| (e.addr.as_str(), e.weight))
             .collect();
         v.sort();
@@ -384,10 +488,11 @@ mod tests {
         let metrics = Metrics::new().service("svc");
         let service = Arc::new(Service::new(name(), metrics));
         assert!(!service.is_loaded());
-        let mut w = WatchState::new(Arc::clone(&service), UpstreamConfig::default());
+        let mut w = WatchState::new(Arc::clone(&service), UpstreamConfig::default(), 1);
+        w.prefixes[0].listed = true;
         // Nothing listens on these loopback ports: the upstreams' connects fail at once.
         let s = name();
-        w.keys.replace(
+        w.prefixes[0].keys.replace(
             &s,
             [
                 (&b"p/svc/a"[..], &b"127.0.0.1:1"[..], 1),
@@ -402,15 +507,16 @@ mod tests {
         let kept = Arc::clone(&w.backends[&addr2]);
         assert_eq!(kept.weight(), 1);
 
-        w.keys.delete(b"p/svc/a");
-        w.keys.delete(b"p/svc/b");
-        w.keys.put(
+        let keys = &mut w.prefixes[0].keys;
+        keys.delete(b"p/svc/a");
+        keys.delete(b"p/svc/b");
+        keys.put(
             &s,
             b"p/svc/b2",
             br#"{"Addr":"127.0.0.1:2","Metadata":{"weight":"4"}}"#,
             2,
         );
-        w.keys.put(&s, b"p/svc/c", b"127.0.0.1:3", 2);
+        keys.put(&s, b"p/svc/c", b"127.0.0.1:3", 2);
         w.publish();
         assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:3"]);
         // The address still listed (under b2) keeps its backend and connection, and
@@ -425,10 +531,114 @@ mod tests {
         assert_eq!(w.backends.len(), 2);
 
         // An empty listing publishes an empty set (the service stays loaded).
-        w.keys.replace(&s, []);
+        w.prefixes[0].keys.replace(&s, []);
         w.publish();
         assert!(snapshot(&service).is_empty());
         assert!(w.backends.is_empty());
         assert!(service.is_loaded());
+    }
+
+    #[test]
+    fn values_listing_nothing_to_serve_are_skipped_and_logged_once() {
+        let (s, mut k) = (name(), Keys::default());
+        let http_only = br#"{"id":"i","name":"svc","version":"","metadata":null,"endpoints":["http://127.0.0.1:8000"]}"#;
+        assert!(k.put(&s, b"p/svc/a", b"127.0.0.1:1", 2));
+        assert!(k.put(&s, b"p/svc/a", http_only, 3));
+        assert!(addrs(&k).is_empty());
+        assert_eq!(k.logged_bad.get(&b"p/svc/a"[..]), Some(&3));
+        // A Kratos instance with a gRPC endpoint beside its HTTP one is served.
+        let both = br#"{"id":"i","name":"svc","version":"","metadata":null,"endpoints":["http://127.0.0.1:8000","grpc://127.0.0.1:9000"]}"#;
+        assert!(k.put(&s, b"p/svc/a", both, 4));
+        assert_eq!(addrs(&k), ["127.0.0.1:9000"]);
+        assert!(k.logged_bad.is_empty());
+    }
+
+    fn watched(prefixes: usize, config: UpstreamConfig) -> (Arc<Service>, WatchState) {
+        let service = Arc::new(Service::new(name(), Metrics::new().service("svc")));
+        let w = WatchState::new(Arc::clone(&service), config, prefixes);
+        (service, w)
+    }
+
+    #[tokio::test]
+    async fn prefixes_are_published_together_as_one_union() {
+        let (service, mut w) = watched(2, UpstreamConfig::default());
+        let s = name();
+        w.prefixes[0].keys.replace(
+            &s,
+            [
+                (&b"services/svc/127.0.0.1:1"[..], &b"127.0.0.1:1"[..], 1),
+                (b"services/svc/127.0.0.1:2", b"127.0.0.1:2", 1),
+            ],
+        );
+        w.prefixes[0].listed = true;
+        w.publish();
+        // The second prefix is not listed yet: nothing is published.
+        assert!(!service.is_loaded());
+        w.prefixes[1].keys.replace(
+            &s,
+            [
+                (&b"svc/7587869470812345"[..], &b"127.0.0.1:2"[..], 1),
+                (b"svc/7587869470812346", b"127.0.0.1:3", 1),
+            ],
+        );
+        w.prefixes[1].listed = true;
+        w.publish();
+        assert!(service.is_loaded());
+        assert_eq!(
+            snapshot(&service),
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        );
+        // A key gone from one prefix leaves what the other still lists.
+        w.prefixes[0].keys.delete(b"services/svc/127.0.0.1:2");
+        w.publish();
+        assert_eq!(
+            snapshot(&service),
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        );
+        w.prefixes[1].keys.delete(b"svc/7587869470812345");
+        w.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:1", "127.0.0.1:3"]);
+    }
+
+    #[tokio::test]
+    async fn tls_endpoints_need_tls_to_backends() {
+        let grpcs = br#"{"id":"i","name":"svc","version":"","metadata":null,"endpoints":["grpcs://127.0.0.1:4"]}"#;
+        let listing = [
+            (&b"/microservices/svc/a"[..], &grpcs[..], 1),
+            (b"/microservices/svc/b", b"127.0.0.1:5", 1),
+        ];
+        let (service, mut w) = watched(1, UpstreamConfig::default());
+        w.prefixes[0].keys.replace(&name(), listing);
+        w.prefixes[0].listed = true;
+        w.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:5"]);
+        assert_eq!(w.tls_refused.len(), 1);
+        // Gone from the registry, it is forgotten (and logged again if it comes back).
+        w.prefixes[0].keys.delete(b"/microservices/svc/a");
+        w.publish();
+        assert!(w.tls_refused.is_empty());
+
+        let tls = crate::tls::UpstreamTls {
+            config: Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            ),
+            sni: None,
+        };
+        let config = UpstreamConfig {
+            tls: Some(tls),
+            ..UpstreamConfig::default()
+        };
+        let (service, mut w) = watched(1, config);
+        w.prefixes[0].keys.replace(&name(), listing);
+        w.prefixes[0].listed = true;
+        w.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:4", "127.0.0.1:5"]);
+        assert!(w.tls_refused.is_empty());
     }
 }

@@ -20,7 +20,7 @@ use super::error::ProxyError;
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{Discovery, Service};
-use crate::route::service_from_path;
+use crate::route::{service_from_path, Routes};
 use crate::status::http_error;
 use http_body::Body as _;
 
@@ -60,6 +60,7 @@ pub struct Forwarder {
     discovery: Arc<Discovery>,
     target: Target,
     discovery_timeout: Duration,
+    routes: Arc<Routes>,
 }
 
 impl Forwarder {
@@ -69,7 +70,15 @@ impl Forwarder {
             discovery,
             target,
             discovery_timeout,
+            routes: Arc::default(),
         }
+    }
+
+    /// The same forwarder, looking the services named in calls' paths up under their
+    /// routes' names.
+    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = routes;
+        self
     }
 
     /// Serves one stream of a client connection from its request to the end of its
@@ -111,7 +120,7 @@ impl Forwarder {
                         error,
                         path: req.uri().path().to_owned(),
                     })
-                    .and_then(|name| Ok(self.discovery.service(name)?));
+                    .and_then(|name| Ok(self.discovery.service(self.routes.resolve(name))?));
                 match found {
                     Ok(s) => s,
                     Err(e) => return Err(Own::Grpc(e.response())),

@@ -22,12 +22,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::config::ProxyArgs;
 use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
 use crate::etcd::EtcdError;
 use crate::metrics::Metrics;
 use crate::route::ServiceName;
-use crate::tls::UpstreamTls;
+use crate::settings::ProxySettings;
 use crate::upstream::UpstreamConfig;
 use tokio_rustls::TlsAcceptor;
 
@@ -66,15 +65,18 @@ pub enum ProxyError {
     /// A bound service could not be set up.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The routes do not fit together.
+    #[error("--route: {0}")]
+    Route(#[from] crate::route::RouteError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` completes.
 pub async fn run(
-    args: ProxyArgs,
+    args: ProxySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
-    let mut listeners = Vec::with_capacity(args.listen.len());
-    for spec in &args.listen {
+    let mut listeners = Vec::with_capacity(args.listeners.len());
+    for spec in &args.listeners {
         let listener = TcpListener::bind(spec.addr)
             .await
             .map_err(|source| ProxyError::Bind {
@@ -114,10 +116,10 @@ pub async fn shutdown_signal() {
 }
 
 /// How client connections are served: HTTP/2 settings and time limits.
-fn server_settings(args: &ProxyArgs) -> ServerSettings {
+fn server_settings(args: &ProxySettings) -> ServerSettings {
     let mut h2 = h2::server::Builder::new();
-    h2.max_concurrent_streams(args.max_concurrent_streams)
-        .max_header_list_size(args.max_header_list_size)
+    h2.max_concurrent_streams(args.limits.max_concurrent_streams)
+        .max_header_list_size(args.limits.max_header_list_size)
         .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_frame_size(64 * 1024)
@@ -126,8 +128,8 @@ fn server_settings(args: &ProxyArgs) -> ServerSettings {
     ServerSettings {
         h2,
         limits: ConnLimits {
-            idle_timeout: args.idle_timeout,
-            first_request_timeout: args.first_request_timeout,
+            idle_timeout: args.timeouts.idle,
+            first_request_timeout: args.timeouts.first_request,
             keepalive_interval: CLIENT_KEEPALIVE_INTERVAL,
         },
     }
@@ -138,25 +140,26 @@ const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Serves calls on already-bound listeners until `shutdown` completes, then drains.
 pub async fn serve(
-    args: ProxyArgs,
+    args: ProxySettings,
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
-    let acceptor = crate::tls::listener_config(&args.tls)?.map(TlsAcceptor::from);
+    let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefix: args.etcd.prefix.clone(),
-            max_services: args.max_services,
+            prefixes: args.etcd.prefixes(),
+            max_services: args.limits.max_services,
             upstream: UpstreamConfig {
-                connect_timeout: args.connect_timeout,
-                tls: UpstreamTls::from_args(&args.tls)?,
+                connect_timeout: args.timeouts.connect,
+                tls: args.upstream_tls.client_config()?,
                 ..UpstreamConfig::default()
             },
             metrics: Metrics::new(),
         },
     );
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
     let admin = AdminState::new(Arc::clone(&discovery));
     // Resolve and bind everything that can fail before any task is started.
     let mut serving = Vec::with_capacity(listeners.len());
@@ -165,14 +168,13 @@ pub async fn serve(
             Some(name) => Target::Bound(discovery.service(name.as_str())?),
             None => Target::ByPath,
         };
-        let forwarder = Arc::new(Forwarder::new(
-            Arc::clone(&discovery),
-            target,
-            args.discovery_timeout,
-        ));
+        let forwarder = Arc::new(
+            Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery)
+                .with_routes(Arc::clone(&routes)),
+        );
         serving.push((bound, forwarder));
     }
-    let admin_listener = match args.admin_listen.0 {
+    let admin_listener = match args.admin.listen.0 {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
@@ -186,7 +188,7 @@ pub async fn serve(
         acceptor,
         settings: Arc::new(server_settings(&args)),
         tracker: tracker.clone(),
-        connections: Arc::new(Semaphore::new(args.max_connections)),
+        connections: Arc::new(Semaphore::new(args.limits.max_connections)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
@@ -213,14 +215,14 @@ pub async fn serve(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     shutdown.await;
     probe.abort();
-    tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: no new connections, draining calls");
+    tracing::info!(drain_timeout = ?args.timeouts.drain, "shutting down: no new connections, draining calls");
     let _ = stop_tx.send(true);
     for t in accept_tasks {
         let _ = t.await;
     }
     // Every connection task saw the stop signal and sent GOAWAY; wait for their streams.
     tracker.close();
-    match tokio::time::timeout(args.drain_timeout, tracker.wait()).await {
+    match tokio::time::timeout(args.timeouts.drain, tracker.wait()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(
             open = tracker.len(),

@@ -46,6 +46,9 @@ impl From<RegistrationError> for Interrupted {
 pub(super) struct Keeper {
     client: Client,
     key: Arc<str>,
+    /// Until the first lease is granted, for keys it names (go-zero): the key without
+    /// its last segment.
+    key_base: Option<String>,
     value: String,
     ttl: Duration,
     ttl_secs: i64,
@@ -76,6 +79,7 @@ impl Keeper {
         Self {
             client,
             key: Arc::clone(&checked.key),
+            key_base: checked.key_base.clone(),
             value: checked.value.clone(),
             ttl: checked.ttl,
             ttl_secs: checked.ttl_secs,
@@ -92,6 +96,12 @@ impl Keeper {
             // would expire.
             backoff: Backoff::new(BACKOFF_FIRST, (checked.ttl / 3).min(Duration::from_secs(1))),
         }
+    }
+
+    /// The key (named by the first lease for go-zero, so known after
+    /// [`register_first`](Self::register_first)).
+    pub(super) fn key(&self) -> Arc<str> {
+        Arc::clone(&self.key)
     }
 
     /// The first registration, done before [`Registration::start`](super::Registration::start)
@@ -265,6 +275,12 @@ impl Keeper {
         )
         .await
         .map_err(RegistrationError::etcd(&self.key))?;
+        // A key named by the lease keeps the first lease's name for good, as a go-zero
+        // publisher with an ID does: one key per registration however often the lease
+        // is lost.
+        if let Some(base) = self.key_base.take() {
+            self.key = format!("{base}{}", resp.id()).into();
+        }
         self.lease = Some(resp.id());
         self.key_state = KeyState::Absent;
         self.check_lease = false;

@@ -1,5 +1,8 @@
-//! `switchyard endpoints`: lists what is registered under the prefix, decoded, for
-//! operators. Malformed keys and values are listed as such.
+//! `switchyard endpoints`: lists what is registered under the prefixes, decoded, with
+//! each value's format, for operators. Malformed keys and values are listed as such;
+//! under the empty prefix (go-zero's keys have no common prefix) only keys shaped
+//! `<service>/<name>` whose value is a registry value and that are not under another
+//! listed prefix are taken, since the whole keyspace is under it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -8,10 +11,10 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use serde::Serialize;
 
-use crate::config::{parse_duration, EtcdArgs};
 use crate::etcd::{timed, RequestError};
 use crate::registry::{service_prefix, ValueFormat};
 use crate::route::{validate_service_name, ServiceName};
+use crate::settings::{duration, EtcdSettings};
 
 /// Flags of `switchyard endpoints`.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,11 +25,11 @@ pub struct EndpointsArgs {
     #[arg(long)]
     pub json: bool,
     /// Time allowed for each etcd request.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub timeout: Duration,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// One endpoint listed under a key (a key may list several), or a key that lists none
@@ -35,6 +38,8 @@ pub struct EndpointsArgs {
 pub struct ListedEndpoint {
     /// The etcd key.
     pub key: String,
+    /// The prefix it was listed under.
+    pub prefix: String,
     /// The service part of the key (empty if the key has none).
     pub service: String,
     /// The backend address from the value (absent if malformed).
@@ -85,53 +90,107 @@ fn split_key(under_prefix: &str) -> Result<(&str, &str), (&str, String)> {
     }
 }
 
-/// Lists the keys under `<prefix>/` (or `<prefix>/<service>/`), decoded, in key order.
-pub async fn list(
-    client: &mut Client,
-    prefix: &str,
-    service: Option<&ServiceName>,
-    timeout: Duration,
-) -> Result<Vec<ListedEndpoint>, ListError> {
+/// The key prefix of everything under `prefix`: `<prefix>/` (kept as written), or `""`
+/// for the empty prefix.
+fn root(prefix: &str) -> String {
     let trimmed = prefix.trim_end_matches('/');
-    let root = if trimmed.is_empty() {
+    if trimmed.is_empty() && !prefix.starts_with('/') {
         String::new()
     } else {
         format!("{trimmed}/")
-    };
-    let range = match service {
-        Some(s) => service_prefix(prefix, s.as_str()),
-        None => root.clone(),
-    };
-    let resp = timed(
-        "get",
-        timeout,
-        client.get(range.as_str(), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
+    }
+}
 
-    let mut ttls: HashMap<i64, i64> = HashMap::new();
-    let mut out = Vec::with_capacity(resp.kvs().len());
-    for kv in resp.kvs() {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
+/// Lists the keys under each of `prefixes` (or under `<prefix>/<service>/`), decoded, in
+/// the prefixes' order and then key order.
+pub async fn list(
+    client: &mut Client,
+    prefixes: &[String],
+    service: Option<&ServiceName>,
+    timeout: Duration,
+) -> Result<Vec<ListedEndpoint>, ListError> {
+    let roots: Vec<String> = prefixes.iter().map(|p| root(p)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut listing = Listing {
+        client,
+        timeout,
+        ttls: HashMap::new(),
+        out: Vec::new(),
+    };
+    for (prefix, root) in prefixes.iter().zip(&roots) {
+        let range = match service {
+            Some(s) => service_prefix(prefix, s.as_str()),
+            None => root.clone(),
+        };
+        let resp = timed(
+            "get",
+            timeout,
+            listing
+                .client
+                .get(range.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if root.is_empty() {
+                // The whole keyspace: only what looks like `<service>/<name>` holding
+                // a registry value, and is not another prefix's.
+                let elsewhere = roots
+                    .iter()
+                    .any(|r| !r.is_empty() && key.starts_with(r.as_str()));
+                if elsewhere
+                    || split_key(&key).is_err()
+                    || crate::registry::decode(kv.key(), kv.value()).is_err()
+                {
+                    continue;
+                }
+            }
+            if seen.insert(key.clone()) {
+                listing.key(prefix, root, kv, key).await?;
+            }
+        }
+    }
+    Ok(listing.out)
+}
+
+/// The entries listed so far, and what listing them needs.
+struct Listing<'a> {
+    client: &'a mut Client,
+    timeout: Duration,
+    /// Seconds left on each lease asked about.
+    ttls: HashMap<i64, i64>,
+    out: Vec<ListedEndpoint>,
+}
+
+impl Listing<'_> {
+    /// Lists one key under `prefix`: one entry per endpoint its value lists, or one
+    /// saying why none.
+    async fn key(
+        &mut self,
+        prefix: &str,
+        root: &str,
+        kv: &etcd_client::KeyValue,
+        key: String,
+    ) -> Result<(), ListError> {
         let lease = (kv.lease() != 0).then_some(kv.lease());
         let ttl_left = match lease {
             None => None,
-            Some(id) => match ttls.get(&id) {
+            Some(id) => match self.ttls.get(&id) {
                 Some(t) => Some(*t),
                 None => {
                     let t = timed(
                         "lease time-to-live",
-                        timeout,
-                        client.lease_time_to_live(id, None),
+                        self.timeout,
+                        self.client.lease_time_to_live(id, None),
                     )
                     .await?
                     .ttl();
-                    ttls.insert(id, t);
+                    self.ttls.insert(id, t);
                     Some(t)
                 }
             },
         };
-        let under = key.strip_prefix(root.as_str()).unwrap_or(&key);
+        let under = key.strip_prefix(root).unwrap_or(&key);
         let (service, decoded) = match split_key(under) {
             Err((service, why)) => (service, Err(why)),
             Ok((service, _)) => (
@@ -141,6 +200,7 @@ pub async fn list(
         };
         let entry = ListedEndpoint {
             key: key.clone(),
+            prefix: prefix.to_owned(),
             service: service.to_owned(),
             addr: None,
             weight: None,
@@ -152,18 +212,18 @@ pub async fn list(
             error: None,
         };
         match decoded {
-            Err(why) => out.push(ListedEndpoint {
+            Err(why) => self.out.push(ListedEndpoint {
                 error: Some(why),
                 ..entry
             }),
-            Ok(d) if d.endpoints.is_empty() => out.push(ListedEndpoint {
+            Ok(d) if d.endpoints.is_empty() => self.out.push(ListedEndpoint {
                 format: Some(d.format),
-                error: Some(format!("{} value lists no endpoint", d.format)),
+                error: Some(d.why_nothing_to_serve()),
                 ..entry
             }),
             Ok(d) => {
                 for ep in d.endpoints {
-                    out.push(ListedEndpoint {
+                    self.out.push(ListedEndpoint {
                         addr: Some(ep.addr.to_string()),
                         weight: Some(ep.weight),
                         tls: Some(ep.tls),
@@ -174,8 +234,8 @@ pub async fn list(
                 }
             }
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Renders entries as an aligned text table.
@@ -195,7 +255,10 @@ pub fn render_table(entries: &[ListedEndpoint]) -> String {
                     format!("{}: {why}", e.key),
                 ),
                 None => (
-                    e.addr.clone().unwrap_or_default(),
+                    match (&e.addr, e.tls) {
+                        (Some(addr), Some(true)) => format!("{addr} (TLS)"),
+                        (addr, _) => addr.clone().unwrap_or_default(),
+                    },
                     e.format.map_or("-", ValueFormat::name).to_owned(),
                     e.metadata
                         .as_ref()
@@ -240,7 +303,7 @@ pub async fn run(args: EndpointsArgs) -> Result<(), ListError> {
     let mut client = crate::etcd::connect(&args.etcd).await?;
     let entries = list(
         &mut client,
-        &args.etcd.prefix,
+        &args.etcd.prefixes(),
         args.service.as_ref(),
         args.timeout,
     )
@@ -262,6 +325,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn roots_keep_the_prefix_as_written() {
+        assert_eq!(root("services"), "services/");
+        assert_eq!(root("services/"), "services/");
+        assert_eq!(root("/microservices"), "/microservices/");
+        assert_eq!(root("/"), "/");
+        assert_eq!(root(""), "");
+    }
+
+    #[test]
     fn keys_split() {
         assert_eq!(split_key("a/1.2.3.4:5"), Ok(("a", "1.2.3.4:5")));
         assert_eq!(split_key("a/x/y"), Ok(("a", "x/y")));
@@ -274,6 +346,7 @@ mod tests {
     fn table_lists_malformed_entries() {
         let ok = ListedEndpoint {
             key: "services/a/h:1".into(),
+            prefix: "services".into(),
             service: "a".into(),
             addr: Some("h:1".into()),
             weight: Some(1),
@@ -286,6 +359,7 @@ mod tests {
         };
         let bad = ListedEndpoint {
             key: "services/a/x".into(),
+            prefix: "services".into(),
             service: "a".into(),
             addr: None,
             weight: None,

@@ -1,7 +1,10 @@
 //! Registration: backends announce themselves in etcd under a lease kept alive.
 //!
-//! [`Registration::start`] grants a lease, puts `<prefix>/<service>/<addr>` under it and
-//! keeps the lease alive from a background task (a renewal every TTL/3). If the lease is
+//! [`Registration::start`] grants a lease, puts `<prefix>/<service>/<name>` under it and
+//! keeps the lease alive from a background task (a renewal every TTL/3). The value, the
+//! default prefix and the key's last segment are the chosen format's
+//! ([`RegistrationSpec::format`]): a backend in any language can join a go-zero, Kratos,
+//! Kitex or go-micro fleet and be found by that fleet's own clients. If the lease is
 //! lost (it expired while etcd was unreachable, it was revoked, or etcd's data was wiped)
 //! the task grants a new lease and puts the key again, and logs it. [`Registration::deregister`]
 //! deletes the key and revokes the lease; dropping the handle only stops the keep-alive,
@@ -44,10 +47,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
-use crate::endpoint::{AddrError, BackendAddr, Endpoint};
+use crate::endpoint::{AddrError, BackendAddr, Endpoint, Weight, MAX_WEIGHT};
 use crate::etcd::{delete_if_under_lease, timed, RequestError};
 use crate::metrics::{RegistrationEvent, RegistrationMetrics};
-use crate::registry::{endpoint_key, EncodeError, ValueFormat};
+use crate::registry::{instance_key, service_prefix, EncodeError, Instance, KeyName, ValueFormat};
 use crate::route::{ServiceName, ServiceNameError};
 
 /// Shortest lease TTL accepted: 2 s. etcd (3.4, default timing: 100 ms heartbeat, 1 s
@@ -85,6 +88,9 @@ pub enum RegistrationError {
     /// The value format cannot carry what the spec has (e.g. metadata in `plain`).
     #[error("value: {0}")]
     Value(#[from] EncodeError),
+    /// The weight is 0 or above [`MAX_WEIGHT`].
+    #[error("weight {0} is not between 1 and {MAX_WEIGHT}")]
+    BadWeight(Weight),
     /// An etcd request failed or got no answer in time.
     #[error("{key}: {source}")]
     Etcd {
@@ -150,34 +156,54 @@ impl RegistrationError {
 pub struct RegistrationSpec {
     service: String,
     addr: String,
-    prefix: String,
+    prefix: Option<String>,
     ttl: Duration,
     format: ValueFormat,
     metadata: Option<serde_json::Value>,
+    weight: Option<Weight>,
+    version: Option<String>,
     request_timeout: Duration,
     metrics: Option<RegistrationMetrics>,
 }
 
 impl RegistrationSpec {
-    /// Registers `addr` (`host:port`, e.g. a `SocketAddr`) for `service`, under the prefix
-    /// `services`, with a TTL of 10 s, in the etcd-naming format. Checked by
+    /// Registers `addr` (`host:port`, e.g. a `SocketAddr`) for `service`, with a TTL of
+    /// 10 s, in the etcd-naming format under its prefix `services`. Checked by
     /// [`Registration::start`].
     pub fn new(service: impl Into<String>, addr: impl ToString) -> Self {
         Self {
             service: service.into(),
             addr: addr.to_string(),
-            prefix: "services".to_owned(),
+            prefix: None,
             ttl: DEFAULT_TTL,
             format: ValueFormat::default(),
             metadata: None,
+            weight: None,
+            version: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             metrics: None,
         }
     }
 
-    /// Sets the key prefix (`<prefix>/<service>/<addr>`).
+    /// Sets the key prefix (`<prefix>/<service>/<name>`; default: the format's own, see
+    /// [`ValueFormat::default_prefix`]). Kept as written: `""` puts the service at the
+    /// root (go-zero), a leading `/` stays (`/microservices`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Sets the weight written (formats that carry one; default: the format's own,
+    /// see [`ValueFormat::default_weight`]).
+    pub fn weight(mut self, weight: Weight) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// Sets the service version written (Kratos, go-micro; default: the format's own,
+    /// see [`ValueFormat::default_version`]).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
         self
     }
 
@@ -187,7 +213,7 @@ impl RegistrationSpec {
         self
     }
 
-    /// Sets the value format.
+    /// Sets the value format, and with it the key layout and the default prefix.
     pub fn format(mut self, format: ValueFormat) -> Self {
         self.format = format;
         self
@@ -217,11 +243,37 @@ impl RegistrationSpec {
         let service = ServiceName::new(&self.service)?;
         let addr: BackendAddr = self.addr.parse()?;
         let ttl_secs = check_ttl(self.ttl)?;
-        let key = endpoint_key(&self.prefix, service.as_str(), &addr);
-        let mut endpoint = Endpoint::new(addr);
+        let format = self.format;
+        let weight = self.weight.unwrap_or_else(|| format.default_weight());
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(RegistrationError::BadWeight(weight));
+        }
+        let prefix = self.prefix.as_deref().unwrap_or(format.default_prefix());
+        let name = service.as_str();
+        let id = match format.key_name() {
+            KeyName::Addr => addr.to_string(),
+            // Known once the lease is granted (see `Keeper::grant`).
+            KeyName::Lease => String::new(),
+            KeyName::Uuid => uuid::Uuid::new_v4().to_string(),
+            KeyName::ServiceUuid => format!("{name}-{}", uuid::Uuid::new_v4()),
+        };
+        let (key, key_base) = match format.key_name() {
+            KeyName::Lease => {
+                let base = service_prefix(prefix, name);
+                (format!("{base}<lease>"), Some(base))
+            }
+            _ => (instance_key(prefix, name, &id), None),
+        };
+        let mut endpoint = Endpoint::new(addr).with_weight(weight);
         endpoint.metadata = self.metadata.clone().filter(|m| !m.is_null());
-        let value = self.format.encode(&endpoint)?;
+        let instance = Instance {
+            service: name,
+            id: &id,
+            version: self.version.as_deref().unwrap_or(format.default_version()),
+        };
+        let value = format.encode(&endpoint, &instance)?;
         Ok(Checked {
+            key_base,
             report: self.metrics.clone().map(|metrics| {
                 Arc::new(Reporter {
                     metrics,
@@ -256,7 +308,10 @@ pub fn check_ttl(ttl: Duration) -> Result<i64, RegistrationError> {
 #[derive(Debug, Clone)]
 struct Checked {
     report: Option<Arc<Reporter>>,
+    /// The key, or a placeholder until the first lease names it (see `key_base`).
     key: Arc<str>,
+    /// For keys named by the lease (go-zero): the key without its last segment.
+    key_base: Option<String>,
     value: String,
     ttl: Duration,
     ttl_secs: i64,
@@ -340,10 +395,11 @@ impl Registration {
         let state = watch::Sender::new(RegistrationState::Pending);
         let mut keeper = keeper::Keeper::new(client.clone(), &checked, active_rx, state.clone());
         keeper.register_first().await?;
+        let key = keeper.key();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(keeper.run(stopped));
         Ok(Self {
-            key: checked.key,
+            key,
             client,
             request_timeout: checked.request_timeout,
             active,
@@ -354,7 +410,7 @@ impl Registration {
         })
     }
 
-    /// The etcd key (`<prefix>/<service>/<addr>`).
+    /// The etcd key (`<prefix>/<service>/<name>`).
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -472,7 +528,10 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(&*c.key, "services/a.B-c/127.0.0.1:5000");
-        assert_eq!(c.value, r#"{"Op":0,"Addr":"127.0.0.1:5000"}"#);
+        assert_eq!(
+            c.value,
+            r#"{"Op":0,"Addr":"127.0.0.1:5000","Metadata":null}"#
+        );
         assert_eq!(c.ttl_secs, 3);
         let c = RegistrationSpec::new("a", std::net::SocketAddr::from(([127, 0, 0, 1], 9)))
             .prefix("p/")
@@ -486,6 +545,52 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(c.value, r#"{"Op":0,"Addr":"h:1","Metadata":{"zone":"z"}}"#);
+    }
+
+    #[test]
+    fn each_format_has_its_frameworks_key_layout() {
+        let spec = |f| RegistrationSpec::new("helloworld", "10.0.0.5:9000").format(f);
+        // go-zero: no common prefix, the key named by the first lease.
+        let c = spec(ValueFormat::GoZero).validate().unwrap();
+        assert_eq!(c.key_base.as_deref(), Some("helloworld/"));
+        assert_eq!(c.value, "10.0.0.5:9000");
+        // Kratos: a UUID that is the value's id.
+        let c = spec(ValueFormat::Kratos).version("v1").validate().unwrap();
+        let id = c.key.strip_prefix("/microservices/helloworld/").unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        assert_eq!(
+            c.value,
+            format!(
+                r#"{{"id":"{id}","name":"helloworld","version":"v1","metadata":null,"endpoints":["grpc://10.0.0.5:9000"]}}"#
+            )
+        );
+        assert_eq!(c.key_base, None);
+        // Kitex: the address, and Kitex's default weight.
+        let c = spec(ValueFormat::Kitex).validate().unwrap();
+        assert_eq!(&*c.key, "kitex/registry-etcd/helloworld/10.0.0.5:9000");
+        assert!(c.value.contains(r#""weight":10"#), "{}", c.value);
+        let c = spec(ValueFormat::Kitex).weight(3).validate().unwrap();
+        assert!(c.value.contains(r#""weight":3"#), "{}", c.value);
+        // go-micro: `<service>-<UUID>`, the node's id; version "latest".
+        let c = spec(ValueFormat::GoMicro).validate().unwrap();
+        let id = c.key.strip_prefix("/micro/registry/helloworld/").unwrap();
+        assert!(id.starts_with("helloworld-"), "{id}");
+        assert!(c.value.contains(&format!(r#""id":"{id}""#)), "{}", c.value);
+        assert!(c.value.contains(r#""version":"latest""#), "{}", c.value);
+        // A prefix given is kept as written.
+        let c = spec(ValueFormat::Plain).prefix("").validate().unwrap();
+        assert_eq!(&*c.key, "helloworld/10.0.0.5:9000");
+        let c = spec(ValueFormat::EtcdNaming)
+            .prefix("/fleet")
+            .weight(2)
+            .validate()
+            .unwrap();
+        assert_eq!(&*c.key, "/fleet/helloworld/10.0.0.5:9000");
+        assert!(
+            c.value.contains(r#""Metadata":{"weight":2}"#),
+            "{}",
+            c.value
+        );
     }
 
     #[test]
@@ -519,6 +624,16 @@ mod tests {
                 format: ValueFormat::Plain,
                 what: "metadata"
             })
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h:1").weight(0)),
+            RegistrationError::BadWeight(0)
+        ));
+        assert!(matches!(
+            err(RegistrationSpec::new("a", "h:1")
+                .format(ValueFormat::GoZero)
+                .weight(2)),
+            RegistrationError::Value(EncodeError::NotCarried { .. })
         ));
         // Null metadata is no metadata.
         assert!(RegistrationSpec::new("a", "h:1")

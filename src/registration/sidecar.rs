@@ -21,11 +21,11 @@ use tokio::sync::watch;
 
 use crate::admin::{reply, AdminResponse, METRICS, TEXT};
 use crate::backoff::Backoff;
-use crate::config::{parse_duration, AdminListen, EtcdArgs};
-use crate::endpoint::BackendAddr;
+use crate::endpoint::{BackendAddr, Endpoint};
 use crate::metrics::RegistrationMetrics;
-use crate::registry::{metadata_formats, ValueFormat};
+use crate::registry::{metadata_formats, Instance, ValueFormat};
 use crate::route::ServiceName;
+use crate::settings::{duration, AdminListen, EtcdSettings};
 
 use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
 use super::{check_ttl, Registration, RegistrationError, RegistrationSpec, RegistrationState};
@@ -47,10 +47,18 @@ pub struct RegisterArgs {
     /// Metadata `KEY=VALUE` written with the value (formats that carry metadata), repeatable.
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
     pub metadata: Vec<(String, String)>,
-    /// Value format written (each is described in the `registry` module's docs; the
-    /// default is read by switchyard and grpc-go's etcd resolver alike).
+    /// Key layout and value written, as that framework writes them (the default is read
+    /// by switchyard and grpc-go's etcd resolver alike). With a framework's format and no
+    /// --prefix, the key goes under that framework's own prefix.
     #[arg(long, env = "SWITCHYARD_FORMAT", default_value_t = ValueFormat::default(), value_parser = parse_format())]
     pub format: ValueFormat,
+    /// Weight written, for formats that carry one (default: the format's own; Kitex's is 10).
+    #[arg(long, env = "SWITCHYARD_WEIGHT", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::endpoint::MAX_WEIGHT)))]
+    pub weight: Option<u32>,
+    /// Service version written by the kratos and go-micro formats (default: theirs,
+    /// empty and `latest`).
+    #[arg(long, env = "SWITCHYARD_SERVICE_VERSION", value_name = "VERSION")]
+    pub service_version: Option<String>,
     /// Health check that gates the registration: the key is held only while it passes.
     #[arg(long, env = "SWITCHYARD_HEALTH_CHECK", value_enum, default_value_t = HealthCheckKind::None)]
     pub health_check: HealthCheckKind,
@@ -80,7 +88,7 @@ pub struct RegisterArgs {
     pub admin_listen: AdminListen,
     /// etcd location and key prefix.
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: EtcdSettings,
 }
 
 /// `--addr`: `host:port`, and not a wildcard address that clients cannot reach.
@@ -107,14 +115,14 @@ fn parse_format() -> impl clap::builder::TypedValueParser<Value = ValueFormat> {
 
 /// `--ttl`: a duration of whole seconds within etcd's lease limits.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let ttl = parse_duration(s)?;
+    let ttl = duration::parse(s)?;
     check_ttl(ttl).map_err(|e| e.to_string())?;
     Ok(ttl)
 }
 
 /// A duration greater than zero.
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match duration::parse(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
         d => Ok(d),
     }
@@ -138,15 +146,38 @@ impl RegisterArgs {
                 self.format
             ));
         }
+        if self.etcd.prefix.len() > 1 {
+            return Err("--prefix: register writes one key; give one prefix".to_owned());
+        }
+        if let Some(weight) = self.weight {
+            let probe = Endpoint::new(self.addr.clone()).with_weight(weight);
+            let instance = Instance {
+                service: self.service.as_str(),
+                id: "",
+                version: "",
+            };
+            if let Err(e) = self.format.encode(&probe, &instance) {
+                return Err(format!("--weight: {e}"));
+            }
+        }
         Ok(())
     }
 
     /// The registration these flags describe.
     pub fn spec(&self) -> RegistrationSpec {
         let mut spec = RegistrationSpec::new(self.service.as_str(), &self.addr)
-            .prefix(self.etcd.prefix.clone())
             .ttl(self.ttl)
             .format(self.format);
+        // One key is written: under the prefix given, or the format's own.
+        if let Some(prefix) = self.etcd.prefix.first() {
+            spec = spec.prefix(prefix.clone());
+        }
+        if let Some(weight) = self.weight {
+            spec = spec.weight(weight);
+        }
+        if let Some(version) = &self.service_version {
+            spec = spec.version(version.clone());
+        }
         if !self.metadata.is_empty() {
             let map: serde_json::Map<String, serde_json::Value> = self
                 .metadata

@@ -1,11 +1,13 @@
 //! etcd's Go naming JSON (`go.etcd.io/etcd/client/v3/naming/endpoints.Update`):
 //! `{"Op":0,"Addr":"10.0.0.5:50051","Metadata":{…}}`, read by grpc-go's `etcd:///`
-//! resolver. Recognised by its `Addr` field. The weight is `Metadata.weight` (a number,
-//! or a string holding one); the metadata is carried through whole.
+//! resolver, under `<prefix>/<service>/<host:port>`. Recognised by its `Addr` field. The
+//! weight is `Metadata.weight` (a number, or a string holding one); the metadata is
+//! carried through whole. Written as etcd's `endpoints.Manager.AddEndpoint` writes it
+//! (`json.Marshal` of `endpoints.Update`, in etcd's `client/v3/naming/endpoints`).
 
 use serde::{Deserialize, Serialize};
 
-use super::{Codec, EncodeError, Shape, ValueError, ValueFormat};
+use super::{Codec, EncodeError, Instance, KeyName, Shape, Skipped, ValueError, ValueFormat};
 use crate::endpoint::{Endpoint, DEFAULT_WEIGHT};
 
 /// etcd naming operation: 0 adds an endpoint, 1 deletes it. etcd's own client treats
@@ -16,14 +18,15 @@ const OP_ADD: u64 = 0;
 #[derive(Debug, Clone, Copy)]
 pub struct EtcdNaming;
 
-/// The value as etcd's Go naming package writes it.
+/// The value as etcd's Go naming package writes it (`endpoints.Update`: no JSON tags, so
+/// the Go field names; a nil `Metadata` is written as `null`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Update {
     #[serde(rename = "Op", default)]
     op: u64,
     #[serde(rename = "Addr")]
     addr: String,
-    #[serde(rename = "Metadata", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "Metadata", default)]
     metadata: Option<serde_json::Value>,
 }
 
@@ -32,19 +35,25 @@ impl Codec for EtcdNaming {
         "etcd-naming"
     }
 
-    fn recognises(&self, value: Shape<'_>) -> bool {
-        matches!(value, Shape::Json(map) if map.contains_key("Addr"))
+    fn default_prefix(&self) -> &'static str {
+        "services"
     }
 
-    fn decode(&self, key: &str, value: Shape<'_>) -> Result<Vec<Endpoint>, ValueError> {
-        let invalid = |reason: String| ValueError::Invalid {
-            format: ValueFormat::EtcdNaming,
-            reason,
-        };
-        let Shape::Json(map) = value else {
-            return Err(invalid("not a JSON object".to_owned()));
-        };
-        let update = Update::deserialize(map).map_err(|e| invalid(e.to_string()))?;
+    fn key_name(&self) -> KeyName {
+        KeyName::Addr
+    }
+
+    fn recognises(&self, _key: &str, value: Shape<'_>) -> bool {
+        value.has("Addr")
+    }
+
+    fn decode(
+        &self,
+        key: &str,
+        value: Shape<'_>,
+        _skipped: &mut Vec<Skipped>,
+    ) -> Result<Vec<Endpoint>, ValueError> {
+        let update: Update = super::read_json(ValueFormat::EtcdNaming, value)?;
         if update.op != OP_ADD {
             return Err(ValueError::NotAdd(update.op));
         }
@@ -58,12 +67,9 @@ impl Codec for EtcdNaming {
         Ok(vec![endpoint])
     }
 
-    fn encode(&self, endpoint: &Endpoint) -> Result<String, EncodeError> {
+    fn encode(&self, endpoint: &Endpoint, _instance: &Instance<'_>) -> Result<String, EncodeError> {
         if endpoint.tls {
-            return Err(EncodeError::NotCarried {
-                format: ValueFormat::EtcdNaming,
-                what: "TLS",
-            });
+            return Err(EncodeError::not_carried(ValueFormat::EtcdNaming, "TLS"));
         }
         let mut metadata = endpoint.metadata.clone().filter(|m| !m.is_null());
         if endpoint.weight != DEFAULT_WEIGHT {
@@ -74,10 +80,10 @@ impl Codec for EtcdNaming {
                     m.insert("weight".to_owned(), endpoint.weight.into());
                 }
                 None => {
-                    return Err(EncodeError::NotCarried {
-                        format: ValueFormat::EtcdNaming,
-                        what: "a weight beside metadata that is not a JSON object",
-                    })
+                    return Err(EncodeError::not_carried(
+                        ValueFormat::EtcdNaming,
+                        "a weight beside metadata that is not a JSON object",
+                    ))
                 }
             }
         }
@@ -86,8 +92,7 @@ impl Codec for EtcdNaming {
             addr: endpoint.addr.as_str().to_owned(),
             metadata,
         };
-        // Serializing a struct of strings and JSON values cannot fail.
-        Ok(serde_json::to_string(&update).unwrap_or_default())
+        Ok(super::to_go_json(&update))
     }
 
     fn carries_metadata(&self) -> bool {
@@ -98,7 +103,7 @@ impl Codec for EtcdNaming {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::decode;
+    use crate::registry::{decode, TEST_INSTANCE as INSTANCE};
     use serde_json::json;
 
     fn one(value: &str) -> Result<Endpoint, ValueError> {
@@ -161,24 +166,24 @@ mod tests {
     #[test]
     fn values_round_trip() {
         let ep = Endpoint::new("127.0.0.1:9".parse().unwrap());
-        let v = ValueFormat::EtcdNaming.encode(&ep).unwrap();
-        assert_eq!(v, r#"{"Op":0,"Addr":"127.0.0.1:9"}"#);
+        let v = ValueFormat::EtcdNaming.encode(&ep, &INSTANCE).unwrap();
+        assert_eq!(v, r#"{"Op":0,"Addr":"127.0.0.1:9","Metadata":null}"#);
         assert_eq!(one(&v).unwrap(), ep);
 
         let mut ep = Endpoint::new("h:9".parse().unwrap());
         ep.metadata = Some(json!({"k": "v"}));
-        let v = ValueFormat::EtcdNaming.encode(&ep).unwrap();
+        let v = ValueFormat::EtcdNaming.encode(&ep, &INSTANCE).unwrap();
         assert_eq!(v, r#"{"Op":0,"Addr":"h:9","Metadata":{"k":"v"}}"#);
         assert_eq!(one(&v).unwrap(), ep);
 
         // A weight is written into the metadata, and read back from there.
         let ep = Endpoint::new("h:9".parse().unwrap()).with_weight(4);
-        let v = ValueFormat::EtcdNaming.encode(&ep).unwrap();
+        let v = ValueFormat::EtcdNaming.encode(&ep, &INSTANCE).unwrap();
         assert_eq!(v, r#"{"Op":0,"Addr":"h:9","Metadata":{"weight":4}}"#);
         assert_eq!(one(&v).unwrap().weight, 4);
 
         let mut tls = Endpoint::new("h:9".parse().unwrap());
         tls.tls = true;
-        assert!(ValueFormat::EtcdNaming.encode(&tls).is_err());
+        assert!(ValueFormat::EtcdNaming.encode(&tls, &INSTANCE).is_err());
     }
 }

@@ -2,23 +2,36 @@
 //!
 //! A value is turned into a list of [`Endpoint`]s (address, weight, TLS, metadata) by the
 //! codec of its format, recognised from the value's shape ([`decode`]); the same codecs
-//! write values ([`ValueFormat::encode`]). Discovery's watch, `switchyard endpoints` and
-//! `switchyard register` all go through here, so a format is known everywhere at once.
+//! write values and name keys ([`ValueFormat::encode`], [`ValueFormat::key_name`]).
+//! Discovery's watch, `switchyard endpoints` and `switchyard register` all go through
+//! here, so a format is known everywhere at once.
 //!
 //! One file per format, each a [`Codec`]:
 //! - [`plain`]: `host:port`, the seed pattern's value;
 //! - [`etcd_naming`]: etcd's Go naming JSON (`{"Op":0,"Addr":…,"Metadata":…}`), read by
-//!   grpc-go's `etcd:///` resolver.
+//!   grpc-go's `etcd:///` resolver;
+//! - [`go_zero`]: go-zero's `core/discov` (a `host:port` value under `<key>/<lease id>`);
+//! - [`kratos`]: Kratos's `contrib/registry/etcd` (a JSON `ServiceInstance` listing URLs);
+//! - [`kitex`]: Kitex's `registry-etcd` (JSON with `address` and `weight`);
+//! - [`go_micro`]: go-micro's `registry/etcd` (a JSON service with `nodes[].address`).
+//!
+//! **Telling formats apart.** Each codec recognises its own values by their outline (a
+//! text value, or which fields a JSON object has), and the outlines do not overlap: a
+//! value is decoded only when exactly one codec recognises it ([`ValueError::Ambiguous`]
+//! otherwise). The address always comes from the value, never from the key.
 //!
 //! **Adding a format** is one new file here with a unit struct implementing [`Codec`]
-//! (its name, how its values look, how to read and write them), its `mod` line, and one
-//! line in the `formats!` list below: `--format`, `switchyard endpoints`' FORMAT column
-//! and the watch pick it up from there. Shapes are tried in the list's order, so a
-//! format whose shape is a special case of another's goes first.
+//! (its name, key layout, how its values look, how to read and write them), its `mod`
+//! line, and one line in the `formats!` list below: `--format`, `switchyard endpoints`'
+//! FORMAT column and the watch pick it up from there.
 //!
-//! The key layout ([`service_prefix`], [`endpoint_key`]) lives here too.
+//! The key layout ([`service_prefix`], [`instance_key`]) lives here too.
 
 pub mod etcd_naming;
+pub mod go_micro;
+pub mod go_zero;
+pub mod kitex;
+pub mod kratos;
 pub mod plain;
 
 use std::fmt;
@@ -26,7 +39,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::endpoint::{AddrError, BackendAddr, Endpoint, Weight, DEFAULT_WEIGHT, MAX_WEIGHT};
+use crate::endpoint::{AddrError, Endpoint, Weight, DEFAULT_WEIGHT, MAX_WEIGHT};
 
 /// Longest value accepted, in bytes; anything longer is skipped as malformed.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
@@ -40,23 +53,93 @@ pub enum Shape<'a> {
     Json(&'a serde_json::Map<String, serde_json::Value>),
 }
 
-/// One registry value format: how its values look, and how they are read and written.
+impl Shape<'_> {
+    /// Whether the value is a JSON object with a field named `field`.
+    pub fn has(&self, field: &str) -> bool {
+        matches!(self, Shape::Json(map) if map.contains_key(field))
+    }
+}
+
+/// An endpoint a value lists that is not served (e.g. Kratos's `http://`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The endpoint as the value lists it.
+    pub endpoint: String,
+    /// Why it is not served.
+    pub why: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.endpoint, self.why)
+    }
+}
+
+/// How a format names one instance's key under `<prefix>/<service>/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyName {
+    /// The endpoint's `host:port` (the seed pattern, etcd naming, Kitex).
+    Addr,
+    /// The registration's lease ID in decimal (go-zero).
+    Lease,
+    /// A random UUID, also the value's `id` (Kratos).
+    Uuid,
+    /// `<service>-<random UUID>`, also the node's `id` (go-micro).
+    ServiceUuid,
+}
+
+/// What a registration writes besides its endpoint: the names some formats carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Instance<'a> {
+    /// The registered service name.
+    pub service: &'a str,
+    /// The instance's id (Kratos's `id`, go-micro's node `id`; see [`KeyName`]).
+    pub id: &'a str,
+    /// The service's version (Kratos, go-micro).
+    pub version: &'a str,
+}
+
+/// One registry value format: its key layout, how its values look, and how they are read
+/// and written.
 pub trait Codec: Sync {
     /// The format's name, as given to `--format` and shown by `switchyard endpoints`.
     fn name(&self) -> &'static str;
 
-    /// Whether a value of this shape belongs to this format (only its outline, e.g.
-    /// which JSON fields it has: [`decode`](Self::decode) says whether it is valid).
-    fn recognises(&self, value: Shape<'_>) -> bool;
+    /// The key prefix the framework uses unless configured otherwise.
+    fn default_prefix(&self) -> &'static str;
 
-    /// The endpoints a recognised value lists; `key` is the etcd key, for log lines.
-    fn decode(&self, key: &str, value: Shape<'_>) -> Result<Vec<Endpoint>, ValueError>;
+    /// How the framework names an instance's key under `<prefix>/<service>/`.
+    fn key_name(&self) -> KeyName;
 
-    /// Writes `endpoint` as a value of this format.
-    fn encode(&self, endpoint: &Endpoint) -> Result<String, EncodeError>;
+    /// Whether this value (under etcd key `key`) belongs to this format: only its
+    /// outline, e.g. which JSON fields it has ([`decode`](Self::decode) says whether it
+    /// is valid). No two codecs may recognise the same value.
+    fn recognises(&self, key: &str, value: Shape<'_>) -> bool;
 
-    /// Whether values of this format carry metadata (and so a weight).
+    /// The endpoints a recognised value lists; endpoints it lists but that are not to be
+    /// served go to `skipped`. `key` is the etcd key, for log lines and checks.
+    fn decode(
+        &self,
+        key: &str,
+        value: Shape<'_>,
+        skipped: &mut Vec<Skipped>,
+    ) -> Result<Vec<Endpoint>, ValueError>;
+
+    /// Writes `endpoint` of `instance` as the framework writes its value.
+    fn encode(&self, endpoint: &Endpoint, instance: &Instance<'_>) -> Result<String, EncodeError>;
+
+    /// Whether values of this format carry metadata.
     fn carries_metadata(&self) -> bool;
+
+    /// The weight written when none is given (the framework's own default).
+    fn default_weight(&self) -> Weight {
+        DEFAULT_WEIGHT
+    }
+
+    /// The version written when none is given (the framework's own default).
+    fn default_version(&self) -> &'static str {
+        ""
+    }
 }
 
 /// Declares [`ValueFormat`] from the list of codecs: one line per format.
@@ -69,7 +152,7 @@ macro_rules! formats {
         }
 
         impl ValueFormat {
-            /// Every format, in the order values are matched against their shapes.
+            /// Every format, in the order they are listed in `--help`.
             pub const ALL: &'static [ValueFormat] = &[$(ValueFormat::$variant,)+];
 
             fn codec(self) -> &'static dyn Codec {
@@ -82,10 +165,18 @@ macro_rules! formats {
 }
 
 formats! {
-    /// etcd's Go naming JSON, also read by grpc-go's `etcd:///` resolver.
-    EtcdNaming => etcd_naming::EtcdNaming,
     /// `host:port`, the seed pattern's value.
     Plain => plain::Plain,
+    /// etcd's Go naming JSON, also read by grpc-go's `etcd:///` resolver.
+    EtcdNaming => etcd_naming::EtcdNaming,
+    /// go-zero: `host:port` under `<key>/<lease id>`.
+    GoZero => go_zero::GoZero,
+    /// Kratos: a JSON `ServiceInstance` listing endpoint URLs.
+    Kratos => kratos::Kratos,
+    /// Kitex: JSON with `network`, `address`, `weight`, `tags`.
+    Kitex => kitex::Kitex,
+    /// go-micro: a JSON service whose `nodes` list addresses.
+    GoMicro => go_micro::GoMicro,
 }
 
 impl Default for ValueFormat {
@@ -107,14 +198,38 @@ impl ValueFormat {
         Self::ALL.iter().map(|f| f.name())
     }
 
-    /// Whether values of this format carry metadata (and so a weight).
+    /// The key prefix the framework uses unless configured otherwise.
+    pub fn default_prefix(self) -> &'static str {
+        self.codec().default_prefix()
+    }
+
+    /// How the framework names an instance's key under `<prefix>/<service>/`.
+    pub fn key_name(self) -> KeyName {
+        self.codec().key_name()
+    }
+
+    /// Whether values of this format carry metadata.
     pub fn carries_metadata(self) -> bool {
         self.codec().carries_metadata()
     }
 
-    /// Writes `endpoint` as a value of this format.
-    pub fn encode(self, endpoint: &Endpoint) -> Result<String, EncodeError> {
-        self.codec().encode(endpoint)
+    /// The weight written when none is given (the framework's own default).
+    pub fn default_weight(self) -> Weight {
+        self.codec().default_weight()
+    }
+
+    /// The version written when none is given (the framework's own default).
+    pub fn default_version(self) -> &'static str {
+        self.codec().default_version()
+    }
+
+    /// Writes `endpoint` of `instance` as the framework writes its value.
+    pub fn encode(
+        self,
+        endpoint: &Endpoint,
+        instance: &Instance<'_>,
+    ) -> Result<String, EncodeError> {
+        self.codec().encode(endpoint, instance)
     }
 }
 
@@ -173,6 +288,9 @@ pub enum ValueError {
     /// A JSON object of no known format.
     #[error("JSON value of no known format (fields: {0})")]
     UnknownJson(String),
+    /// A value that two formats recognise: which one it is cannot be told.
+    #[error("value looks like both {0} and {1}; cannot tell which it is")]
+    Ambiguous(ValueFormat, ValueFormat),
     /// Recognised as `format`, but not a valid value of it.
     #[error("value is not valid {format}: {reason}")]
     Invalid {
@@ -189,12 +307,22 @@ pub enum ValueError {
     BadAddr(#[from] AddrError),
 }
 
+impl ValueError {
+    /// A value recognised as `format` that is not valid: `reason` says why.
+    pub(crate) fn invalid(format: ValueFormat, reason: impl ToString) -> Self {
+        Self::Invalid {
+            format,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// Why an endpoint cannot be written in a format.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     /// The format has no room for something the endpoint has.
     #[error(
-        "{format} values cannot carry {what} (formats that can: {})",
+        "{format} values cannot carry {what} (formats that carry metadata: {})",
         metadata_formats()
     )]
     NotCarried {
@@ -203,6 +331,12 @@ pub enum EncodeError {
         /// What it cannot carry (`metadata`, `a weight`, `TLS`).
         what: &'static str,
     },
+}
+
+impl EncodeError {
+    fn not_carried(format: ValueFormat, what: &'static str) -> Self {
+        Self::NotCarried { format, what }
+    }
 }
 
 /// The names of the formats that carry metadata, for messages.
@@ -215,13 +349,28 @@ pub fn metadata_formats() -> String {
         .join(", ")
 }
 
-/// A decoded value: its format and the endpoints it lists.
+/// A decoded value: its format, the endpoints it lists, and those it lists but that are
+/// not served.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     /// The format the value was recognised as.
     pub format: ValueFormat,
-    /// The endpoints it lists (one for most formats).
+    /// The endpoints to serve (one for most formats).
     pub endpoints: Vec<Endpoint>,
+    /// The endpoints listed but not served, with why (e.g. Kratos `http://` ones).
+    pub skipped: Vec<Skipped>,
+}
+
+impl Decoded {
+    /// Why a value that decoded lists nothing to serve (for log lines and listings).
+    pub fn why_nothing_to_serve(&self) -> String {
+        let mut why = format!("{} value lists no endpoint to serve", self.format);
+        for s in &self.skipped {
+            why.push_str("; ");
+            why.push_str(&s.to_string());
+        }
+        why
+    }
 }
 
 /// Decodes the value of etcd key `key`, recognising its format by its shape.
@@ -241,22 +390,32 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, ValueError> {
     } else {
         Shape::Text(text)
     };
-    for &format in ValueFormat::ALL {
-        let codec = format.codec();
-        if codec.recognises(shape) {
-            let endpoints = codec.decode(&key, shape)?;
-            return Ok(Decoded { format, endpoints });
+    let mut found = ValueFormat::ALL
+        .iter()
+        .copied()
+        .filter(|f| f.codec().recognises(&key, shape));
+    let format = match (found.next(), found.next()) {
+        (Some(format), None) => format,
+        (Some(a), Some(b)) => return Err(ValueError::Ambiguous(a, b)),
+        (None, _) => {
+            return Err(match shape {
+                Shape::Json(map) => ValueError::UnknownJson(
+                    map.keys()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                // Plain and go-zero take every text between them; kept for a list without.
+                Shape::Text(t) => ValueError::BadAddr(AddrError::NotHostPort(t.to_owned())),
+            });
         }
-    }
-    Err(match shape {
-        Shape::Json(map) => ValueError::UnknownJson(
-            map.keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
-        // Plain takes every text; kept for a list without it.
-        Shape::Text(t) => ValueError::BadAddr(AddrError::NotHostPort(t.to_owned())),
+    };
+    let mut skipped = Vec::new();
+    let endpoints = format.codec().decode(&key, shape, &mut skipped)?;
+    Ok(Decoded {
+        format,
+        endpoints,
+        skipped,
     })
 }
 
@@ -291,22 +450,113 @@ pub(crate) fn weight(key: &str, value: &serde_json::Value) -> Weight {
 }
 
 /// The key prefix of a service's endpoints: `<prefix>/<service>/`, always with the
-/// trailing slash so that service `a` never sees service `ab`.
+/// trailing slash so that service `a` never sees service `ab`. The prefix is kept as
+/// written: a leading `/` stays (`/microservices`), and an empty prefix puts the service
+/// at the root (go-zero's `user.rpc/`).
 pub fn service_prefix(prefix: &str, service: &str) -> String {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() && prefix.starts_with('/') {
+        format!("/{service}/")
+    } else if trimmed.is_empty() {
         format!("{service}/")
     } else {
-        format!("{prefix}/{service}/")
+        format!("{trimmed}/{service}/")
     }
 }
 
-/// The key of one endpoint: `<prefix>/<service>/<addr>`.
-pub fn endpoint_key(prefix: &str, service: &str, addr: &BackendAddr) -> String {
+/// The key of one instance: `<prefix>/<service>/<name>` (`name` as the format's
+/// [`KeyName`] says: an address, a lease ID, an instance id).
+pub fn instance_key(prefix: &str, service: &str, name: &str) -> String {
     let mut k = service_prefix(prefix, service);
-    k.push_str(addr.as_str());
+    k.push_str(name);
     k
 }
+
+/// A JSON value of `format` read into `T` (the format's fields).
+fn read_json<'a, T: Deserialize<'a>>(
+    format: ValueFormat,
+    value: Shape<'a>,
+) -> Result<T, ValueError> {
+    match value {
+        Shape::Json(map) => T::deserialize(map).map_err(|e| ValueError::invalid(format, e)),
+        Shape::Text(_) => Err(ValueError::invalid(format, "not a JSON object")),
+    }
+}
+
+/// The last segment of `key` (after its last `/`).
+fn last_segment(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+/// The segment of `key` before its last one: the service, in `<prefix>/<service>/<id>`.
+fn service_segment(key: &str) -> Option<&str> {
+    let mut segments = key.rsplit('/');
+    segments.next();
+    segments.next()
+}
+
+/// Metadata as a map of strings, for the formats whose Go types are `map[string]string`
+/// (their decoders reject anything else). Sorted, as Go writes maps.
+fn string_map(
+    format: ValueFormat,
+    metadata: Option<&serde_json::Value>,
+) -> Result<Option<std::collections::BTreeMap<String, String>>, EncodeError> {
+    let Some(metadata) = metadata.filter(|m| !m.is_null()) else {
+        return Ok(None);
+    };
+    let not_strings = EncodeError::not_carried(format, "metadata other than string values");
+    let object = metadata.as_object().ok_or_else(|| not_strings.clone())?;
+    object
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k.clone(), s.clone())),
+            _ => Err(not_strings.clone()),
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// Serializes `value` as Go's `encoding/json` does for the same struct, so that what we
+/// write is byte for byte what the framework writes: fields in declaration order (the
+/// structs here follow the Go structs), maps sorted (they are `BTreeMap`s), and `<`, `>`,
+/// `&`, U+2028 and U+2029 in strings escaped as `\u00xx` (Go's HTML-safe default).
+pub(crate) fn to_go_json<T: Serialize>(value: &T) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, GoFormatter);
+    // Writing strings, numbers and maps of strings into a Vec cannot fail.
+    if value.serialize(&mut ser).is_err() {
+        return String::new();
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// serde_json's compact output with Go's extra string escapes.
+struct GoFormatter;
+
+impl serde_json::ser::Formatter for GoFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(i) = rest.find(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+            writer.write_all(&rest.as_bytes()[..i])?;
+            let c = rest[i..].chars().next().unwrap_or_default();
+            write!(writer, "\\u{:04x}", u32::from(c))?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+}
+
+/// An instance for the codecs' unit tests.
+#[cfg(test)]
+pub(crate) const TEST_INSTANCE: Instance<'static> = Instance {
+    service: "s",
+    id: "i",
+    version: "",
+};
 
 #[cfg(test)]
 mod tests {
@@ -324,6 +574,31 @@ mod tests {
         assert_eq!(one(b"10.0.0.5:50051").0, ValueFormat::Plain);
         assert_eq!(one(br#"{"Op":0,"Addr":"h:1"}"#).0, ValueFormat::EtcdNaming);
         assert_eq!(one(b" \n{\"Addr\":\"h:1\"}\n").0, ValueFormat::EtcdNaming);
+        assert_eq!(one(br#"{"address":"h:1"}"#).0, ValueFormat::Kitex);
+        assert_eq!(
+            one(br#"{"id":"i","name":"s","endpoints":["grpc://h:1"]}"#).0,
+            ValueFormat::Kratos
+        );
+        assert_eq!(
+            one(br#"{"name":"s","nodes":[{"id":"n","address":"h:1"}]}"#).0,
+            ValueFormat::GoMicro
+        );
+        // Text under a key ending in a lease ID is go-zero's.
+        let d = decode(b"user.rpc/7587869470812345", b"h:1").unwrap();
+        assert_eq!(d.format, ValueFormat::GoZero);
+    }
+
+    #[test]
+    fn a_value_two_formats_recognise_is_skipped() {
+        assert_eq!(
+            decode(b"k", br#"{"Addr":"h:1","address":"h:2"}"#),
+            Err(ValueError::Ambiguous(
+                ValueFormat::EtcdNaming,
+                ValueFormat::Kitex
+            ))
+        );
+        let err = decode(b"k", br#"{"id":"i","endpoints":[],"nodes":[]}"#).unwrap_err();
+        assert!(matches!(err, ValueError::Ambiguous(..)), "{err}");
     }
 
     #[test]
@@ -339,15 +614,22 @@ mod tests {
         }
         assert_eq!(
             ValueFormat::names().collect::<Vec<_>>(),
-            ["etcd-naming", "plain"]
+            [
+                "plain",
+                "etcd-naming",
+                "go-zero",
+                "kratos",
+                "kitex",
+                "go-micro"
+            ]
         );
-        let err = "kratos".parse::<ValueFormat>().unwrap_err().to_string();
+        let err = "consul".parse::<ValueFormat>().unwrap_err().to_string();
         assert!(
-            err.contains("\"kratos\"") && err.contains("etcd-naming, plain"),
+            err.contains("\"consul\"") && err.contains("plain, etcd-naming, go-zero"),
             "{err}"
         );
         assert_eq!(ValueFormat::default(), ValueFormat::EtcdNaming);
-        assert_eq!(metadata_formats(), "etcd-naming");
+        assert_eq!(metadata_formats(), "etcd-naming, kratos, kitex, go-micro");
     }
 
     #[test]
@@ -396,11 +678,42 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_end_in_slash() {
+    fn prefixes_are_kept_as_written_and_end_in_slash() {
         assert_eq!(service_prefix("services", "a"), "services/a/");
         assert_eq!(service_prefix("services/", "a"), "services/a/");
-        assert_eq!(service_prefix("", "a"), "a/");
-        let addr = "1.2.3.4:5".parse().unwrap();
-        assert_eq!(endpoint_key("services", "a", &addr), "services/a/1.2.3.4:5");
+        assert_eq!(service_prefix("", "user.rpc"), "user.rpc/");
+        assert_eq!(service_prefix("/microservices", "a"), "/microservices/a/");
+        assert_eq!(
+            service_prefix("/micro/registry/", "a"),
+            "/micro/registry/a/"
+        );
+        assert_eq!(service_prefix("/", "a"), "/a/");
+        assert_eq!(
+            instance_key("services", "a", "1.2.3.4:5"),
+            "services/a/1.2.3.4:5"
+        );
+        assert_eq!(last_segment("user.rpc/75"), "75");
+        assert_eq!(last_segment("x"), "x");
+        assert_eq!(service_segment("/microservices/a/id"), Some("a"));
+        assert_eq!(service_segment("id"), None);
+    }
+
+    #[test]
+    fn json_is_written_as_go_writes_it() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("z", "<a href=\"x\">&\u{2028}</a>");
+        m.insert("a", "é\n");
+        assert_eq!(
+            to_go_json(&m),
+            r#"{"a":"é\n","z":"\u003ca href=\"x\"\u003e\u0026\u2028\u003c/a\u003e"}"#
+        );
+        let ok = string_map(ValueFormat::Kratos, Some(&json!({"b": "1", "a": "2"}))).unwrap();
+        assert_eq!(to_go_json(&ok), r#"{"a":"2","b":"1"}"#);
+        assert_eq!(
+            string_map(ValueFormat::Kratos, Some(&json!(null))),
+            Ok(None)
+        );
+        assert!(string_map(ValueFormat::Kratos, Some(&json!({"n": 1}))).is_err());
+        assert!(string_map(ValueFormat::Kratos, Some(&json!([1]))).is_err());
     }
 }

@@ -1,7 +1,10 @@
-//! `host:port`: the seed pattern's value, and go-zero's. It has room for nothing else:
-//! weight 1, plaintext, no metadata.
+//! `host:port`: the seed pattern's value, under `<prefix>/<service>/<host:port>`. It
+//! has room for nothing else: weight 1, plaintext, no metadata. Recognised as any text
+//! value whose key does not end in a lease ID (those are [`go_zero`](super::go_zero)'s).
 
-use super::{Codec, EncodeError, Shape, ValueError, ValueFormat};
+use super::{
+    go_zero, Codec, EncodeError, Instance, KeyName, Shape, Skipped, ValueError, ValueFormat,
+};
 use crate::endpoint::{Endpoint, DEFAULT_WEIGHT};
 
 /// The plain format's codec.
@@ -13,35 +16,29 @@ impl Codec for Plain {
         "plain"
     }
 
-    fn recognises(&self, value: Shape<'_>) -> bool {
-        matches!(value, Shape::Text(_))
+    fn default_prefix(&self) -> &'static str {
+        "services"
     }
 
-    fn decode(&self, _key: &str, value: Shape<'_>) -> Result<Vec<Endpoint>, ValueError> {
-        match value {
-            Shape::Text(text) => Ok(vec![Endpoint::new(text.parse()?)]),
-            Shape::Json(_) => Err(ValueError::Invalid {
-                format: ValueFormat::Plain,
-                reason: "a JSON object is not host:port".to_owned(),
-            }),
-        }
+    fn key_name(&self) -> KeyName {
+        KeyName::Addr
     }
 
-    fn encode(&self, endpoint: &Endpoint) -> Result<String, EncodeError> {
-        let not_carried = |what| EncodeError::NotCarried {
-            format: ValueFormat::Plain,
-            what,
-        };
-        if endpoint.metadata.as_ref().is_some_and(|m| !m.is_null()) {
-            return Err(not_carried("metadata"));
-        }
-        if endpoint.weight != DEFAULT_WEIGHT {
-            return Err(not_carried("a weight"));
-        }
-        if endpoint.tls {
-            return Err(not_carried("TLS"));
-        }
-        Ok(endpoint.addr.as_str().to_owned())
+    fn recognises(&self, key: &str, value: Shape<'_>) -> bool {
+        matches!(value, Shape::Text(_)) && !go_zero::names_lease(key)
+    }
+
+    fn decode(
+        &self,
+        _key: &str,
+        value: Shape<'_>,
+        _skipped: &mut Vec<Skipped>,
+    ) -> Result<Vec<Endpoint>, ValueError> {
+        decode_addr(ValueFormat::Plain, value)
+    }
+
+    fn encode(&self, endpoint: &Endpoint, _instance: &Instance<'_>) -> Result<String, EncodeError> {
+        encode_addr(ValueFormat::Plain, endpoint)
     }
 
     fn carries_metadata(&self) -> bool {
@@ -49,10 +46,38 @@ impl Codec for Plain {
     }
 }
 
+/// Reads a `host:port` text value.
+pub(super) fn decode_addr(
+    format: ValueFormat,
+    value: Shape<'_>,
+) -> Result<Vec<Endpoint>, ValueError> {
+    match value {
+        Shape::Text(text) => Ok(vec![Endpoint::new(text.parse()?)]),
+        Shape::Json(_) => Err(ValueError::invalid(
+            format,
+            "a JSON object is not host:port",
+        )),
+    }
+}
+
+/// Writes `endpoint` as a bare `host:port`, refusing what that cannot carry.
+pub(super) fn encode_addr(format: ValueFormat, endpoint: &Endpoint) -> Result<String, EncodeError> {
+    if endpoint.metadata.as_ref().is_some_and(|m| !m.is_null()) {
+        return Err(EncodeError::not_carried(format, "metadata"));
+    }
+    if endpoint.weight != DEFAULT_WEIGHT {
+        return Err(EncodeError::not_carried(format, "a weight"));
+    }
+    if endpoint.tls {
+        return Err(EncodeError::not_carried(format, "TLS"));
+    }
+    Ok(endpoint.addr.as_str().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::decode;
+    use crate::registry::{decode, TEST_INSTANCE as INSTANCE};
 
     fn addr(value: &[u8]) -> Result<String, ValueError> {
         let d = decode(b"services/s/k", value)?;
@@ -99,7 +124,7 @@ mod tests {
     #[test]
     fn encodes_only_what_it_can_carry() {
         let ep = Endpoint::new("127.0.0.1:9".parse().unwrap());
-        let v = ValueFormat::Plain.encode(&ep).unwrap();
+        let v = ValueFormat::Plain.encode(&ep, &INSTANCE).unwrap();
         assert_eq!(v, "127.0.0.1:9");
         assert_eq!(
             decode(b"k", v.as_bytes()).unwrap().endpoints,
@@ -107,7 +132,9 @@ mod tests {
         );
         let mut with_meta = ep.clone();
         with_meta.metadata = Some(serde_json::json!({"k": "v"}));
-        let err = ValueFormat::Plain.encode(&with_meta).unwrap_err();
+        let err = ValueFormat::Plain
+            .encode(&with_meta, &INSTANCE)
+            .unwrap_err();
         assert_eq!(
             err,
             EncodeError::NotCarried {
@@ -117,10 +144,10 @@ mod tests {
         );
         assert!(err.to_string().contains("etcd-naming"), "{err}");
         assert!(ValueFormat::Plain
-            .encode(&ep.clone().with_weight(3))
+            .encode(&ep.clone().with_weight(3), &INSTANCE)
             .is_err());
         let mut tls = ep;
         tls.tls = true;
-        assert!(ValueFormat::Plain.encode(&tls).is_err());
+        assert!(ValueFormat::Plain.encode(&tls, &INSTANCE).is_err());
     }
 }

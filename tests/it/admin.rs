@@ -5,15 +5,15 @@ use crate::common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard::config::AdminListen;
 use switchyard::echo::EchoRequest;
+use switchyard::settings::AdminListen;
 
 const SVC: &str = "switchyard.echo.v1.Echo";
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn start_proxy(etcd: &[String]) -> (Proxy, SocketAddr) {
     let admin = switchyard::testkit::free_addr().unwrap();
-    let proxy = Proxy::start_with(etcd, &[], |a| a.admin_listen = AdminListen(Some(admin))).await;
+    let proxy = Proxy::start_with(etcd, &[], |a| a.admin.listen = AdminListen(Some(admin))).await;
     (proxy, admin)
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use crate::faults::*;
 use bytes::Bytes;
-use switchyard::config::ProxyArgs;
 use switchyard::echo::EchoRequest;
+use switchyard::settings::ProxySettings;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -21,7 +21,7 @@ struct Setup {
     proxy: Proxy,
 }
 
-async fn setup(tweak: impl FnOnce(&mut ProxyArgs)) -> Setup {
+async fn setup(tweak: impl FnOnce(&mut ProxySettings)) -> Setup {
     init_tracing();
     let etcd = EtcdProcess::start().await.unwrap();
     let backend = EchoBackend::start("good").await.unwrap();
@@ -194,7 +194,7 @@ async fn path_that_is_not_service_method_gets_unimplemented() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_lists_and_header_sizes_are_bounded() {
-    let s = setup(|a| a.max_header_list_size = 8 * 1024).await;
+    let s = setup(|a| a.limits.max_header_list_size = 8 * 1024).await;
     let send = h2_connect(s.proxy.addr).await;
     let before = s.backend.stats().calls();
 
@@ -262,7 +262,7 @@ async fn header_lists_and_header_sizes_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_per_connection_are_bounded() {
-    let s = setup(|a| a.max_concurrent_streams = 4).await;
+    let s = setup(|a| a.limits.max_concurrent_streams = 4).await;
     let before = s.backend.stats().calls();
     let mut raw = RawH2::connect(s.proxy.addr).await;
     let settings = raw
@@ -320,9 +320,9 @@ async fn concurrent_streams_per_connection_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_connections_cannot_hold_the_proxy() {
     let s = setup(|a| {
-        a.max_connections = 4;
-        a.first_request_timeout = Duration::from_secs(1);
-        a.idle_timeout = Duration::from_secs(1);
+        a.limits.max_connections = 4;
+        a.timeouts.first_request = Duration::from_secs(1);
+        a.timeouts.idle = Duration::from_secs(1);
     })
     .await;
     let addr = s.proxy.addr;

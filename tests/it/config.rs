@@ -7,15 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clap::Args;
-use switchyard::config::{self, ConfigError, LogArgs, LogFormat, ProxyArgs};
+use switchyard::settings::{self as config, ConfigError, LogFormat};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// The `switchyard proxy` command line, parsed like the binary does (without env vars
 /// unless the process has them).
 fn matches(args: &[&str]) -> clap::ArgMatches {
-    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    let cmd = config::proxy_command();
     cmd.try_get_matches_from(std::iter::once("proxy").chain(args.iter().copied()))
         .unwrap()
 }
@@ -26,7 +25,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn load(args: &[&str]) -> Result<config::Settings, ConfigError> {
+fn load(args: &[&str]) -> Result<config::Loaded, ConfigError> {
     config::load(&matches(args))
 }
 
@@ -39,7 +38,7 @@ fn field_error(e: ConfigError) -> config::FieldError {
 
 #[test]
 fn every_proxy_flag_has_a_file_key() {
-    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    let cmd = config::proxy_command();
     for arg in cmd.get_arguments() {
         let id = arg.get_id().as_str();
         if id == "config" {
@@ -47,7 +46,7 @@ fn every_proxy_flag_has_a_file_key() {
         }
         assert!(
             config::file_key(id).is_some(),
-            "flag --{id} cannot be set in the config file: add it to config::FILE_KEYS and merge()"
+            "flag {id} cannot be set in the config file: its id must be its file key"
         );
     }
 }
@@ -62,12 +61,16 @@ addr = "127.0.0.1:17070"
 addr = "127.0.0.1:17001"
 service = "pkg.A"
 
+[[route]]
+grpc_service = "pkg.B"
+registered = "b.rpc"
+
 [admin]
 listen = "127.0.0.1:17071"
 
 [etcd]
 endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
-prefix = "fleet/services"
+prefix = ["fleet/services", ""]
 connect_timeout = "7s"
 user = "switchyard"
 password = "pw"
@@ -122,53 +125,48 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     let dir = pki.dir.path();
     let a = &s.proxy;
     assert_eq!(s.log_format, LogFormat::Json);
-    assert_eq!(a.listen.len(), 2);
+    assert_eq!(a.listeners.len(), 2);
     assert_eq!(
-        a.listen[1].addr,
+        a.listeners[1].addr,
         "127.0.0.1:17001".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(a.listen[1].service.as_ref().unwrap().as_str(), "pkg.A");
-    assert_eq!(a.admin_listen.0, Some("127.0.0.1:17071".parse().unwrap()));
-    assert_eq!(a.etcd.etcd_endpoints.len(), 2);
-    assert_eq!(a.etcd.prefix, "fleet/services");
-    assert_eq!(a.etcd.etcd_connect_timeout, Duration::from_secs(7));
-    assert_eq!(a.etcd.etcd_user.as_deref(), Some("switchyard"));
-    assert_eq!(a.etcd.etcd_password.as_deref(), Some("pw"));
+    assert_eq!(a.listeners[1].service.as_ref().unwrap().as_str(), "pkg.A");
+    assert_eq!(a.admin.listen.0, Some("127.0.0.1:17071".parse().unwrap()));
+    assert_eq!(a.etcd.endpoints.len(), 2);
+    assert_eq!(a.etcd.prefix, ["fleet/services", ""]);
+    assert_eq!(a.route, ["pkg.B=b.rpc".parse().unwrap()]);
+    assert_eq!(a.etcd.connect_timeout, Duration::from_secs(7));
+    assert_eq!(a.etcd.user.as_deref(), Some("switchyard"));
+    assert_eq!(a.etcd.password.as_deref(), Some("pw"));
+    assert_eq!(a.etcd.ca.as_deref(), Some(dir.join("ca.pem").as_path()));
     assert_eq!(
-        a.etcd.etcd_ca.as_deref(),
-        Some(dir.join("ca.pem").as_path())
-    );
-    assert_eq!(
-        a.etcd.etcd_key.as_deref(),
+        a.etcd.key.as_deref(),
         Some(dir.join("etcd-key.pem").as_path())
     );
-    assert_eq!(a.connect_timeout, Duration::from_millis(1500));
-    assert_eq!(a.discovery_timeout, Duration::from_secs(4));
-    assert_eq!(a.idle_timeout, Duration::from_secs(120));
-    assert_eq!(a.first_request_timeout, Duration::from_secs(20));
-    assert_eq!(a.drain_timeout, Duration::from_secs(45));
+    assert_eq!(a.timeouts.connect, Duration::from_millis(1500));
+    assert_eq!(a.timeouts.discovery, Duration::from_secs(4));
+    assert_eq!(a.timeouts.idle, Duration::from_secs(120));
+    assert_eq!(a.timeouts.first_request, Duration::from_secs(20));
+    assert_eq!(a.timeouts.drain, Duration::from_secs(45));
     assert_eq!(
         (
-            a.max_services,
-            a.max_concurrent_streams,
-            a.max_header_list_size,
-            a.max_connections,
-            a.worker_threads
+            a.limits.max_services,
+            a.limits.max_concurrent_streams,
+            a.limits.max_header_list_size,
+            a.limits.max_connections,
+            a.limits.worker_threads
         ),
         (17, 300, 32768, 999, 3)
     );
+    assert_eq!(a.tls.cert.as_deref(), Some(dir.join("proxy.pem").as_path()));
+    assert!(a.upstream_tls.enabled);
     assert_eq!(
-        a.tls.tls_cert.as_deref(),
-        Some(dir.join("proxy.pem").as_path())
-    );
-    assert!(a.tls.upstream_tls);
-    assert_eq!(
-        a.tls.upstream_cert.as_deref(),
+        a.upstream_tls.cert.as_deref(),
         Some(dir.join("client.pem").as_path())
     );
-    assert_eq!(a.tls.upstream_sni.as_deref(), Some("backend.internal"));
+    assert_eq!(a.upstream_tls.sni.as_deref(), Some("backend.internal"));
     // Every setting came from the file.
-    let cmd = LogArgs::augment_args(ProxyArgs::augment_args(clap::Command::new("proxy")));
+    let cmd = config::proxy_command();
     for arg in cmd.get_arguments() {
         let id = arg.get_id().as_str();
         assert!(
@@ -194,23 +192,23 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         "text",
     ])
     .unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "from-flag");
-    assert_eq!(s.proxy.listen.len(), 1);
-    assert_eq!(s.proxy.listen[0].addr.port(), 18000);
-    assert_eq!(s.proxy.drain_timeout, Duration::from_secs(3));
+    assert_eq!(s.proxy.etcd.prefix, ["from-flag"]);
+    assert_eq!(s.proxy.listeners.len(), 1);
+    assert_eq!(s.proxy.listeners[0].addr.port(), 18000);
+    assert_eq!(s.proxy.timeouts.drain, Duration::from_secs(3));
     assert_eq!(s.log_format, LogFormat::Text);
     // The rest still comes from the file.
-    assert_eq!(s.proxy.max_services, 17);
-    assert!(!s.from_file().contains(&"prefix"));
+    assert_eq!(s.proxy.limits.max_services, 17);
+    assert!(!s.from_file().contains(&"etcd.prefix"));
 
     // A file that sets little: the rest keeps its defaults.
     let dir = tempfile::tempdir().unwrap();
     let small = write(dir.path(), "small.toml", "[etcd]\nprefix = \"p\"\n");
     let s = load(&["--config", small.to_str().unwrap()]).unwrap();
-    assert_eq!(s.proxy.etcd.prefix, "p");
-    assert_eq!(s.proxy.etcd.etcd_endpoints, ["http://127.0.0.1:2379"]);
-    assert_eq!(s.proxy.listen[0].addr.port(), 7070);
-    assert_eq!(s.proxy.drain_timeout, Duration::from_secs(10));
+    assert_eq!(s.proxy.etcd.prefix, ["p"]);
+    assert_eq!(s.proxy.etcd.endpoints, ["http://127.0.0.1:2379"]);
+    assert_eq!(s.proxy.listeners[0].addr.port(), 7070);
+    assert_eq!(s.proxy.timeouts.drain, Duration::from_secs(10));
 }
 
 #[test]
@@ -337,8 +335,8 @@ fn a_pair_split_between_file_and_flag_is_complete() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "u.toml", "[etcd]\nuser = \"switchyard\"\n");
     let s = load(&["--config", path.to_str().unwrap(), "--etcd-password", "pw"]).unwrap();
-    assert_eq!(s.proxy.etcd.etcd_user.as_deref(), Some("switchyard"));
-    assert_eq!(s.proxy.etcd.etcd_password.as_deref(), Some("pw"));
+    assert_eq!(s.proxy.etcd.user.as_deref(), Some("switchyard"));
+    assert_eq!(s.proxy.etcd.password.as_deref(), Some("pw"));
     let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
     assert!(err.to_string().contains("etcd.password"), "{err}");
 }

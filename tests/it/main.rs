@@ -12,6 +12,7 @@ mod config;
 mod proxy;
 mod refused;
 mod registration;
+mod registries;
 mod resilience;
 mod sidecar_admin;
 mod tls;

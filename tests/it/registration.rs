@@ -6,10 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use switchyard::config::EtcdArgs;
 use switchyard::registration::sidecar::{run_until, RegisterArgs};
 use switchyard::registration::{Registration, RegistrationSpec, RegistrationState};
 use switchyard::registry::ValueFormat;
+use switchyard::settings::EtcdSettings;
 
 const ECHO: &str = "switchyard.echo.v1.Echo";
 
@@ -30,7 +30,7 @@ async fn lease_ttl(etcd: &str, lease: i64) -> i64 {
 
 /// A client built the way the proxy and sidecar build theirs.
 async fn switchyard_client(etcd: &str) -> etcd_client::Client {
-    switchyard::etcd::connect(&EtcdArgs::local(etcd))
+    switchyard::etcd::connect(&EtcdSettings::local(etcd))
         .await
         .unwrap()
 }

@@ -663,8 +663,8 @@ async fn registrar_keeps_its_key_while_etcd_members_die_one_at_a_time() {
     init_tracing();
     let mut cluster = start_cluster().await;
     let endpoints = cluster.endpoints();
-    let mut args = switchyard::config::EtcdArgs::local(endpoints[0].clone());
-    args.etcd_endpoints = endpoints.clone();
+    let mut args = switchyard::settings::EtcdSettings::local(endpoints[0].clone());
+    args.endpoints = endpoints.clone();
     let client = switchyard::etcd::connect(&args).await.unwrap();
     let reg = Registration::start(
         client,

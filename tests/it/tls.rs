@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard::config::AdminListen;
 use switchyard::demo::EchoService;
 use switchyard::echo::echo_client::EchoClient;
 use switchyard::echo::echo_server::EchoServer;
+use switchyard::settings::AdminListen;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -63,8 +63,8 @@ async fn tls_listener_serves_a_tonic_client_that_trusts_the_ca() {
     let b = EchoBackend::start("plain-backend").await.unwrap();
     let _r = register(etcd.endpoint(), SVC, b.addr(), 5).await;
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.tls.tls_cert = Some(cert.clone());
-        a.tls.tls_key = Some(key.clone());
+        a.tls.cert = Some(cert.clone());
+        a.tls.key = Some(key.clone());
     })
     .await;
 
@@ -124,10 +124,10 @@ async fn backends_that_require_client_certificates_get_them() {
 
     // With the client certificate: served.
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.tls.upstream_tls = true;
-        a.tls.upstream_ca = Some(pki.ca());
-        a.tls.upstream_cert = Some(client_cert.clone());
-        a.tls.upstream_key = Some(client_key.clone());
+        a.upstream_tls.enabled = true;
+        a.upstream_tls.ca = Some(pki.ca());
+        a.upstream_tls.cert = Some(client_cert.clone());
+        a.upstream_tls.key = Some(client_key.clone());
     })
     .await;
     let mut c = client(proxy.addr).await;
@@ -136,9 +136,9 @@ async fn backends_that_require_client_certificates_get_them() {
 
     // Without it: the backend refuses, and the proxy says the service is unavailable.
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.tls.upstream_tls = true;
-        a.tls.upstream_ca = Some(pki.ca());
-        a.connect_timeout = Duration::from_secs(2);
+        a.upstream_tls.enabled = true;
+        a.upstream_tls.ca = Some(pki.ca());
+        a.timeouts.connect = Duration::from_secs(2);
     })
     .await;
     let mut c = client(proxy.addr).await;
@@ -158,9 +158,9 @@ async fn upstream_sni_names_the_backend_certificate() {
     let _r = register(etcd.endpoint(), SVC, addr, 5).await;
 
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.tls.upstream_tls = true;
-        a.tls.upstream_ca = Some(pki.ca());
-        a.tls.upstream_sni = Some("echo.backend.test".into());
+        a.upstream_tls.enabled = true;
+        a.upstream_tls.ca = Some(pki.ca());
+        a.upstream_tls.sni = Some("echo.backend.test".into());
     })
     .await;
     let mut c = client(proxy.addr).await;
@@ -169,9 +169,9 @@ async fn upstream_sni_names_the_backend_certificate() {
 
     // Verified against the backend's IP instead, the certificate does not match.
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.tls.upstream_tls = true;
-        a.tls.upstream_ca = Some(pki.ca());
-        a.connect_timeout = Duration::from_secs(2);
+        a.upstream_tls.enabled = true;
+        a.upstream_tls.ca = Some(pki.ca());
+        a.timeouts.connect = Duration::from_secs(2);
     })
     .await;
     let mut c = client(proxy.addr).await;
@@ -287,10 +287,10 @@ async fn etcd_over_mtls() {
 
     let admin = switchyard::testkit::free_addr().unwrap();
     let proxy = Proxy::start_with(std::slice::from_ref(&etcd.endpoint), &[], |a| {
-        a.etcd.etcd_ca = Some(pki.ca());
-        a.etcd.etcd_cert = Some(cert.clone());
-        a.etcd.etcd_key = Some(key.clone());
-        a.admin_listen = AdminListen(Some(admin));
+        a.etcd.ca = Some(pki.ca());
+        a.etcd.cert = Some(cert.clone());
+        a.etcd.key = Some(key.clone());
+        a.admin.listen = AdminListen(Some(admin));
     })
     .await;
     let mut c1 = client(proxy.addr).await;
@@ -306,9 +306,9 @@ async fn etcd_over_mtls() {
     // Without a client certificate etcd refuses: never ready, calls fail.
     let admin = switchyard::testkit::free_addr().unwrap();
     let proxy = Proxy::start_with(std::slice::from_ref(&etcd.endpoint), &[], |a| {
-        a.etcd.etcd_ca = Some(pki.ca());
-        a.admin_listen = AdminListen(Some(admin));
-        a.discovery_timeout = Duration::from_secs(2);
+        a.etcd.ca = Some(pki.ca());
+        a.admin.listen = AdminListen(Some(admin));
+        a.timeouts.discovery = Duration::from_secs(2);
     })
     .await;
     let mut c2 = client(proxy.addr).await;
@@ -346,8 +346,8 @@ async fn etcd_with_user_and_password() {
     c.auth_enable().await.unwrap();
 
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.etcd.etcd_user = Some("switchyard".into());
-        a.etcd.etcd_password = Some("s3cret".into());
+        a.etcd.user = Some("switchyard".into());
+        a.etcd.password = Some("s3cret".into());
     })
     .await;
     let mut c1 = client(proxy.addr).await;
@@ -356,8 +356,8 @@ async fn etcd_with_user_and_password() {
 
     // A wrong password: the proxy does not start (etcd-client authenticates on connect).
     let wrong = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.etcd.etcd_user = Some("switchyard".into());
-        a.etcd.etcd_password = Some("wrong".into());
+        a.etcd.user = Some("switchyard".into());
+        a.etcd.password = Some("wrong".into());
     })
     .await;
     let mut wrong = wrong;
@@ -370,9 +370,9 @@ async fn etcd_with_user_and_password() {
     etcd.kill();
     let admin = switchyard::testkit::free_addr().unwrap();
     let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.etcd.etcd_user = Some("switchyard".into());
-        a.etcd.etcd_password = Some("s3cret".into());
-        a.admin_listen = AdminListen(Some(admin));
+        a.etcd.user = Some("switchyard".into());
+        a.etcd.password = Some("s3cret".into());
+        a.admin.listen = AdminListen(Some(admin));
     })
     .await;
     eventually(WAIT, "admin answers while etcd is down", || async {

@@ -5,10 +5,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use switchyard::config::{EtcdArgs, ListenSpec, ProxyArgs};
 use switchyard::echo::echo_client::EchoClient;
 use switchyard::echo::EchoRequest;
 use switchyard::proxy::BoundListener;
+use switchyard::settings::{EtcdSettings, ListenSpec, ProxySettings};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -59,10 +59,10 @@ impl Proxy {
     pub async fn start_with(
         etcd: &[String],
         bound_services: &[&str],
-        tweak: impl FnOnce(&mut ProxyArgs),
+        tweak: impl FnOnce(&mut ProxySettings),
     ) -> Proxy {
-        let mut etcd_args = EtcdArgs::local(etcd[0].clone());
-        etcd_args.etcd_endpoints = etcd.to_vec();
+        let mut etcd_args = EtcdSettings::local(etcd[0].clone());
+        etcd_args.endpoints = etcd.to_vec();
         let mut listeners = vec![BoundListener {
             listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             service: None,
@@ -84,7 +84,7 @@ impl Proxy {
                 service: None,
             })
             .collect();
-        let mut args = ProxyArgs::new(specs, etcd_args);
+        let mut args = ProxySettings::new(specs, etcd_args);
         tweak(&mut args);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(switchyard::proxy::serve(args, listeners, async move {
