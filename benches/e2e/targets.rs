@@ -162,58 +162,38 @@ pub async fn start(
             proc: None,
         });
     }
-    if want("switchyard") {
-        let addr = free_addr()?;
-        let p = spawn_switchyard(&[addr.to_string()], etcd, &[], None)?;
-        wait_listening(addr, Duration::from_secs(10)).await?;
-        targets.push(Target {
-            name: "switchyard",
-            addr,
-            proc: Some(p),
-        });
-    }
-    if want("switchyard-2w") {
-        let addr = free_addr()?;
-        let p = spawn_switchyard(&[addr.to_string()], etcd, &[], Some(2))?;
-        wait_listening(addr, Duration::from_secs(10)).await?;
-        targets.push(Target {
-            name: "switchyard-2w",
-            addr,
-            proc: Some(p),
-        });
-    }
-    if want("nginx") {
-        match which("nginx") {
-            Some(_) => {
-                let d = dir.join("nginx");
-                std::fs::create_dir_all(&d)?;
-                let addr = free_addr()?;
-                let p = spawn_nginx(&d, addr, backend_addrs)?;
-                wait_listening(addr, Duration::from_secs(10)).await?;
-                targets.push(Target {
-                    name: "nginx",
-                    addr,
-                    proc: Some(p),
-                });
-            }
-            None => notes.push("nginx: not installed, skipped (Debian: nginx)".to_owned()),
+    for (name, workers) in [("switchyard", None), ("switchyard-2w", Some(2))] {
+        if want(name) {
+            let addr = free_addr()?;
+            let p = spawn_switchyard(&[addr.to_string()], etcd, &[], workers)?;
+            wait_listening(addr, Duration::from_secs(10)).await?;
+            targets.push(Target {
+                name,
+                addr,
+                proc: Some(p),
+            });
         }
     }
-    if want("haproxy") {
-        match which("haproxy") {
+    type Spawn = fn(&Path, SocketAddr, &[SocketAddr]) -> Result<Proc>;
+    let peers: [(&'static str, Spawn); 2] = [("nginx", spawn_nginx), ("haproxy", spawn_haproxy)];
+    for (name, spawn) in peers {
+        if !want(name) {
+            continue;
+        }
+        match which(name) {
             Some(_) => {
-                let d = dir.join("haproxy");
+                let d = dir.join(name);
                 std::fs::create_dir_all(&d)?;
                 let addr = free_addr()?;
-                let p = spawn_haproxy(&d, addr, backend_addrs)?;
+                let p = spawn(&d, addr, backend_addrs)?;
                 wait_listening(addr, Duration::from_secs(10)).await?;
                 targets.push(Target {
-                    name: "haproxy",
+                    name,
                     addr,
                     proc: Some(p),
                 });
             }
-            None => notes.push("haproxy: not installed, skipped (Debian: haproxy)".to_owned()),
+            None => notes.push(format!("{name}: not installed, skipped (Debian: {name})")),
         }
     }
     Ok((targets, notes))

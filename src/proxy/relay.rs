@@ -132,7 +132,7 @@ where
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::future::{poll_fn, Future};
+    use std::future::poll_fn;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
@@ -142,14 +142,7 @@ mod tests {
 
     use super::*;
     use crate::proxy::body::H2Body;
-    use crate::testkit::h2_pair::{H2Pair, H2Stream};
-
-    /// `fut`, or a panic naming `what` after 10 s (a bug here would otherwise hang).
-    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(10), fut)
-            .await
-            .unwrap_or_else(|_| panic!("not within 10 s: {what}"))
-    }
+    use crate::testkit::h2_pair::{within, H2Pair, H2Stream};
 
     /// Lets every task run until none can move (everything here is in memory).
     async fn settle() {

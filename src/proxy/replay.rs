@@ -165,20 +165,12 @@ impl ReplayBody {
 
 #[cfg(test)]
 mod tests {
-    use std::future::{poll_fn, Future};
-    use std::time::Duration;
+    use std::future::poll_fn;
 
     use h2::Reason;
 
     use super::*;
-    use crate::testkit::h2_pair::{H2Pair, H2Stream};
-
-    /// `fut`, or a panic naming `what` after 10 s (a bug here would otherwise hang).
-    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(10), fut)
-            .await
-            .unwrap_or_else(|_| panic!("not within 10 s: {what}"))
-    }
+    use crate::testkit::h2_pair::{within, H2Pair, H2Stream};
 
     /// A client's request stream as the proxy receives it: the client side to send on,
     /// the proxy side wrapped as the call's first attempt.

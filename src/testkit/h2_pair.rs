@@ -1,6 +1,9 @@
 //! HTTP/2 connections in memory (over `tokio::io::duplex`): real h2 on both ends and no
 //! sockets, for unit tests and benchmarks of the code that moves a stream's frames.
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::Bytes;
 use h2::client::{self, ResponseFuture, SendRequest};
 use h2::server::{self, SendResponse};
@@ -95,4 +98,12 @@ impl H2Pair {
             respond,
         })
     }
+}
+
+/// `fut`, or a panic naming `what` after 10 s: in-memory frames move at once, so a test
+/// that waits longer has found a bug (and would otherwise hang).
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("not within 10 s: {what}"))
 }
