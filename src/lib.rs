@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod balance;
+pub mod clock;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;

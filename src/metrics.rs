@@ -35,6 +35,8 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
+    services_dropped: IntCounterVec,
+    refused_services_full: IntCounter,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -189,6 +191,20 @@ impl Metrics {
             &["service"],
         );
         let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
+        let services_dropped = IntCounterVec::new(
+            Opts::new(
+                "switchyard_services_dropped_total",
+                "Services dropped from the table of watched services, by reason (idle: no endpoints and no calls for the idle time; room: to make room for another).",
+            ),
+            &["reason"],
+        );
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "switchyard_calls_refused_total",
+                "Calls refused before reaching a service, by reason (services_full: every watched service in use).",
+            ),
+            &["reason"],
+        );
         // The options above are all valid (static names, distinct labels).
         let (
             Ok(calls),
@@ -198,6 +214,8 @@ impl Metrics {
             Ok(endpoints),
             Ok(watch_up),
             Ok(etcd_up),
+            Ok(services_dropped),
+            Ok(refused),
         ) = (
             calls,
             duration,
@@ -206,10 +224,16 @@ impl Metrics {
             endpoints,
             watch_up,
             etcd_up,
+            services_dropped,
+            refused,
         )
         else {
             unreachable!("static metric definitions are valid")
         };
+        // Both reasons show from the start, at 0.
+        for reason in ["idle", "room"] {
+            services_dropped.with_label_values(&[reason]);
+        }
         Arc::new(Self {
             calls: register(&registry, calls),
             duration: register(&registry, duration),
@@ -218,6 +242,8 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
+            services_dropped: register(&registry, services_dropped),
+            refused_services_full: register(&registry, refused).with_label_values(&["services_full"]),
             registry,
         })
     }
@@ -225,6 +251,16 @@ impl Metrics {
     /// The Prometheus text exposition of all metrics.
     pub fn render(&self) -> Vec<u8> {
         render(&self.registry)
+    }
+
+    /// Counts a service dropped from the table for `reason`.
+    pub fn service_dropped(&self, reason: &str) {
+        self.services_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a call refused because every watched service is in use.
+    pub fn refused_services_full(&self) {
+        self.refused_services_full.inc();
     }
 
     /// Handles for one service.
@@ -262,6 +298,21 @@ impl ServiceMetrics {
                 .with_label_values(&[&self.service, addr.as_str()]),
             by_status: Default::default(),
         })
+    }
+
+    /// Removes the service's own series (it is no longer watched), so that names that
+    /// come and go leave none behind; its endpoints' series stay (real addresses only).
+    pub fn forget(&self) {
+        let m = &self.metrics;
+        let _ = m.duration.remove_label_values(&[&self.service]);
+        let _ = m.inflight.remove_label_values(&[&self.service]);
+        for (slot, cell) in self.own.iter().enumerate() {
+            if cell.get().is_some() {
+                let _ = m
+                    .calls
+                    .remove_label_values(&[&self.service, "", STATUS_LABELS[slot]]);
+            }
+        }
     }
 
     /// Starts timing a call of this service.
