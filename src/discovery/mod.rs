@@ -474,3 +474,115 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Backend;
+    use crate::endpoint::Endpoint;
+    use crate::upstream::Upstream;
+
+    const S: u64 = 1_000_000_000;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    /// A service last used at `last`, with one endpoint if `served`.
+    fn service(n: &str, last: u64, served: bool) -> Arc<Service> {
+        let s = Arc::new(Service::new(name(n), Metrics::new().service(n)));
+        s.last_used.store(last, Ordering::Relaxed);
+        if served {
+            let addr: crate::endpoint::BackendAddr = "127.0.0.1:1".parse().unwrap();
+            let up = Upstream::new(addr.clone(), &UpstreamConfig::default());
+            s.publish(EndpointSet::new(vec![Backend::new(up, &Endpoint::new(addr))]));
+        }
+        s
+    }
+
+    /// A table of `services`, each also held as its watch task would hold it.
+    fn table(services: Vec<Arc<Service>>) -> (ServiceMap, Vec<Arc<Service>>) {
+        let map = services
+            .iter()
+            .map(|s| (s.name().clone(), Arc::clone(s)))
+            .collect();
+        (map, services)
+    }
+
+    fn victim_name(map: &ServiceMap, now: u64) -> Option<&str> {
+        victim(map, now, 60 * S).map(|s| s.name().as_str())
+    }
+
+    #[test]
+    fn room_is_made_by_the_least_recently_used_service_without_endpoints() {
+        let (map, _watches) = table(vec![
+            service("served.old", 1 * S, true),
+            service("empty.recent", 99 * S, false),
+            service("empty.older", 50 * S, false),
+            service("served.recent", 99 * S, true),
+        ]);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.older"));
+        // A call holding it keeps it: the next one goes.
+        let call = Arc::clone(&map[&name("empty.older")]);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.recent"));
+        drop(call);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.older"));
+    }
+
+    #[test]
+    fn a_served_service_makes_room_only_once_unused_for_the_idle_time() {
+        let (map, _watches) = table(vec![
+            service("served.a", 10 * S, true),
+            service("served.b", 20 * S, true),
+        ]);
+        // Both used within the idle time (60 s): every entry is busy.
+        assert_eq!(victim_name(&map, 69 * S), None);
+        assert_eq!(victim_name(&map, 70 * S), Some("served.a"));
+        // In use (a call, or a bound listener, holds it): never.
+        let bound = Arc::clone(&map[&name("served.a")]);
+        assert_eq!(victim_name(&map, 1000 * S), Some("served.b"));
+        let call = Arc::clone(&map[&name("served.b")]);
+        assert_eq!(victim_name(&map, 1000 * S), None);
+        drop((bound, call));
+    }
+
+    #[test]
+    fn uses_are_noted_at_most_once_a_second() {
+        let s = service("a", 10 * S, false);
+        s.touch(10 * S + S / 2);
+        assert_eq!(s.last_used(), 10 * S);
+        s.touch(11 * S);
+        assert_eq!(s.last_used(), 11 * S);
+    }
+
+    #[test]
+    fn names_without_endpoints_are_remembered_for_the_ttl() {
+        let mut n = NegativeCache::default();
+        n.insert(name("junk.A"), 10 * S, NEGATIVE_TTL);
+        assert!(n.contains("junk.A", 10 * S));
+        assert!(n.contains("junk.A", 14 * S));
+        assert!(!n.contains("junk.A", 15 * S));
+        assert!(!n.contains("junk.B", 10 * S));
+        // Expired names are forgotten as others come.
+        n.insert(name("junk.B"), 16 * S, NEGATIVE_TTL);
+        assert_eq!(n.len(), 1);
+        // A name remembered again counts from then.
+        n.insert(name("junk.A"), 17 * S, NEGATIVE_TTL);
+        n.insert(name("junk.A"), 23 * S, NEGATIVE_TTL);
+        assert!(n.contains("junk.A", 27 * S));
+    }
+
+    #[test]
+    fn names_without_endpoints_are_bounded_in_count() {
+        let mut n = NegativeCache::default();
+        for i in 0..NEGATIVE_CAPACITY + 100 {
+            n.insert(name(&format!("junk.S{i}")), S, NEGATIVE_TTL);
+        }
+        assert_eq!(n.len(), NEGATIVE_CAPACITY);
+        assert_eq!(n.order.len(), NEGATIVE_CAPACITY);
+        // The oldest went first.
+        assert!(!n.contains("junk.S99", S));
+        assert!(n.contains("junk.S100", S));
+        assert!(n.contains(&format!("junk.S{}", NEGATIVE_CAPACITY + 99), S));
+    }
+}

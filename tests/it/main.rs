@@ -9,6 +9,7 @@ mod faults;
 mod admin;
 mod bad_input;
 mod config;
+mod hardening;
 mod proxy;
 mod refused;
 mod registration;
