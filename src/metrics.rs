@@ -243,7 +243,8 @@ impl Metrics {
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
             services_dropped: register(&registry, services_dropped),
-            refused_services_full: register(&registry, refused).with_label_values(&["services_full"]),
+            refused_services_full: register(&registry, refused)
+                .with_label_values(&["services_full"]),
             registry,
         })
     }

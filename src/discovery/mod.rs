@@ -185,7 +185,9 @@ impl Discovery {
         if let Some(v) = victim {
             next.remove(v.name().as_str());
             if v.is_loaded() && v.endpoints().is_empty() {
-                changing.negative.insert(v.name().clone(), now, NEGATIVE_TTL);
+                changing
+                    .negative
+                    .insert(v.name().clone(), now, NEGATIVE_TTL);
             }
             self.dropped(&v, DropReason::Room, now);
         }
@@ -495,7 +497,10 @@ mod tests {
         if served {
             let addr: crate::endpoint::BackendAddr = "127.0.0.1:1".parse().unwrap();
             let up = Upstream::new(addr.clone(), &UpstreamConfig::default());
-            s.publish(EndpointSet::new(vec![Backend::new(up, &Endpoint::new(addr))]));
+            s.publish(EndpointSet::new(vec![Backend::new(
+                up,
+                &Endpoint::new(addr),
+            )]));
         }
         s
     }
@@ -516,7 +521,7 @@ mod tests {
     #[test]
     fn room_is_made_by_the_least_recently_used_service_without_endpoints() {
         let (map, _watches) = table(vec![
-            service("served.old", 1 * S, true),
+            service("served.old", S, true),
             service("empty.recent", 99 * S, false),
             service("empty.older", 50 * S, false),
             service("served.recent", 99 * S, true),

@@ -102,7 +102,9 @@ async fn burst(ch: &Channel, names: impl Iterator<Item = String>) -> BTreeMap<St
         .map(|name| async move {
             match call(ch, &name).await {
                 Ok(server) => format!("served by {server}"),
-                Err(s) if s.message().contains(NO_ENDPOINTS) => format!("{:?}: {NO_ENDPOINTS}", s.code()),
+                Err(s) if s.message().contains(NO_ENDPOINTS) => {
+                    format!("{:?}: {NO_ENDPOINTS}", s.code())
+                }
                 Err(s) => format!("{:?}: {}", s.code(), s.message()),
             }
         })
@@ -145,7 +147,12 @@ async fn watched(admin: SocketAddr) -> Vec<String> {
 }
 
 fn dropped(text: &str, reason: &str) -> f64 {
-    metric(text, "switchyard_services_dropped_total", &[("reason", reason)]).unwrap_or(-1.0)
+    metric(
+        text,
+        "switchyard_services_dropped_total",
+        &[("reason", reason)],
+    )
+    .unwrap_or(-1.0)
 }
 
 fn refused(text: &str) -> f64 {
@@ -213,7 +220,9 @@ async fn a_burst_of_made_up_names_locks_no_service_out() {
     let _bound = register(e, "bound.Svc", bound.addr, 30).await;
     let bound_ch = channel(proxy.bound[0]).await;
     eventually(WAIT, "the bound listener's service is served", || async {
-        call(&bound_ch, "any.Name").await.is_ok_and(|s| s == "bound")
+        call(&bound_ch, "any.Name")
+            .await
+            .is_ok_and(|s| s == "bound")
     })
     .await;
 
@@ -259,9 +268,11 @@ async fn a_name_found_empty_and_dropped_is_answered_without_a_look_up_for_a_whil
         assert!(status.message().contains(NO_ENDPOINTS), "{status:?}");
     }
     // Then it is looked up again, and served.
-    eventually(WAIT, "junk.S0 is served once remembered no more", || async {
-        call(&ch, "junk.S0").await.is_ok_and(|s| s == "S0")
-    })
+    eventually(
+        WAIT,
+        "junk.S0 is served once remembered no more",
+        || async { call(&ch, "junk.S0").await.is_ok_and(|s| s == "S0") },
+    )
     .await;
     assert!(dropped_at.elapsed() >= switchyard::discovery::NEGATIVE_TTL);
     proxy.shutdown().await;
@@ -302,7 +313,9 @@ async fn an_idle_service_without_endpoints_is_dropped_and_watched_again_on_its_n
     let _rb = register(e, "bound.Svc", bound.addr, 30).await;
     let bound_ch = channel(proxy.bound[0]).await;
     eventually(WAIT, "the bound listener's service is served", || async {
-        call(&bound_ch, "any.Name").await.is_ok_and(|s| s == "bound")
+        call(&bound_ch, "any.Name")
+            .await
+            .is_ok_and(|s| s == "bound")
     })
     .await;
     proxy.shutdown().await;
