@@ -11,9 +11,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
-use switchyard::balance::{Backend, Balancer, EndpointSet};
+use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
 use switchyard::discovery::{Discovery, DiscoveryConfig};
 use switchyard::endpoint::{BackendAddr, Endpoint};
+use switchyard::health::HealthSettings;
 use switchyard::metrics::{status_slot, Metrics};
 use switchyard::proxy::body::H2Body;
 use switchyard::proxy::forward::{grpc_timeout, is_grpc, set_authority, MAX_ATTEMPTS};
@@ -44,9 +45,9 @@ fn grpc_request() -> Request<()> {
     req
 }
 
-fn endpoint_set(n: usize) -> EndpointSet {
+fn endpoint_set(n: usize, balancer: &Balancer) -> EndpointSet {
     let cfg = UpstreamConfig::default();
-    EndpointSet::new(
+    balancer.snapshot(
         (0..n)
             .map(|i| {
                 let addr: BackendAddr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1)
@@ -55,7 +56,7 @@ fn endpoint_set(n: usize) -> EndpointSet {
                 let up = Upstream::new(addr.clone(), &cfg);
                 // As in production once connected: the preferred endpoints.
                 up.assume_ready();
-                Backend::new(up, &Endpoint::new(addr))
+                Backend::new(up, &Endpoint::new(addr), balancer)
             })
             .collect(),
     )
@@ -81,6 +82,9 @@ fn bench_route(c: &mut Criterion) {
             service_idle: std::time::Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),
+            balance: Default::default(),
+            service_balance: Default::default(),
+            health: Default::default(),
         },
     );
     // 100 watched services, as on a busy host.
@@ -107,30 +111,45 @@ fn bench_route(c: &mut Criterion) {
     });
 }
 
-/// Pick: round-robin over a snapshot, as `forward` does it (with its tried-set check).
+/// Pick: each policy over a snapshot, as `forward` does it (with its tried-set check).
 fn bench_pick(c: &mut Criterion) {
     for n in [3usize, 1000] {
-        let set = Arc::new(endpoint_set(n));
-        let balancer = Balancer::default();
-        c.bench_function(&format!("pick/round_robin of {n}"), |b| {
-            b.iter(|| {
-                let tried = [usize::MAX; MAX_ATTEMPTS];
-                let (idx, up) = balancer
-                    .select_with(&set, |i| !tried.contains(&i))
-                    .expect("usable endpoint");
-                black_box((idx, up.addr().port()))
-            })
-        });
-        let shared = arc_swap::ArcSwap::new(Arc::clone(&set));
-        c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
-            b.iter(|| {
-                let set = shared.load_full();
-                let (idx, up) = balancer
-                    .select_with(&set, |_| true)
-                    .expect("usable endpoint");
-                black_box((idx, Arc::clone(up)))
-            })
-        });
+        for &(name, policy) in Policy::NAMES {
+            let settings = Arc::new(BalanceSettings {
+                policy,
+                ..BalanceSettings::default()
+            });
+            let balancer = Balancer::new("bench", settings, HealthSettings::default());
+            let set = Arc::new(endpoint_set(n, &balancer));
+            // Round-robin keeps its historical name, for comparisons across runs.
+            let label = if policy == Policy::RoundRobin {
+                "round_robin"
+            } else {
+                name
+            };
+            c.bench_function(&format!("pick/{label} of {n}"), |b| {
+                b.iter(|| {
+                    let tried = [usize::MAX; MAX_ATTEMPTS];
+                    let (idx, up) = balancer
+                        .select_with(&set, |i| !tried.contains(&i))
+                        .expect("usable endpoint");
+                    black_box((idx, up.addr().port()))
+                })
+            });
+            if policy != Policy::RoundRobin {
+                continue;
+            }
+            let shared = arc_swap::ArcSwap::new(Arc::clone(&set));
+            c.bench_function(&format!("pick/snapshot load + round_robin of {n}"), |b| {
+                b.iter(|| {
+                    let set = shared.load_full();
+                    let (idx, up) = balancer
+                        .select_with(&set, |_| true)
+                        .expect("usable endpoint");
+                    black_box((idx, Arc::clone(up)))
+                })
+            });
+        }
     }
 }
 

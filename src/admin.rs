@@ -22,9 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
+use crate::balance::Backend;
 use crate::discovery::Discovery;
 use crate::etcd::timed;
-use crate::upstream::State;
 
 /// What the admin endpoints report on.
 #[derive(Debug)]
@@ -58,14 +58,16 @@ impl AdminState {
         m.watch_up.reset();
         for svc in self.discovery.services() {
             let name = svc.name().as_str();
-            let mut counts = [0i64; 3];
+            let now = crate::clock::now_ns();
+            let mut counts = [0i64; Backend::STATE_NAMES.len()];
             for ep in svc.endpoints().iter() {
-                counts[ep.upstream().state() as usize] += 1;
+                let state = ep.state_name(now);
+                if let Some(i) = Backend::STATE_NAMES.iter().position(|s| *s == state) {
+                    counts[i] += 1;
+                }
             }
-            for state in [State::Connecting, State::Ready, State::Failed] {
-                m.endpoints
-                    .with_label_values(&[name, state.as_str()])
-                    .set(counts[state as usize]);
+            for (state, count) in Backend::STATE_NAMES.iter().zip(counts) {
+                m.endpoints.with_label_values(&[name, state]).set(count);
             }
             m.watch_up
                 .with_label_values(&[name])
@@ -79,11 +81,24 @@ struct EndpointJson<'a> {
     address: &'a str,
     state: &'static str,
     inflight: i64,
+    /// The registry's weight.
+    weight: u32,
+    /// The weight the policies use now (lower during slow start).
+    effective_weight: f64,
+    /// The peak-EWMA latency estimate (tracked with `peak-ewma` only).
+    latency_estimate_ms: Option<f64>,
+    /// How much longer the endpoint stays ejected.
+    ejected_for_ms: Option<u64>,
+    /// Calls failed in a row (towards ejection).
+    failures_in_a_row: u32,
+    /// How long ago it was last ejected or found unhealthy.
+    last_failure_ago_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
 struct ServiceJson<'a> {
     service: &'a str,
+    balance: &'static str,
     etcd_watch_up: bool,
     loaded: bool,
     endpoints: Vec<EndpointJson<'a>>,
@@ -92,19 +107,37 @@ struct ServiceJson<'a> {
 fn endpoints_json(state: &AdminState) -> Vec<u8> {
     let services = state.discovery.services();
     let snaps: Vec<_> = services.iter().map(|s| s.endpoints_full()).collect();
+    let now = crate::clock::now_ns();
     let out: Vec<ServiceJson<'_>> = services
         .iter()
         .zip(&snaps)
         .map(|(svc, snap)| ServiceJson {
             service: svc.name().as_str(),
+            balance: svc.balancer().policy().name(),
             etcd_watch_up: svc.etcd_reachable(),
             loaded: svc.is_loaded(),
             endpoints: snap
                 .iter()
                 .map(|ep| EndpointJson {
                     address: ep.addr().as_str(),
-                    state: ep.upstream().state().as_str(),
+                    state: ep.state_name(now),
+                    ejected_for_ms: ep
+                        .health()
+                        .ejected_until(now)
+                        .map(|until| (until - now) / 1_000_000),
+                    failures_in_a_row: ep.health().failures(),
+                    last_failure_ago_ms: ep
+                        .health()
+                        .last_failure_at()
+                        .map(|at| now.saturating_sub(at) / 1_000_000),
                     inflight: i64::from(ep.in_flight()),
+                    weight: ep.weight(),
+                    effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
+                    latency_estimate_ms: svc
+                        .balancer()
+                        .settings()
+                        .track_latency()
+                        .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
                 })
                 .collect(),
         })

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,11 +74,22 @@ impl Drop for CallGuard {
     }
 }
 
+/// Faults a backend injects into every unary call, for tests and benchmarks of how the
+/// proxy treats slow and broken nodes; changeable while it serves.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Added to every unary call's own delay, in milliseconds.
+    pub delay_ms: AtomicU32,
+    /// Non-zero: every unary call fails with this gRPC status code.
+    pub fail_code: AtomicI32,
+}
+
 /// The `Echo` service of one named backend.
 #[derive(Debug, Clone)]
 pub struct EchoService {
     name: Arc<str>,
     stats: Arc<EchoStats>,
+    faults: Arc<Faults>,
 }
 
 impl EchoService {
@@ -87,7 +98,13 @@ impl EchoService {
         Self {
             name: name.into(),
             stats: Arc::default(),
+            faults: Arc::default(),
         }
+    }
+
+    /// The faults this backend injects.
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     /// What this backend saw.
@@ -184,10 +201,19 @@ impl Echo for EchoService {
         let guard = CallGuard::new(&self.stats);
         self.observe(request.metadata());
         let (md, _, req) = request.into_parts();
-        delay(req.delay_ms).await;
+        let extra = self.faults.delay_ms.load(Ordering::Relaxed);
+        delay(req.delay_ms.saturating_add(extra)).await;
         guard.done();
         if let Some(status) = requested_failure(&req, &md) {
             return Err(status);
+        }
+        let code = self.faults.fail_code.load(Ordering::Relaxed);
+        if code != 0 {
+            let name = self.name.clone();
+            return Err(Status::new(
+                tonic::Code::from_i32(code),
+                format!("{name}: failing every call (fault injected)"),
+            ));
         }
         Ok(with_metadata(self.reply(&req, 0)?, &md, &self.name))
     }
@@ -337,6 +363,7 @@ pub async fn serve_with_health(
 pub struct EchoBackend {
     addr: SocketAddr,
     stats: Arc<EchoStats>,
+    faults: Arc<Faults>,
     health: tonic_health::server::HealthReporter,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -354,6 +381,7 @@ impl EchoBackend {
         let addr = listener.local_addr()?;
         let service = EchoService::new(name);
         let stats = Arc::clone(service.stats());
+        let faults = Arc::clone(service.faults());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<EchoService>>().await;
         health
@@ -371,6 +399,7 @@ impl EchoBackend {
         Ok(Self {
             addr,
             stats,
+            faults,
             health,
             stop: Some(stop),
             task: Some(task),
@@ -387,6 +416,11 @@ impl EchoBackend {
         &self.stats
     }
 
+    /// The faults this backend injects (set them to make it slow or failing).
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
+    }
+
     /// Sets what the standard health service reports for the whole server (`""`).
     pub async fn set_serving(&self, serving: bool) {
         let status = if serving {
@@ -395,6 +429,17 @@ impl EchoBackend {
             tonic_health::ServingStatus::NotServing
         };
         self.health.set_service_status("", status).await;
+    }
+
+    /// Sets what the standard health service reports for the Echo service itself.
+    pub async fn set_echo_serving(&self, serving: bool) {
+        if serving {
+            self.health.set_serving::<EchoServer<EchoService>>().await;
+        } else {
+            self.health
+                .set_not_serving::<EchoServer<EchoService>>()
+                .await;
+        }
     }
 
     /// Stops gracefully: GOAWAY to clients, open calls finish, then the listener closes.
@@ -435,6 +480,15 @@ pub struct DemoBackendArgs {
     /// etcd location and key prefix (with --service).
     #[command(flatten)]
     pub etcd: crate::settings::EtcdSettings,
+    /// Weight registered with --service (etcd naming `Metadata.weight`).
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Milliseconds added to every unary call (a slow node, for tests and benchmarks).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u32,
+    /// Fail every unary call with this gRPC status code (a broken node); 0: never.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=16))]
+    pub fail_code: i32,
 }
 
 /// Why the example backend stopped with an error.
@@ -466,9 +520,12 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
     let registration = match &args.service {
         Some(service) => {
             let client = crate::etcd::connect(&args.etcd).await?;
-            let spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
+            let mut spec = crate::registration::RegistrationSpec::new(service.as_str(), addr)
                 .prefix(args.etcd.prefixes().swap_remove(0))
                 .ttl(args.ttl);
+            if args.weight != 1 {
+                spec = spec.weight(args.weight);
+            }
             let reg = crate::registration::Registration::start(client, spec).await?;
             tracing::info!(key = reg.key(), ttl = ?args.ttl, "registered in etcd");
             Some(reg)
@@ -476,13 +533,18 @@ pub async fn run_backend(args: DemoBackendArgs) -> Result<(), DemoError> {
         None => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        EchoService::new(args.name.as_str()),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let service = EchoService::new(args.name.as_str());
+    service
+        .faults()
+        .delay_ms
+        .store(args.delay_ms, Ordering::Relaxed);
+    service
+        .faults()
+        .fail_code
+        .store(args.fail_code, Ordering::Relaxed);
+    let server = tokio::spawn(serve(listener, service, async {
+        let _ = stop_rx.await;
+    }));
     crate::proxy::shutdown_signal().await;
     if let Some(reg) = registration {
         match reg.deregister().await {

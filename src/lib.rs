@@ -8,7 +8,12 @@
 //!   immutable snapshots ([`balance::EndpointSet`]).
 //! - [`registry`]: registry formats: what an etcd key and its value say about backends
 //!   (one codec per format, shared by discovery, `register` and `endpoints`).
-//! - [`balance`]: how a backend is picked: round-robin over the usable endpoints.
+//! - [`balance`]: how a backend is picked: the service's policy (round-robin,
+//!   least-request, peak-EWMA) over its snapshot, through one seam
+//!   ([`balance::Balancer::select_with`]); each call's end is reported back once.
+//! - [`health`]: one health state per endpoint (passive ejection with its cap, active
+//!   gRPC checks) that every policy reads.
+//! - [`endpoint`]: what a backend is (address, weight, registry metadata).
 //! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`settings`]: every setting declared once (flag, environment variable, config file
@@ -31,6 +36,7 @@ pub mod demo;
 pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;

@@ -108,13 +108,27 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(run(cli.command, settings))
+    let proxy_matches = matches.subcommand_matches("proxy").cloned();
+    runtime.block_on(run(cli.command, settings, proxy_matches))
+}
+
+/// Reads the proxy's settings again on SIGHUP: the same flags and environment, the
+/// config file as it is now.
+fn reloader(matches: clap::ArgMatches) -> switchyard::proxy::Reload {
+    Box::new(move || {
+        let loaded = switchyard::settings::load(&matches)?;
+        if let Some(file) = loaded.config_file() {
+            tracing::info!(config = %file.display(), "config file read again");
+        }
+        Ok(loaded)
+    })
 }
 
 /// Runs the chosen command to its end.
 async fn run(
     command: Command,
     settings: Option<switchyard::settings::Loaded>,
+    proxy_matches: Option<clap::ArgMatches>,
 ) -> std::process::ExitCode {
     let result = match command {
         Command::Proxy(_) => match settings {
@@ -122,9 +136,14 @@ async fn run(
                 if let Some(file) = settings.config_file() {
                     tracing::info!(config = %file.display(), "config file loaded");
                 }
-                switchyard::proxy::run(settings.proxy, switchyard::proxy::shutdown_signal())
-                    .await
-                    .map_err(anyhow::Error::from)
+                let reload = proxy_matches.map(reloader);
+                switchyard::proxy::run_reloading(
+                    settings.into(),
+                    reload,
+                    switchyard::proxy::shutdown_signal(),
+                )
+                .await
+                .map_err(anyhow::Error::from)
             }
             None => Err(anyhow::anyhow!("internal error: no settings for `proxy`")),
         },

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
+    ejections: IntCounterVec,
+    /// Config reloads (SIGHUP), by result.
+    config_reloads: IntCounterVec,
     services_dropped: IntCounterVec,
     refused_services_full: IntCounter,
 }
@@ -179,7 +182,7 @@ impl Metrics {
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "switchyard_endpoints",
-                "Known endpoints by service and connection state (connecting, ready, failed).",
+                "Known endpoints by service and state (connecting, ready, failed; ejected, unhealthy).",
             ),
             &["service", "state"],
         );
@@ -191,6 +194,20 @@ impl Metrics {
             &["service"],
         );
         let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "switchyard_endpoint_ejections_total",
+                "Endpoints taken out of rotation for failing calls in a row, by service and endpoint.",
+            ),
+            &["service", "endpoint"],
+        );
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "switchyard_config_reloads_total",
+                "Config reloads on SIGHUP, by result (applied, or refused: the running settings stay).",
+            ),
+            &["result"],
+        );
         let services_dropped = IntCounterVec::new(
             Opts::new(
                 "switchyard_services_dropped_total",
@@ -214,6 +231,8 @@ impl Metrics {
             Ok(endpoints),
             Ok(watch_up),
             Ok(etcd_up),
+            Ok(ejections),
+            Ok(config_reloads),
             Ok(services_dropped),
             Ok(refused),
         ) = (
@@ -224,6 +243,8 @@ impl Metrics {
             endpoints,
             watch_up,
             etcd_up,
+            ejections,
+            config_reloads,
             services_dropped,
             refused,
         )
@@ -234,7 +255,7 @@ impl Metrics {
         for reason in ["idle", "room"] {
             services_dropped.with_label_values(&[reason]);
         }
-        Arc::new(Self {
+        let metrics = Arc::new(Self {
             calls: register(&registry, calls),
             duration: register(&registry, duration),
             inflight: register(&registry, inflight),
@@ -242,16 +263,32 @@ impl Metrics {
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
             etcd_up: register(&registry, etcd_up),
+            ejections: register(&registry, ejections),
+            config_reloads: register(&registry, config_reloads),
             services_dropped: register(&registry, services_dropped),
             refused_services_full: register(&registry, refused)
                 .with_label_values(&["services_full"]),
             registry,
-        })
+        });
+        // Both results exported from the start, at 0.
+        for applied in [true, false] {
+            metrics
+                .config_reloads
+                .with_label_values(&[reload_result(applied)]);
+        }
+        metrics
     }
 
     /// The Prometheus text exposition of all metrics.
     pub fn render(&self) -> Vec<u8> {
         render(&self.registry)
+    }
+
+    /// Counts a config reload: `applied` or `refused`.
+    pub fn config_reloaded(&self, applied: bool) {
+        self.config_reloads
+            .with_label_values(&[reload_result(applied)])
+            .inc();
     }
 
     /// Counts a service dropped from the table for `reason`.
@@ -273,6 +310,15 @@ impl Metrics {
             inflight: self.inflight.with_label_values(&[service]),
             own: Default::default(),
         })
+    }
+}
+
+/// The `result` label of `switchyard_config_reloads_total`.
+fn reload_result(applied: bool) -> &'static str {
+    if applied {
+        "applied"
+    } else {
+        "refused"
     }
 }
 
@@ -298,6 +344,10 @@ impl ServiceMetrics {
                 .endpoint_inflight
                 .with_label_values(&[&self.service, addr.as_str()]),
             by_status: Default::default(),
+            ejections: self
+                .metrics
+                .ejections
+                .with_label_values(&[&self.service, addr.as_str()]),
         })
     }
 
@@ -349,9 +399,15 @@ pub struct EndpointMetrics {
     /// Calls in flight on this endpoint (read back for `/endpoints`).
     inflight_gauge: IntGauge,
     by_status: [OnceLock<IntCounter>; STATUS_SLOTS],
+    ejections: IntCounter,
 }
 
 impl EndpointMetrics {
+    /// Counts one ejection of this endpoint.
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
     /// Calls in flight on this endpoint.
     pub fn inflight(&self) -> i64 {
         self.inflight_gauge.get()

@@ -9,7 +9,7 @@
 //! a unary call needs no task besides its own (hyper spawns two per request), which
 //! measurably lowers the proxy's CPU per call (see `benches/RESULTS.md`).
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,6 +128,8 @@ pub struct Upstream {
     suspect: AtomicBool,
     /// Wakes the connection task to probe the live connection.
     check: Arc<Notify>,
+    /// When a connection last succeeded after failed ones ([`crate::clock::now_ns`]).
+    recovered_at: AtomicU64,
     connect_timeout: Duration,
     metrics: Option<Arc<EndpointMetrics>>,
 }
@@ -141,6 +143,7 @@ impl Upstream {
             changed: Notify::new(),
             suspect: AtomicBool::new(false),
             check: Arc::new(Notify::new()),
+            recovered_at: AtomicU64::new(0),
             connect_timeout: config.connect_timeout,
             metrics: config.metrics.as_ref().map(|m| m.endpoint(&addr)),
             addr,
@@ -199,6 +202,13 @@ impl Upstream {
         }
     }
 
+    /// When the backend last connected after failing to ([`crate::clock::now_ns`]; 0 if
+    /// it never failed): where slow start begins again.
+    #[inline]
+    pub fn recovered_at(&self) -> u64 {
+        self.recovered_at.load(Ordering::Relaxed)
+    }
+
     /// Marks the backend connected although it has no connection: for benchmarks and
     /// tests of selection, which send no call.
     #[doc(hidden)]
@@ -207,7 +217,11 @@ impl Upstream {
     }
 
     fn set_state(&self, s: State) {
-        self.state.store(s as u8, Ordering::Release);
+        let was = self.state.swap(s as u8, Ordering::AcqRel);
+        if s == State::Ready && was == State::Failed as u8 {
+            self.recovered_at
+                .store(crate::clock::now_ns(), Ordering::Relaxed);
+        }
         self.changed.notify_waiters();
     }
 

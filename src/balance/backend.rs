@@ -1,15 +1,25 @@
 //! One backend as the balancer sees it: its pooled connection, its weight and registry
-//! metadata, and the per-call signals (in flight, how calls end), all in atomics so that
-//! the per-call path takes no lock.
+//! metadata, and the per-call signals (calls in flight, latency, how calls end), all in
+//! atomics so that the per-call path takes no lock.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::{BalanceSettings, Balancer};
+use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
+use crate::health::{CallResult, Change, EndpointHealth, ServiceHealth};
 use crate::upstream::Upstream;
+
+/// Share of its weight an endpoint starts slow start with (Envoy's and HAProxy's 10 %).
+const SLOW_START_FLOOR: f64 = 0.1;
+
+/// Latency a failed call counts as, at least, in the latency estimate: a node that
+/// fails fast must not look fast.
+const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 /// One endpoint of a service, kept across snapshots for as long as it is registered.
 #[derive(Debug)]
@@ -19,17 +29,43 @@ pub struct Backend {
     endpoint: ArcSwap<Endpoint>,
     weight: AtomicU32,
     in_flight: AtomicU32,
+    /// The service's balancing settings (whether latency is tracked, slow start).
+    settings: Arc<BalanceSettings>,
+    /// Peak-EWMA latency estimate in nanoseconds (f64 bits), as of `latency_at`.
+    latency_ns: AtomicU64,
+    latency_at: AtomicU64,
+    /// When the endpoint last joined or came back (slow start's origin), from [`now_ns`].
+    since: AtomicU64,
+    /// Its ejection and active-check state.
+    health: Arc<EndpointHealth>,
+    /// The service's health accounting (the cap on ejections spans its endpoints).
+    service_health: Arc<ServiceHealth>,
 }
 
 impl Backend {
-    /// The backend `endpoint` describes, reached through `upstream`.
-    pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint) -> Arc<Self> {
+    /// The backend `endpoint` describes, reached through `upstream`, one of the
+    /// endpoints `balancer` picks from.
+    pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint, balancer: &Balancer) -> Arc<Self> {
+        let settings = Arc::clone(balancer.settings());
+        let now = now_ns();
+        let initial = settings.default_rtt.as_nanos() as f64;
         Arc::new(Self {
             upstream,
             weight: AtomicU32::new(endpoint.weight),
             endpoint: ArcSwap::from_pointee(endpoint.clone()),
             in_flight: AtomicU32::new(0),
+            settings,
+            latency_ns: AtomicU64::new(initial.to_bits()),
+            latency_at: AtomicU64::new(now),
+            since: AtomicU64::new(now),
+            health: Arc::default(),
+            service_health: Arc::clone(balancer.health()),
         })
+    }
+
+    /// Its ejection and active-check state.
+    pub fn health(&self) -> &Arc<EndpointHealth> {
+        &self.health
     }
 
     /// Takes what the registry now says of this endpoint; returns whether its weight changed.
@@ -74,13 +110,96 @@ impl Backend {
     /// usable while connecting or suspect, not at all while its connection fails.
     #[inline]
     pub fn fit(&self) -> Fit {
-        if self.upstream.is_healthy() {
+        if self.health.is_out(now_ns) {
+            Fit::No
+        } else if self.upstream.is_healthy() {
             Fit::Preferred
         } else if self.upstream.is_usable() {
             Fit::Usable
         } else {
             Fit::No
         }
+    }
+
+    /// The endpoint's state as operators see it: `ejected`, `unhealthy` (by its active
+    /// check), or its connection's state.
+    pub fn state_name(&self, now: u64) -> &'static str {
+        if self.health.ejected_until(now).is_some() {
+            "ejected"
+        } else if self.health.is_unhealthy() {
+            "unhealthy"
+        } else {
+            self.upstream.state().as_str()
+        }
+    }
+
+    /// Every state [`Backend::state_name`] names.
+    pub const STATE_NAMES: [&'static str; 5] =
+        ["connecting", "ready", "failed", "ejected", "unhealthy"];
+
+    /// Restarts slow start: the endpoint came back from failure.
+    pub fn restart_slow_start(&self) {
+        self.since.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// The share of its weight the endpoint gets at `now` (from [`now_ns`]): 1 unless it
+    /// is within its slow-start window, where it ramps from 10 % to 100 %.
+    #[inline]
+    pub fn ramp(&self, now: u64) -> f64 {
+        let Some(window) = self.settings.slow_start else {
+            return 1.0;
+        };
+        let since = self
+            .since
+            .load(Ordering::Relaxed)
+            .max(self.upstream.recovered_at());
+        let elapsed = now.saturating_sub(since) as f64;
+        let window = window.as_nanos() as f64;
+        if elapsed >= window {
+            return 1.0;
+        }
+        SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * elapsed / window
+    }
+
+    /// The weight the policies use at `now`: the registry's, scaled by slow start.
+    #[inline]
+    pub fn effective_weight(&self, now: u64) -> f64 {
+        f64::from(self.weight()) * self.ramp(now)
+    }
+
+    /// The latency estimate at `now`, in nanoseconds: the peak-EWMA of time to response
+    /// headers, decaying towards zero while no call ends (so that an endpoint once slow
+    /// is tried again after a while).
+    #[inline]
+    pub fn latency_estimate(&self, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
+        let at = self.latency_at.load(Ordering::Relaxed);
+        estimate * self.decay(now.saturating_sub(at))
+    }
+
+    /// The weight of an estimate `elapsed` nanoseconds old.
+    #[inline]
+    fn decay(&self, elapsed: u64) -> f64 {
+        let window = self.settings.ewma_decay.as_nanos() as f64;
+        (-(elapsed as f64) / window.max(1.0)).exp()
+    }
+
+    /// Folds one call's latency into the estimate: a slower answer raises it at once
+    /// (the peak), a faster one pulls it down by how old the estimate is.
+    fn observe_latency(&self, rtt: Duration) {
+        let now = now_ns();
+        let rtt = rtt.as_nanos() as f64;
+        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
+        let at = self.latency_at.load(Ordering::Relaxed);
+        let next = if rtt > estimate {
+            rtt
+        } else {
+            let w = self.decay(now.saturating_sub(at));
+            estimate * w + rtt * (1.0 - w)
+        };
+        // Racing updates may lose one sample: an estimate needs no more.
+        self.latency_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.latency_at.store(now, Ordering::Relaxed);
     }
 
     /// Counts a call on this backend from now (it is being sent) until the returned
@@ -98,9 +217,51 @@ impl Backend {
     /// The one place a call's end is reported: the signal for load-aware policies and
     /// failure accounting.
     #[inline]
-    fn call_ended(&self, _to_headers: Option<Duration>, _outcome: Outcome) {
-        // Nothing reads the end yet but the in-flight count.
+    fn call_ended(&self, to_headers: Option<Duration>, outcome: Outcome) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let result = match outcome {
+            Outcome::Status(s) => self.service_health.classify_status(s),
+            Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
+            Outcome::Abandoned => CallResult::Ignored,
+        };
+        if self.settings.track_latency() {
+            match (to_headers, result) {
+                (_, CallResult::Failure) => {
+                    self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY))
+                }
+                (Some(rtt), _) => self.observe_latency(rtt),
+                // Abandoned before an answer: says nothing of the backend's speed.
+                (None, _) => {}
+            }
+        }
+        match self.service_health.report(&self.health, result) {
+            Change::None => {}
+            Change::Ejected(length) => {
+                tracing::info!(
+                    service = %self.service_health.name(),
+                    backend = %self.addr(),
+                    ejected_for = ?length,
+                    last_failure = ?outcome,
+                    "endpoint ejected: it failed calls in a row"
+                );
+                if let Some(m) = self.upstream.metrics() {
+                    m.ejected();
+                }
+            }
+            Change::Capped => tracing::debug!(
+                service = %self.service_health.name(),
+                backend = %self.addr(),
+                "endpoint fails calls, but the ejection cap keeps it in rotation"
+            ),
+            Change::Returned => {
+                self.restart_slow_start();
+                tracing::info!(
+                    service = %self.service_health.name(),
+                    backend = %self.addr(),
+                    "ejected endpoint back in rotation"
+                );
+            }
+        }
     }
 }
 

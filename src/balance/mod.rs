@@ -4,21 +4,29 @@
 //! endpoints change. Each call asks the service's [`Balancer`] for one with
 //! [`Balancer::select_with`], passing its own rule for endpoints it will not take (those
 //! it already tried). The balancer never offers an endpoint that cannot be used, and
-//! prefers connected, trusted ones (see [`Backend::is_preferred`]) for every policy.
+//! prefers connected, trusted ones (see [`Backend::fit`]) for every policy.
 //! Each call's end is reported once, through the [`CallGuard`] of the backend that took
 //! it: the signal load-aware policies and failure accounting read.
 //!
 //! Adding a policy: one file here with its `pick`, one variant in [`Policy`] (its name in
-//! [`Policy::NAMES`]) and one arm in [`Balancer`].
+//! [`Policy::NAMES`]) and one arm in [`Balancer::select_with`]; `--balance` and the config
+//! file take it by that name.
 
 mod backend;
+mod least_request;
+mod p2c;
+mod peak_ewma;
 mod round_robin;
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use backend::{Backend, CallGuard, Fit, Outcome};
+
+use crate::clock::now_ns;
+use crate::health::{ActiveCheck, HealthSettings, ServiceHealth};
 
 /// The balancing policies, as named in settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,11 +34,19 @@ pub enum Policy {
     /// Smooth weighted round-robin, per call (weights equal: plain rotation).
     #[default]
     RoundRobin,
+    /// Power of two choices over calls in flight per unit of weight.
+    LeastRequest,
+    /// Power of two choices over latency estimate × (calls in flight + 1) per unit of weight.
+    PeakEwma,
 }
 
 impl Policy {
     /// Every policy with its settings name.
-    pub const NAMES: &'static [(&'static str, Policy)] = &[("round-robin", Policy::RoundRobin)];
+    pub const NAMES: &'static [(&'static str, Policy)] = &[
+        ("round-robin", Policy::RoundRobin),
+        ("least-request", Policy::LeastRequest),
+        ("peak-ewma", Policy::PeakEwma),
+    ];
 
     /// The policy's settings name.
     pub fn name(self) -> &'static str {
@@ -73,6 +89,38 @@ impl fmt::Display for Policy {
     }
 }
 
+/// How a service's calls are balanced: its policy and the policies' tuning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceSettings {
+    /// The policy.
+    pub policy: Policy,
+    /// Ramp a new or recovered endpoint's weight from 10 % to 100 % over this window.
+    pub slow_start: Option<Duration>,
+    /// How fast the latency estimate forgets (peak-EWMA's decay window; Linkerd: 10 s).
+    pub ewma_decay: Duration,
+    /// The latency estimate of an endpoint with no call yet (Linkerd: 30 ms).
+    pub default_rtt: Duration,
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            slow_start: None,
+            ewma_decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+        }
+    }
+}
+
+impl BalanceSettings {
+    /// Whether calls' latencies are measured (only the latency-aware policy reads them).
+    #[inline]
+    pub fn track_latency(&self) -> bool {
+        self.policy == Policy::PeakEwma
+    }
+}
+
 /// An immutable snapshot of a service's endpoints, sorted by address, with what the
 /// policies precompute from it.
 #[derive(Debug, Default)]
@@ -109,33 +157,75 @@ impl EndpointSet {
     }
 }
 
-/// A service's balancing policy and its state across snapshots (e.g. the rotation's
-/// cursor): one per service, shared by all of its calls.
+/// A service's balancing policy, its settings, and its state across snapshots (e.g.
+/// the rotation's cursor): one per service, shared by all of its calls.
 #[derive(Debug)]
-pub enum Balancer {
-    /// See [`Policy::RoundRobin`].
-    RoundRobin(round_robin::RoundRobin),
+pub struct Balancer {
+    settings: Arc<BalanceSettings>,
+    health: Arc<ServiceHealth>,
+    rr: round_robin::RoundRobin,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
-        Self::new(Policy::default())
+        Self::new(
+            "",
+            Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        )
     }
 }
 
 impl Balancer {
-    /// A balancer running `policy`.
-    pub fn new(policy: Policy) -> Self {
-        match policy {
-            Policy::RoundRobin => Self::RoundRobin(round_robin::RoundRobin::default()),
+    /// A balancer of service `name` with `settings`, ejecting failing endpoints as
+    /// `health` says.
+    pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
+        Self {
+            settings,
+            health: Arc::new(ServiceHealth::new(name, health)),
+            rr: round_robin::RoundRobin::default(),
         }
+    }
+
+    /// The settings this balancer runs with (shared with the service's backends).
+    pub fn settings(&self) -> &Arc<BalanceSettings> {
+        &self.settings
+    }
+
+    /// The health accounting of the service's endpoints.
+    pub fn health(&self) -> &Arc<ServiceHealth> {
+        &self.health
+    }
+
+    /// A new endpoint of the service, reached through `upstream`; its active health
+    /// check starts with it when one is configured (call within the runtime).
+    pub fn add_backend(
+        &self,
+        upstream: Arc<crate::upstream::Upstream>,
+        endpoint: &crate::endpoint::Endpoint,
+    ) -> Arc<Backend> {
+        let backend = Backend::new(upstream, endpoint, self);
+        if self.health.settings().check == ActiveCheck::Grpc {
+            crate::health::active::spawn(
+                Arc::clone(&self.health),
+                backend.health(),
+                backend.addr(),
+            );
+        }
+        backend
+    }
+
+    /// The snapshot of `backends` to publish; the health accounting learns the
+    /// service's members from it.
+    pub fn snapshot(&self, backends: Vec<Arc<Backend>>) -> EndpointSet {
+        self.health
+            .set_members(backends.iter().map(|b| Arc::clone(b.health())).collect());
+        EndpointSet::new(backends)
     }
 
     /// The policy this balancer runs.
     pub fn policy(&self) -> Policy {
-        match self {
-            Self::RoundRobin(_) => Policy::RoundRobin,
-        }
+        self.settings.policy
     }
 
     /// Picks the endpoint for a call among those `accept` takes (by index in `set`).
@@ -151,8 +241,18 @@ impl Balancer {
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
-        match self {
-            Self::RoundRobin(rr) => rr.pick(set, fit),
+        match self.settings.policy {
+            Policy::RoundRobin if self.settings.slow_start.is_none() => self.rr.pick(set, fit),
+            Policy::RoundRobin => {
+                // An endpoint in slow start takes its turn only with its ramp's odds.
+                let now = now_ns();
+                self.rr.pick(set, |i, b| match fit(i, b) {
+                    Fit::Preferred if fastrand::f64() >= b.ramp(now) => Fit::Usable,
+                    f => f,
+                })
+            }
+            Policy::LeastRequest => least_request::pick(set, fit, now_ns()),
+            Policy::PeakEwma => peak_ewma::pick(set, fit, now_ns()),
         }
     }
 }
@@ -180,18 +280,37 @@ pub(crate) mod tests {
 
     /// `n` backends on ports 1000.., with the given weights (1 where none is given).
     pub(crate) fn set_with(n: usize, weights: &[u32]) -> EndpointSet {
+        set_for(
+            n,
+            weights,
+            &Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        )
+        .1
+    }
+
+    /// As [`set_with`], for backends balanced with `settings` and `health`, and their
+    /// balancer.
+    pub(crate) fn set_for(
+        n: usize,
+        weights: &[u32],
+        settings: &Arc<BalanceSettings>,
+        health: HealthSettings,
+    ) -> (Balancer, EndpointSet) {
         let cfg = UpstreamConfig::default();
-        EndpointSet::new(
+        let balancer = Balancer::new("t", Arc::clone(settings), health);
+        let set = balancer.snapshot(
             (0..n)
                 .map(|i| {
                     let addr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
                     let ep = Endpoint::new(addr).with_weight(weights.get(i).copied().unwrap_or(1));
                     let up = Upstream::new(ep.addr.clone(), &cfg);
                     up.assume_ready();
-                    Backend::new(up, &ep)
+                    Backend::new(up, &ep, &balancer)
                 })
                 .collect(),
-        )
+        );
+        (balancer, set)
     }
 
     pub(crate) fn port(b: &Backend) -> usize {
@@ -227,5 +346,135 @@ pub(crate) mod tests {
         }
         assert_eq!(counts, [100, 0, 100, 100]);
         assert!(b.select_with(&s, |_| false).is_none());
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use std::time::{Duration, Instant};
+
+    use super::tests::{port, set_for};
+    use super::*;
+
+    fn settings(policy: Policy, slow_start: Option<Duration>) -> Arc<BalanceSettings> {
+        Arc::new(BalanceSettings {
+            policy,
+            slow_start,
+            ..BalanceSettings::default()
+        })
+    }
+
+    /// Counts of `calls` picks per endpoint; each pick's call is held open when `hold`.
+    fn picks(b: &Balancer, s: &EndpointSet, calls: usize, hold: bool) -> Vec<usize> {
+        let mut counts = vec![0; s.len()];
+        let mut held = Vec::new();
+        for _ in 0..calls {
+            let (_, ep) = b.select_with(s, |_| true).unwrap();
+            counts[port(ep)] += 1;
+            if hold {
+                held.push(ep.start_call());
+            }
+        }
+        counts
+    }
+
+    /// Ends one call on `b` answered after `latency` with `outcome`.
+    fn finish(b: &Arc<Backend>, latency: Duration, outcome: Outcome) {
+        let mut g = b.start_call();
+        g.answered(Instant::now() - latency);
+        g.set_outcome(outcome);
+    }
+
+    #[test]
+    fn least_request_avoids_the_loaded_endpoint() {
+        let st = settings(Policy::LeastRequest, None);
+        let (b, s) = set_for(3, &[], &st, HealthSettings::default());
+        let busy: Vec<_> = (0..5).map(|_| s.backends[0].start_call()).collect();
+        let counts = picks(&b, &s, 300, false);
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!(counts[1] > 100 && counts[2] > 100, "{counts:?}");
+        drop(busy);
+        assert_eq!(s.backends[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn least_request_shares_by_weight_under_load() {
+        let st = settings(Policy::LeastRequest, None);
+        let (b, s) = set_for(2, &[3, 1], &st, HealthSettings::default());
+        let counts = picks(&b, &s, 400, true);
+        assert!((295..=305).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn peak_ewma_avoids_the_slow_and_the_failing() {
+        let st = settings(Policy::PeakEwma, None);
+        let (bal, s) = set_for(3, &[], &st, HealthSettings::default());
+        for b in s.iter() {
+            finish(b, Duration::from_millis(1), Outcome::Status(0));
+        }
+        finish(
+            &s.backends[0],
+            Duration::from_millis(100),
+            Outcome::Status(0),
+        );
+        // Fails fast: counts as slow all the same.
+        finish(
+            &s.backends[1],
+            Duration::from_micros(50),
+            Outcome::Status(14),
+        );
+        let counts = picks(&bal, &s, 300, false);
+        // Two random choices: the dearest is never taken, the second only when drawn
+        // with the dearest (a third of draws).
+        assert_eq!(
+            counts[1], 0,
+            "the failing endpoint is the dearest: {counts:?}"
+        );
+        assert!(counts[2] > 170 && counts[0] < 130, "{counts:?}");
+        // An application error is an answer like any other.
+        finish(
+            &s.backends[1],
+            Duration::from_micros(50),
+            Outcome::Status(5),
+        );
+        assert!(s.backends[1].latency_estimate(now_ns()) < 1e9 * 0.3);
+    }
+
+    #[test]
+    fn peak_ewma_estimate_peaks_then_decays() {
+        let st = settings(Policy::PeakEwma, None);
+        let (_, s) = set_for(1, &[], &st, HealthSettings::default());
+        let b = &s.backends[0];
+        let fresh = b.latency_estimate(now_ns());
+        assert!(
+            (fresh - 30e6).abs() < 1e6,
+            "new endpoint: 30 ms, got {fresh}"
+        );
+        finish(b, Duration::from_millis(200), Outcome::Status(0));
+        let peak = b.latency_estimate(now_ns());
+        assert!(peak > 190e6, "{peak}");
+        // Ten seconds later the estimate has lost about 63 % of its weight.
+        assert!(b.latency_estimate(now_ns() + 10_000_000_000) < peak * 0.4);
+        // A call abandoned by its client says nothing of the backend.
+        let _ = b.start_call();
+        assert!(b.latency_estimate(now_ns()) > 190e6 * 0.99);
+    }
+
+    #[test]
+    fn slow_start_ramps_a_returning_endpoint() {
+        for policy in [Policy::RoundRobin, Policy::LeastRequest] {
+            let st = settings(policy, Some(Duration::from_millis(400)));
+            let (b, s) = set_for(3, &[], &st, HealthSettings::default());
+            std::thread::sleep(Duration::from_millis(420));
+            assert_eq!(s.backends[0].ramp(now_ns()), 1.0);
+            s.backends[0].restart_slow_start();
+            let ramp = s.backends[0].ramp(now_ns());
+            assert!((0.1..0.15).contains(&ramp), "{ramp}");
+            let counts = picks(&b, &s, 300, policy == Policy::LeastRequest);
+            assert!(counts[0] < 45, "{policy}: {counts:?}");
+            std::thread::sleep(Duration::from_millis(420));
+            let counts = picks(&b, &s, 300, false);
+            assert!(counts[0] > 60, "{policy} after the window: {counts:?}");
+        }
     }
 }

@@ -23,7 +23,8 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balance::{Balancer, EndpointSet};
+use crate::balance::{BalanceSettings, Balancer, EndpointSet};
+use crate::health::HealthSettings;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
@@ -72,6 +73,12 @@ pub struct DiscoveryConfig {
     pub upstream: UpstreamConfig,
     /// Where calls and endpoints are counted.
     pub metrics: Arc<Metrics>,
+    /// How services' calls are balanced unless overridden below.
+    pub balance: BalanceSettings,
+    /// Per-service balancing, by service name (from the config file).
+    pub service_balance: HashMap<ServiceName, BalanceSettings>,
+    /// Outlier ejection and active health checks.
+    pub health: HealthSettings,
 }
 
 /// Map from service name to its state; replaced whole (copy on write) when a service is
@@ -192,7 +199,17 @@ impl Discovery {
             self.dropped(&v, DropReason::Room, now);
         }
         let metrics = self.config.metrics.service(name.as_str());
-        let service = Arc::new(Service::new(name.clone(), Arc::clone(&metrics)));
+        let balance = self
+            .config
+            .service_balance
+            .get(name.as_str())
+            .unwrap_or(&self.config.balance)
+            .clone();
+        let service = Arc::new(Service::new(
+            name.clone(),
+            Arc::clone(&metrics),
+            Balancer::new(name.as_str(), Arc::new(balance), self.config.health.clone()),
+        ));
         let upstream_config = UpstreamConfig {
             metrics: Some(metrics),
             ..self.config.upstream.clone()
@@ -378,11 +395,11 @@ pub struct Service {
 }
 
 impl Service {
-    fn new(name: ServiceName, metrics: Arc<ServiceMetrics>) -> Self {
+    fn new(name: ServiceName, metrics: Arc<ServiceMetrics>, balancer: Balancer) -> Self {
         Self {
             name,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
-            balancer: Balancer::default(),
+            balancer,
             loaded: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
@@ -480,7 +497,6 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::Backend;
     use crate::endpoint::Endpoint;
     use crate::upstream::Upstream;
 
@@ -492,15 +508,17 @@ mod tests {
 
     /// A service last used at `last`, with one endpoint if `served`.
     fn service(n: &str, last: u64, served: bool) -> Arc<Service> {
-        let s = Arc::new(Service::new(name(n), Metrics::new().service(n)));
+        let s = Arc::new(Service::new(
+            name(n),
+            Metrics::new().service(n),
+            Balancer::default(),
+        ));
         s.last_used.store(last, Ordering::Relaxed);
         if served {
             let addr: crate::endpoint::BackendAddr = "127.0.0.1:1".parse().unwrap();
             let up = Upstream::new(addr.clone(), &UpstreamConfig::default());
-            s.publish(EndpointSet::new(vec![Backend::new(
-                up,
-                &Endpoint::new(addr),
-            )]));
+            let backend = s.balancer().add_backend(up, &Endpoint::new(addr));
+            s.publish(s.balancer().snapshot(vec![backend]));
         }
         s
     }

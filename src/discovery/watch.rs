@@ -17,7 +17,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 
 use super::Service;
 use crate::backoff::Backoff;
-use crate::balance::{Backend, EndpointSet};
+use crate::balance::Backend;
 use crate::endpoint::{BackendAddr, Endpoint};
 use crate::etcd::{timed, RequestError};
 use crate::route::ServiceName;
@@ -211,11 +211,15 @@ impl WatchState {
                     tracing::info!(service = %name, backend = %addr, weight = ep.weight, "endpoint added");
                     let up = Upstream::new(addr.clone(), &upstream_config);
                     up.start(upstream_config.clone());
-                    backends.insert(addr.clone(), Backend::new(up, ep));
+                    backends.insert(addr.clone(), service.balancer().add_backend(up, ep));
                 }
             }
         }
-        service.publish(EndpointSet::new(backends.values().cloned().collect()));
+        service.publish(
+            service
+                .balancer()
+                .snapshot(backends.values().cloned().collect()),
+        );
         self.backends = backends;
     }
 
@@ -370,6 +374,7 @@ async fn sync(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::Balancer;
     use crate::metrics::Metrics;
 
     fn name() -> ServiceName {
@@ -486,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn publish_builds_one_backend_per_address_and_reuses_them() {
         let metrics = Metrics::new().service("svc");
-        let service = Arc::new(Service::new(name(), metrics));
+        let service = Arc::new(Service::new(name(), metrics, Balancer::default()));
         assert!(!service.is_loaded());
         let mut w = WatchState::new(Arc::clone(&service), UpstreamConfig::default(), 1);
         w.prefixes[0].listed = true;
@@ -554,7 +559,11 @@ mod tests {
     }
 
     fn watched(prefixes: usize, config: UpstreamConfig) -> (Arc<Service>, WatchState) {
-        let service = Arc::new(Service::new(name(), Metrics::new().service("svc")));
+        let service = Arc::new(Service::new(
+            name(),
+            Metrics::new().service("svc"),
+            Balancer::default(),
+        ));
         let w = WatchState::new(Arc::clone(&service), config, prefixes);
         (service, w)
     }

@@ -111,6 +111,23 @@ impl ResponseBody {
     }
 }
 
+/// Whether a backend stream's error is the reset the proxy sent for a client that
+/// cancelled its call (the request relay passes the client's CANCEL on).
+fn cancelled_by_client(err: &h2::Error) -> bool {
+    err.reason() == Some(h2::Reason::CANCEL) && !err.is_remote()
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {
+            // Dropped before its end: the client went away (reset its stream).
+            if let Some(r) = self.record.as_mut() {
+                r.status(usize::from(Code::Cancelled as u8));
+            }
+        }
+    }
+}
+
 /// Trailers that end a response whose backend stream broke mid-way.
 fn broken_stream_trailers(err: &h2::Error) -> HeaderMap {
     let mut t = HeaderMap::with_capacity(2);
@@ -141,10 +158,19 @@ impl Body for ResponseBody {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::debug!(error = %e, "backend response stream failed");
                 this.inner = None;
+                if cancelled_by_client(&e) {
+                    // The proxy reset the backend stream because the client cancelled
+                    // its request: what the client got is a cancel, not a failure.
+                    this.status(Some(&code_header(Code::Cancelled)));
+                    this.guard.set_outcome(Outcome::Abandoned);
+                    return Poll::Ready(None);
+                }
+                tracing::debug!(error = %e, "backend response stream failed");
+                let trailers = broken_stream_trailers(&e);
+                this.status(trailers.get(&GRPC_STATUS));
                 this.guard.set_outcome(Outcome::StreamFailed);
-                return Poll::Ready(Some(Ok(Frame::trailers(broken_stream_trailers(&e)))));
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
         };
         if let Some(trailers) = frame.trailers_ref() {

@@ -9,8 +9,11 @@ pub mod body;
 pub mod conn;
 pub mod error;
 pub mod forward;
+mod listeners;
 pub mod relay;
+pub mod reload;
 pub mod replay;
+pub mod sockets;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,10 +33,11 @@ use crate::settings::ProxySettings;
 use crate::upstream::UpstreamConfig;
 use tokio_rustls::TlsAcceptor;
 
-/// Time allowed for a client's TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 use conn::{ConnLimits, ServerSettings};
 use forward::{Forwarder, Target};
+use listeners::{Listeners, Serving, Shared};
+pub use reload::{Reload, Running};
+pub use sockets::Sockets;
 
 /// A listener already bound, with the service it is bound to (if any).
 #[derive(Debug)]
@@ -56,6 +60,9 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// A listener given already bound has no address.
+    #[error("listener without an address: {0}")]
+    Socket(#[source] std::io::Error),
     /// The etcd client could not be set up.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
@@ -70,15 +77,28 @@ pub enum ProxyError {
     Route(#[from] crate::route::RouteError),
 }
 
-/// Binds the configured listeners and serves until `shutdown` completes.
+/// Opens the configured listeners and serves until `shutdown` completes.
 pub async fn run(
     args: ProxySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
+    run_reloading(Running::new(args), None, shutdown).await
+}
+
+/// Opens the configured listeners (the sockets systemd passed, or new ones bound with
+/// `SO_REUSEPORT`: see [`sockets`]) and serves until `shutdown` completes; with `reload`,
+/// SIGHUP re-reads the settings and applies them (see [`reload`]).
+pub async fn run_reloading(
+    running: Running,
+    reload: Option<Reload>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyError> {
+    let sockets = Sockets::from_env();
+    let args = &running.settings;
     let mut listeners = Vec::with_capacity(args.listeners.len());
     for spec in &args.listeners {
-        let listener = TcpListener::bind(spec.addr)
-            .await
+        let listener = sockets
+            .listen(spec.addr)
             .map_err(|source| ProxyError::Bind {
                 addr: spec.addr,
                 source,
@@ -88,7 +108,14 @@ pub async fn run(
             service: spec.service.clone(),
         });
     }
-    serve(args, listeners, shutdown).await
+    let addrs: Vec<SocketAddr> = args
+        .listeners
+        .iter()
+        .map(|l| l.addr)
+        .chain(args.admin.listen.0)
+        .collect();
+    sockets.warn_unused(&addrs);
+    serve_with(running, listeners, sockets, reload, shutdown).await
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -144,8 +171,27 @@ pub async fn serve(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
+    serve_with(
+        Running::new(args),
+        listeners,
+        Sockets::none(),
+        None,
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_with(
+    running: Running,
+    listeners: Vec<BoundListener>,
+    sockets: Sockets,
+    mut reload: Option<Reload>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyError> {
+    let args = &running.settings;
     let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
+    let metrics = Metrics::new();
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
@@ -157,73 +203,96 @@ pub async fn serve(
                 tls: args.upstream_tls.client_config()?,
                 ..UpstreamConfig::default()
             },
-            metrics: Metrics::new(),
+            metrics: Arc::clone(&metrics),
+            balance: args.balance.settings(),
+            service_balance: args
+                .balance
+                .services
+                .iter()
+                .filter_map(|(name, section)| {
+                    // Names are checked with the other settings; none is invalid here.
+                    let name = ServiceName::new(name).ok()?;
+                    Some((name, args.balance.service_settings(section)))
+                })
+                .collect(),
+            health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
         },
     );
-    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
+    // Routes are checked here, before anything starts; each listener takes its own copy.
+    crate::route::Routes::new(&args.route)?;
     let admin = AdminState::new(Arc::clone(&discovery));
     // Resolve and bind everything that can fail before any task is started.
+    let server = Arc::new(server_settings(args));
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
-        let target = match &bound.service {
-            Some(name) => Target::Bound(discovery.service(name.as_str())?),
-            None => Target::ByPath,
-        };
-        let forwarder = Arc::new(
-            Forwarder::new(Arc::clone(&discovery), target, args.timeouts.discovery)
-                .with_routes(Arc::clone(&routes)),
-        );
-        serving.push((bound, forwarder));
+        let addr = bound.listener.local_addr().map_err(ProxyError::Socket)?;
+        let forwarder = forwarder(&discovery, bound.service.as_ref(), args)?;
+        serving.push((addr, bound, forwarder));
     }
     let admin_listener = match args.admin.listen.0 {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            sockets
+                .listen(addr)
                 .map_err(|source| ProxyError::Bind { addr, source })?,
         ),
         None => None,
     };
     let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
     let tracker = TaskTracker::new();
-    let accepting = Accepting {
-        acceptor,
-        settings: Arc::new(server_settings(&args)),
+    let shared = Shared {
         tracker: tracker.clone(),
         connections: Arc::new(Semaphore::new(args.limits.max_connections)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut accept_tasks = Vec::with_capacity(serving.len() + 1);
-    if let Some(listener) = admin_listener {
+    let admin_task = admin_listener.map(|listener| {
         tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
-        accept_tasks.push(tokio::spawn(crate::admin::serve(
-            listener,
-            Arc::clone(&admin),
-            stop_rx.clone(),
-        )));
-    }
-    for (bound, forwarder) in serving {
-        let addr = bound.listener.local_addr().ok();
-        tracing::info!(listen = ?addr, service = ?bound.service, "listening");
-        accept_tasks.push(tokio::spawn(accept_loop(
-            bound.listener,
+        tokio::spawn(crate::admin::serve(listener, Arc::clone(&admin), stop_rx))
+    });
+    let mut open = Listeners::new(shared);
+    for (addr, bound, forwarder) in serving {
+        let serving = Serving {
             forwarder,
-            accepting.clone(),
-            stop_rx.clone(),
-        )));
+            settings: Arc::clone(&server),
+            acceptor: acceptor.clone(),
+        };
+        open.start(addr, bound.listener, bound.service, serving);
     }
     admin
         .listening
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    shutdown.await;
+    let mut live = reload::Live {
+        running,
+        sockets,
+        discovery,
+        metrics,
+        listeners: open,
+    };
+    let mut hangups = reload::Hangups::new(reload.is_some());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = hangups.recv() => {
+                if let Some(reload) = reload.as_mut() {
+                    live.reload(reload).await;
+                }
+            }
+        }
+    }
     probe.abort();
-    tracing::info!(drain_timeout = ?args.timeouts.drain, "shutting down: no new connections, draining calls");
+    let drain_timeout = live.running.settings.timeouts.drain;
+    tracing::info!(
+        ?drain_timeout,
+        "shutting down: no new connections, draining calls"
+    );
     let _ = stop_tx.send(true);
-    for t in accept_tasks {
+    if let Some(t) = admin_task {
         let _ = t.await;
     }
+    live.listeners.close_all().await;
     // Every connection task saw the stop signal and sent GOAWAY; wait for their streams.
     tracker.close();
-    match tokio::time::timeout(args.timeouts.drain, tracker.wait()).await {
+    match tokio::time::timeout(drain_timeout, tracker.wait()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(
             open = tracker.len(),
@@ -233,73 +302,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// What every accept loop shares: how connections are set up, bounded and tracked.
-#[derive(Clone)]
-struct Accepting {
-    acceptor: Option<TlsAcceptor>,
-    settings: Arc<ServerSettings>,
-    tracker: TaskTracker,
-    connections: Arc<Semaphore>,
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    forwarder: Arc<Forwarder>,
-    shared: Accepting,
-    mut stop: watch::Receiver<bool>,
-) {
-    let Accepting {
-        acceptor,
-        settings,
-        tracker,
-        connections,
-    } = shared;
-    loop {
-        // Bound the number of client connections: past the limit, new ones wait in the
-        // kernel's backlog instead of taking memory and file descriptors here.
-        let permit = tokio::select! {
-            p = Arc::clone(&connections).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = stop.changed() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let fwd = Arc::clone(&forwarder);
-        let settings = Arc::clone(&settings);
-        let stop = stop.clone();
-        match &acceptor {
-            None => {
-                tracker.spawn(async move {
-                    conn::serve(stream, settings, fwd, stop, peer).await;
-                    drop(permit);
-                });
-            }
-            Some(acceptor) => {
-                // The handshake runs in the connection's own task so a slow client cannot
-                // stall the accept loop; it is bounded in time.
-                let handshake = acceptor.accept(stream);
-                tracker.spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(tls)) => conn::serve(tls, settings, fwd, stop, peer).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                    drop(permit);
-                });
-            }
-        }
-    }
+/// The forwarder of a listener bound to `service` (or routing by the call's path).
+fn forwarder(
+    discovery: &Arc<Discovery>,
+    service: Option<&ServiceName>,
+    args: &ProxySettings,
+) -> Result<Arc<Forwarder>, ProxyError> {
+    let target = match service {
+        Some(name) => Target::Bound(discovery.service(name.as_str())?),
+        None => Target::ByPath,
+    };
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
+    Ok(Arc::new(
+        Forwarder::new(Arc::clone(discovery), target, args.timeouts.discovery).with_routes(routes),
+    ))
 }

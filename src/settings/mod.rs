@@ -41,6 +41,7 @@
 //!   `BTreeMap<String, T>` field with `#[arg(skip)]` and `#[serde(default)]`.
 //! - A value whose file form is its flag's text: `#[serde(with = "text")]`.
 
+pub mod balance;
 mod cli;
 pub mod duration;
 mod error;

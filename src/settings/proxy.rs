@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::balance::{BalanceSection, EjectionSection, HealthCheckSection};
 use super::{
     duration, AdminListen, AdminSettings, EtcdSettings, ListenSpec, ListenerTlsSettings,
     UpstreamTlsSettings,
@@ -60,6 +61,15 @@ pub struct ProxySettings {
     /// TLS to the backends.
     #[command(flatten)]
     pub upstream_tls: UpstreamTlsSettings,
+    /// How calls are balanced.
+    #[command(flatten)]
+    pub balance: BalanceSection,
+    /// Passive outlier ejection.
+    #[command(flatten)]
+    pub ejection: EjectionSection,
+    /// Active health checks.
+    #[command(flatten)]
+    pub health_check: HealthCheckSection,
 }
 
 impl Default for ProxySettings {

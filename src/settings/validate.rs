@@ -29,6 +29,17 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some((name, e)) = a
+        .balance
+        .services
+        .keys()
+        .find_map(|n| crate::route::ServiceName::new(n).err().map(|e| (n, e)))
+    {
+        return Err(s.field_error(
+            "balance.service",
+            format!("{name:?} is not a service name: {e}"),
+        ));
+    }
     let e = &a.etcd;
     if e.endpoints.is_empty() {
         return Err(s.field_error("etcd.endpoints", "no etcd endpoint given".into()));

@@ -102,6 +102,23 @@ ca = "ca.pem"
 cert = "client.pem"
 key = "client-key.pem"
 sni = "backend.internal"
+
+[balance]
+policy = "peak-ewma"
+slow_start = "3s"
+
+[balance.service."pkg.Slow"]
+policy = "least-request"
+
+[ejection]
+after = 3
+duration = "10s"
+max_percent = 30
+failure_codes = "13,14"
+
+[health_check]
+kind = "grpc"
+interval = "2s"
 "#;
 
 /// A directory with the PEM files FULL names (relative to it).
@@ -165,6 +182,23 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
         Some(dir.join("client.pem").as_path())
     );
     assert_eq!(a.upstream_tls.sni.as_deref(), Some("backend.internal"));
+    assert_eq!(a.balance.policy, switchyard::balance::Policy::PeakEwma);
+    assert_eq!(a.balance.slow_start, Duration::from_secs(3));
+    assert_eq!(
+        a.balance.services["pkg.Slow"].policy,
+        switchyard::balance::Policy::LeastRequest
+    );
+    assert_eq!(
+        (
+            a.ejection.after,
+            a.ejection.duration,
+            a.ejection.max_percent
+        ),
+        (3, Duration::from_secs(10), 30)
+    );
+    assert_eq!(a.ejection.failure_codes.to_string(), "13,14");
+    assert_eq!(a.health_check.kind, switchyard::health::ActiveCheck::Grpc);
+    assert_eq!(a.health_check.interval, Duration::from_secs(2));
     // Every setting came from the file.
     let cmd = config::proxy_command();
     for arg in cmd.get_arguments() {

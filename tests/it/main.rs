@@ -8,12 +8,15 @@ mod faults;
 
 mod admin;
 mod bad_input;
+mod balance;
 mod config;
+mod ejection;
 mod hardening;
 mod proxy;
 mod refused;
 mod registration;
 mod registries;
 mod resilience;
+mod restart;
 mod sidecar_admin;
 mod tls;

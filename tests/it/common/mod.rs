@@ -378,7 +378,7 @@ impl SwitchyardProcess {
     }
 
     /// Starts `cmd` (stdin closed, stderr piped) and collects its output lines.
-    fn launch(mut cmd: std::process::Command, listen: Option<SocketAddr>) -> SwitchyardProcess {
+    pub fn launch(mut cmd: std::process::Command, listen: Option<SocketAddr>) -> SwitchyardProcess {
         use std::io::{BufRead, Read};
         let mut child = cmd
             .stdin(std::process::Stdio::null())
@@ -577,4 +577,19 @@ pub async fn raw_call(
         body: collected.to_bytes(),
         trailers,
     }
+}
+
+/// etcd and `n` Echo backends named b0.. registered for the Echo service (plain values,
+/// leases kept alive while the registrations live).
+pub async fn echo_backends(n: usize) -> (EtcdProcess, Vec<EchoBackend>, Vec<TestRegistration>) {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let mut bs = Vec::new();
+    let mut regs = Vec::new();
+    for i in 0..n {
+        let b = EchoBackend::start(&format!("b{i}")).await.unwrap();
+        regs.push(register(etcd.endpoint(), "switchyard.echo.v1.Echo", b.addr(), 10).await);
+        bs.push(b);
+    }
+    (etcd, bs, regs)
 }

@@ -1,0 +1,22 @@
+//! Peak-EWMA: power of two choices over latency estimate × (calls in flight + 1),
+//! divided by weight (Linkerd's balancer). The estimate of each endpoint is kept by
+//! [`Backend`] from every call's time to response headers: it jumps up at once on a
+//! slow answer, decays over time, and counts a failed call as slow.
+
+use std::sync::Arc;
+
+use super::{p2c, Backend, EndpointSet, Fit};
+
+/// Picks the cheaper of two random endpoints at `now`.
+#[inline]
+pub(super) fn pick(
+    set: &EndpointSet,
+    fit: impl Fn(usize, &Backend) -> Fit,
+    now: u64,
+) -> Option<(usize, &Arc<Backend>)> {
+    p2c::pick(set, fit, |b| {
+        // +1 ns: an estimate decayed to zero still ranks by load.
+        (b.latency_estimate(now) + 1.0) * f64::from(b.in_flight() + 1)
+            / b.effective_weight(now).max(f64::MIN_POSITIVE)
+    })
+}

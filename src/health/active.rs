@@ -1,0 +1,137 @@
+//! Active health checks: the proxy watches each endpoint's `grpc.health.v1.Health` for
+//! the endpoint's service (Watch; Check every interval where Watch is unimplemented), and
+//! takes it out of rotation while it answers NOT_SERVING or does not answer.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::{CheckState, EndpointHealth, ServiceHealth};
+use crate::endpoint::BackendAddr;
+
+/// Starts checking `ep` (at `addr`, for `service`) until it is dropped.
+pub fn spawn(service_health: Arc<ServiceHealth>, ep: &Arc<EndpointHealth>, addr: &BackendAddr) {
+    let checker = Checker {
+        service_health,
+        ep: Arc::downgrade(ep),
+        addr: addr.clone(),
+        last: CheckState::Unknown,
+    };
+    tokio::spawn(checker.run());
+}
+
+/// The check of one endpoint.
+struct Checker {
+    service_health: Arc<ServiceHealth>,
+    ep: Weak<EndpointHealth>,
+    addr: BackendAddr,
+    last: CheckState,
+}
+
+impl Checker {
+    async fn run(mut self) {
+        let interval = self.service_health.settings().check_interval;
+        let channel = match Endpoint::from_shared(format!("http://{}", self.addr)) {
+            Ok(e) => e
+                .connect_timeout(interval)
+                .http2_keep_alive_interval(interval)
+                .keep_alive_timeout(interval)
+                .connect_lazy(),
+            Err(e) => {
+                tracing::warn!(backend = %self.addr, error = %e, "cannot health-check this endpoint");
+                return;
+            }
+        };
+        let mut client = HealthClient::new(channel);
+        let mut watch = true;
+        while self.ep.strong_count() > 0 {
+            if watch {
+                watch = self.watch(&mut client, interval).await;
+            } else {
+                let answer = tokio::time::timeout(interval, client.check(self.request())).await;
+                let state = match answer {
+                    Ok(Ok(r)) => state_of(r.into_inner().status),
+                    _ => CheckState::NotServing,
+                };
+                self.apply(state);
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
+
+    fn request(&self) -> HealthCheckRequest {
+        HealthCheckRequest {
+            service: self.service_health.name().to_owned(),
+        }
+    }
+
+    /// Follows the endpoint's Watch until it ends; returns false if the backend does
+    /// not implement Watch (then Check is polled instead).
+    async fn watch(&mut self, client: &mut HealthClient<Channel>, interval: Duration) -> bool {
+        let stream = match tokio::time::timeout(interval, client.watch(self.request())).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => return false,
+            _ => {
+                self.apply(CheckState::NotServing);
+                tokio::time::sleep(interval).await;
+                return true;
+            }
+        };
+        tokio::pin!(stream);
+        loop {
+            tokio::select! {
+                m = stream.message() => match m {
+                    Ok(Some(m)) => self.apply(state_of(m.status)),
+                    // The watch ended or broke: no answer until it is back.
+                    _ => {
+                        self.apply(CheckState::NotServing);
+                        tokio::time::sleep(interval).await;
+                        return true;
+                    }
+                },
+                // Re-asserted now and then: a node the cap kept in rotation is taken out
+                // once others are back.
+                _ = tokio::time::sleep(interval) => {
+                    if self.ep.strong_count() == 0 {
+                        return true;
+                    }
+                    let last = self.last;
+                    self.apply(last);
+                }
+            }
+        }
+    }
+
+    /// Records what the check said; logs changes.
+    fn apply(&mut self, state: CheckState) {
+        let Some(ep) = self.ep.upgrade() else { return };
+        let out = self.service_health.checked(&ep, state);
+        if state != self.last {
+            let service = self.service_health.name();
+            match state {
+                CheckState::Serving => {
+                    tracing::info!(service, backend = %self.addr, "health check: SERVING; endpoint in rotation")
+                }
+                _ if out => {
+                    tracing::info!(service, backend = %self.addr, "health check: not serving; endpoint out of rotation")
+                }
+                _ => {
+                    tracing::warn!(service, backend = %self.addr, "health check: not serving, but the cap keeps the endpoint in rotation")
+                }
+            }
+            self.last = state;
+        }
+    }
+}
+
+fn state_of(status: i32) -> CheckState {
+    if status == ServingStatus::Serving as i32 {
+        CheckState::Serving
+    } else {
+        CheckState::NotServing
+    }
+}
