@@ -79,6 +79,7 @@ fn bench_route(c: &mut Criterion) {
         DiscoveryConfig {
             prefixes: vec!["services".into()],
             max_services: 1024,
+            service_idle: std::time::Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),
             balance: Default::default(),

@@ -38,6 +38,8 @@ pub struct Metrics {
     ejections: IntCounterVec,
     /// Config reloads (SIGHUP), by result.
     config_reloads: IntCounterVec,
+    services_dropped: IntCounterVec,
+    refused_services_full: IntCounter,
 }
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
@@ -206,6 +208,20 @@ impl Metrics {
             ),
             &["result"],
         );
+        let services_dropped = IntCounterVec::new(
+            Opts::new(
+                "switchyard_services_dropped_total",
+                "Services dropped from the table of watched services, by reason (idle: no endpoints and no calls for the idle time; room: to make room for another).",
+            ),
+            &["reason"],
+        );
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "switchyard_calls_refused_total",
+                "Calls refused before reaching a service, by reason (services_full: every watched service in use).",
+            ),
+            &["reason"],
+        );
         // The options above are all valid (static names, distinct labels).
         let (
             Ok(calls),
@@ -217,6 +233,8 @@ impl Metrics {
             Ok(etcd_up),
             Ok(ejections),
             Ok(config_reloads),
+            Ok(services_dropped),
+            Ok(refused),
         ) = (
             calls,
             duration,
@@ -227,10 +245,16 @@ impl Metrics {
             etcd_up,
             ejections,
             config_reloads,
+            services_dropped,
+            refused,
         )
         else {
             unreachable!("static metric definitions are valid")
         };
+        // Both reasons show from the start, at 0.
+        for reason in ["idle", "room"] {
+            services_dropped.with_label_values(&[reason]);
+        }
         let metrics = Arc::new(Self {
             calls: register(&registry, calls),
             duration: register(&registry, duration),
@@ -241,6 +265,9 @@ impl Metrics {
             etcd_up: register(&registry, etcd_up),
             ejections: register(&registry, ejections),
             config_reloads: register(&registry, config_reloads),
+            services_dropped: register(&registry, services_dropped),
+            refused_services_full: register(&registry, refused)
+                .with_label_values(&["services_full"]),
             registry,
         });
         // Both results exported from the start, at 0.
@@ -262,6 +289,16 @@ impl Metrics {
         self.config_reloads
             .with_label_values(&[reload_result(applied)])
             .inc();
+    }
+
+    /// Counts a service dropped from the table for `reason`.
+    pub fn service_dropped(&self, reason: &str) {
+        self.services_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a call refused because every watched service is in use.
+    pub fn refused_services_full(&self) {
+        self.refused_services_full.inc();
     }
 
     /// Handles for one service.
@@ -312,6 +349,21 @@ impl ServiceMetrics {
                 .ejections
                 .with_label_values(&[&self.service, addr.as_str()]),
         })
+    }
+
+    /// Removes the service's own series (it is no longer watched), so that names that
+    /// come and go leave none behind; its endpoints' series stay (real addresses only).
+    pub fn forget(&self) {
+        let m = &self.metrics;
+        let _ = m.duration.remove_label_values(&[&self.service]);
+        let _ = m.inflight.remove_label_values(&[&self.service]);
+        for (slot, cell) in self.own.iter().enumerate() {
+            if cell.get().is_some() {
+                let _ = m
+                    .calls
+                    .remove_label_values(&[&self.service, "", STATUS_LABELS[slot]]);
+            }
+        }
     }
 
     /// Starts timing a call of this service.

@@ -3,12 +3,20 @@
 //! Services are watched on demand: the first call for a service starts its watch task
 //! ([`watch`]); later calls read the service's current [`EndpointSet`] snapshot, with no
 //! etcd round trip and no lock shared by all calls.
+//!
+//! The table of watched services is kept by use, so that names nobody serves (made up by
+//! a client, by mistake or on purpose) cannot take the room of real services: when the
+//! table is full, an entry no call holds is dropped to make room (one without endpoints,
+//! least recently used first; else one with endpoints unused for the idle time), and a
+//! sweep drops entries without endpoints unused for the idle time. A name dropped to
+//! make room while etcd listed nothing for it is answered "no endpoints" for a few
+//! seconds without a look-up, so a burst of made-up names costs one look-up per name.
 
 mod watch;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -21,15 +29,32 @@ use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
 use crate::upstream::UpstreamConfig;
 
+/// How long a name dropped to make room, with nothing registered, is answered "no
+/// endpoints" without a look-up (a service registered meanwhile is found after this).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Most names remembered as having no endpoints (each at most
+/// [`crate::route::MAX_SERVICE_NAME_LEN`] bytes: under 2 MiB in all).
+const NEGATIVE_CAPACITY: usize = 4096;
+/// A service's last use is written at most this often (nanoseconds): calls of a busy
+/// service then read its timestamp's cache line without writing it.
+const TOUCH_EVERY_NS: u64 = 1_000_000_000;
+/// Strong references to a [`Service`] that nobody is using: the table's and its watch
+/// task's. Every call holds one more from lookup to end, a bound listener one for good.
+const TABLE_AND_WATCH: usize = 2;
+
 /// Why a service could not be looked up.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// The service name is not valid.
     #[error(transparent)]
     BadName(#[from] ServiceNameError),
-    /// The limit on watched services was reached.
+    /// Every watched service is in use, and the limit on watched services is reached.
     #[error("too many services watched (limit {0}); not watching {1:?}")]
     TooManyServices(usize, String),
+    /// etcd listed no endpoints for the service moments ago (it is not looked up again
+    /// until [`NEGATIVE_TTL`] has passed).
+    #[error("no endpoints registered for service '{0}'")]
+    NoEndpoints(ServiceName),
 }
 
 /// Settings of discovery.
@@ -40,6 +65,10 @@ pub struct DiscoveryConfig {
     pub prefixes: Vec<String>,
     /// Limit on the number of services watched at once.
     pub max_services: usize,
+    /// A service without endpoints and without calls for this long is dropped from the
+    /// table (its watch stopped); one with endpoints may be dropped after this long
+    /// without calls when the table is full.
+    pub service_idle: Duration,
     /// Settings for the backend connections of discovered endpoints.
     pub upstream: UpstreamConfig,
     /// Where calls and endpoints are counted.
@@ -52,16 +81,45 @@ pub struct DiscoveryConfig {
     pub health: HealthSettings,
 }
 
-/// Map from service name to its state; replaced whole (copy on write) when a service is added.
+/// Map from service name to its state; replaced whole (copy on write) when a service is
+/// added or dropped.
 type ServiceMap = HashMap<ServiceName, Arc<Service>>;
+
+/// Why a service left the table (the `reason` label of its metric).
+#[derive(Debug, Clone, Copy)]
+enum DropReason {
+    /// Without endpoints and calls for the idle time.
+    Idle,
+    /// Dropped to make room for another service.
+    Room,
+}
+
+impl DropReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Room => "room",
+        }
+    }
+}
 
 /// The registry of watched services.
 pub struct Discovery {
     etcd: etcd_client::Client,
     config: DiscoveryConfig,
     services: ArcSwap<ServiceMap>,
-    /// Serialises additions to `services` (cold path only).
-    adding: Mutex<()>,
+    /// Serialises changes of `services`, and holds what only they use (cold path only).
+    changing: Mutex<Changing>,
+    /// This registry, for the sweep task (which must not keep it alive).
+    me: Weak<Discovery>,
+}
+
+/// What changes of the service table use, under [`Discovery::changing`].
+#[derive(Debug, Default)]
+struct Changing {
+    negative: NegativeCache,
+    /// The task dropping idle services, started with the first service.
+    sweep: Option<AbortHandle>,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -76,36 +134,69 @@ impl std::fmt::Debug for Discovery {
 impl Discovery {
     /// A registry that watches services under `config.prefixes` in `etcd`.
     pub fn new(etcd: etcd_client::Client, config: DiscoveryConfig) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             etcd,
             config,
             services: ArcSwap::from_pointee(HashMap::new()),
-            adding: Mutex::new(()),
+            changing: Mutex::new(Changing::default()),
+            me: me.clone(),
         })
     }
 
-    /// The service named `name`, starting its watch if this is the first call for it.
+    /// The service named `name`, starting its watch if it is not watched.
     #[inline]
     pub fn service(&self, name: &str) -> Result<Arc<Service>, DiscoveryError> {
         if let Some(s) = self.services.load().get(name) {
+            s.touch(crate::clock::now_ns());
             return Ok(Arc::clone(s));
         }
         self.add_service(name)
     }
 
+    fn changing(&self) -> std::sync::MutexGuard<'_, Changing> {
+        self.changing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn idle_ns(&self) -> u64 {
+        u64::try_from(self.config.service_idle.as_nanos()).unwrap_or(u64::MAX)
+    }
+
     #[cold]
     fn add_service(&self, name: &str) -> Result<Arc<Service>, DiscoveryError> {
         let name = ServiceName::new(name)?;
-        let _guard = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changing = self.changing();
         let current = self.services.load_full();
         if let Some(s) = current.get(name.as_str()) {
             return Ok(Arc::clone(s));
         }
-        if current.len() >= self.config.max_services {
-            return Err(DiscoveryError::TooManyServices(
-                self.config.max_services,
-                name.to_string(),
-            ));
+        let now = crate::clock::now_ns();
+        if changing.negative.contains(name.as_str(), now) {
+            return Err(DiscoveryError::NoEndpoints(name));
+        }
+        // Chosen before the map is copied: the copy holds every service once more.
+        let victim = if current.len() >= self.config.max_services {
+            match victim(&current, now, self.idle_ns()) {
+                Some(v) => Some(Arc::clone(v)),
+                None => {
+                    self.config.metrics.refused_services_full();
+                    return Err(DiscoveryError::TooManyServices(
+                        self.config.max_services,
+                        name.to_string(),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let mut next = ServiceMap::clone(&current);
+        if let Some(v) = victim {
+            next.remove(v.name().as_str());
+            if v.is_loaded() && v.endpoints().is_empty() {
+                changing
+                    .negative
+                    .insert(v.name().clone(), now, NEGATIVE_TTL);
+            }
+            self.dropped(&v, DropReason::Room, now);
         }
         let metrics = self.config.metrics.service(name.as_str());
         let balance = self
@@ -136,11 +227,52 @@ impl Discovery {
         if let Ok(mut t) = service.task.lock() {
             *t = Some(task.abort_handle());
         }
-        let mut next = ServiceMap::clone(&current);
         next.insert(name.clone(), Arc::clone(&service));
         self.services.store(Arc::new(next));
+        if changing.sweep.is_none() {
+            let every = (self.config.service_idle / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(10));
+            changing.sweep = Some(tokio::spawn(sweep(self.me.clone(), every)).abort_handle());
+        }
         tracing::info!(service = %name, "watching service");
         Ok(service)
+    }
+
+    /// Drops the services without endpoints that nobody has used for the idle time.
+    fn drop_idle(&self) {
+        let _changing = self.changing();
+        let current = self.services.load_full();
+        let (now, idle) = (crate::clock::now_ns(), self.idle_ns());
+        let gone: Vec<Arc<Service>> = current
+            .values()
+            .filter(|s| {
+                !in_use(s) && s.endpoints().is_empty() && now.saturating_sub(s.last_used()) >= idle
+            })
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut next = ServiceMap::clone(&current);
+        for s in &gone {
+            next.remove(s.name().as_str());
+            self.dropped(s, DropReason::Idle, now);
+        }
+        self.services.store(Arc::new(next));
+    }
+
+    /// Stops a service taken out of the table, and says so.
+    fn dropped(&self, service: &Service, reason: DropReason, now: u64) {
+        service.stop();
+        service.metrics.forget();
+        self.config.metrics.service_dropped(reason.as_str());
+        tracing::info!(
+            service = %service.name,
+            reason = reason.as_str(),
+            endpoints = service.endpoints().len(),
+            unused_for_s = now.saturating_sub(service.last_used()) / 1_000_000_000,
+            "service dropped from the table; its watch is stopped until its next call"
+        );
     }
 
     /// The metrics registry calls are counted in.
@@ -148,7 +280,7 @@ impl Discovery {
         &self.config.metrics
     }
 
-    /// All services watched so far.
+    /// All services watched now.
     pub fn services(&self) -> Vec<Arc<Service>> {
         let mut v: Vec<_> = self.services.load().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -156,8 +288,91 @@ impl Discovery {
     }
 }
 
+/// Whether something besides the table and the watch holds `service`: a call in flight
+/// (from its lookup to its end), a bound listener, or a reader of the table right now.
+fn in_use(service: &Arc<Service>) -> bool {
+    Arc::strong_count(service) > TABLE_AND_WATCH
+}
+
+/// The service of `map` to drop to make room, if any: none that is in use; one without
+/// endpoints, least recently used first; else one with endpoints unused for `idle_ns`.
+fn victim(map: &ServiceMap, now: u64, idle_ns: u64) -> Option<&Arc<Service>> {
+    map.values()
+        .filter(|s| !in_use(s))
+        .filter_map(|s| {
+            let last = s.last_used();
+            if s.endpoints().is_empty() {
+                Some(((0u8, last), s))
+            } else if now.saturating_sub(last) >= idle_ns {
+                Some(((1, last), s))
+            } else {
+                None
+            }
+        })
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, s)| s)
+}
+
+/// Drops idle services every `every`, as long as the registry lives.
+async fn sweep(discovery: Weak<Discovery>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match discovery.upgrade() {
+            Some(d) => d.drop_idle(),
+            None => return,
+        }
+    }
+}
+
+/// Names dropped to make room while etcd listed nothing for them, each remembered for a
+/// while; bounded in count (the oldest are forgotten first).
+#[derive(Debug, Default)]
+struct NegativeCache {
+    /// Name → until when (clock nanoseconds).
+    until: HashMap<ServiceName, u64>,
+    /// The same, in the order added, which is the order they expire in (one TTL for all).
+    order: VecDeque<(ServiceName, u64)>,
+}
+
+impl NegativeCache {
+    /// Whether `name` is remembered as having no endpoints at `now`.
+    fn contains(&self, name: &str, now: u64) -> bool {
+        self.until.get(name).is_some_and(|&until| until > now)
+    }
+
+    /// Remembers `name` from `now` for `ttl`, forgetting the expired and, past the
+    /// capacity, the oldest.
+    fn insert(&mut self, name: ServiceName, now: u64, ttl: Duration) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, until)| *until <= now || self.order.len() >= NEGATIVE_CAPACITY)
+        {
+            if let Some((old, until)) = self.order.pop_front() {
+                if self.until.get(old.as_str()) == Some(&until) {
+                    self.until.remove(old.as_str());
+                }
+            }
+        }
+        let until = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        self.until.insert(name.clone(), until);
+        self.order.push_back((name, until));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.until.len()
+    }
+}
+
 impl Drop for Discovery {
     fn drop(&mut self) {
+        if let Some(sweep) = self.changing().sweep.take() {
+            sweep.abort();
+        }
         for s in self.services.load().values() {
             s.stop();
         }
@@ -177,6 +392,8 @@ pub struct Service {
     metrics: Arc<ServiceMetrics>,
     /// Counts published snapshots, so health watchers wake on each change.
     changes: tokio::sync::watch::Sender<u64>,
+    /// When a call last looked it up ([`crate::clock::now_ns`], to within a second).
+    last_used: AtomicU64,
 }
 
 impl Service {
@@ -191,7 +408,21 @@ impl Service {
             task: Mutex::new(None),
             metrics,
             changes: tokio::sync::watch::Sender::new(0),
+            last_used: AtomicU64::new(crate::clock::now_ns()),
         }
+    }
+
+    /// Notes a use at `now`; written only when the last one noted is a second old.
+    #[inline]
+    fn touch(&self, now: u64) {
+        if now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= TOUCH_EVERY_NS {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// When a call last looked it up (to within a second).
+    fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
     }
 
     /// The service's metric handles.
@@ -269,5 +500,121 @@ impl Service {
                 h.abort();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+    use crate::upstream::Upstream;
+
+    const S: u64 = 1_000_000_000;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    /// A service last used at `last`, with one endpoint if `served`.
+    fn service(n: &str, last: u64, served: bool) -> Arc<Service> {
+        let s = Arc::new(Service::new(
+            name(n),
+            Metrics::new().service(n),
+            Balancer::default(),
+        ));
+        s.last_used.store(last, Ordering::Relaxed);
+        if served {
+            let addr: crate::endpoint::BackendAddr = "127.0.0.1:1".parse().unwrap();
+            let up = Upstream::new(addr.clone(), &UpstreamConfig::default());
+            let backend = s.balancer().add_backend(up, &Endpoint::new(addr));
+            s.publish(s.balancer().snapshot(vec![backend]));
+        }
+        s
+    }
+
+    /// A table of `services`, each also held as its watch task would hold it.
+    fn table(services: Vec<Arc<Service>>) -> (ServiceMap, Vec<Arc<Service>>) {
+        let map = services
+            .iter()
+            .map(|s| (s.name().clone(), Arc::clone(s)))
+            .collect();
+        (map, services)
+    }
+
+    fn victim_name(map: &ServiceMap, now: u64) -> Option<&str> {
+        victim(map, now, 60 * S).map(|s| s.name().as_str())
+    }
+
+    #[test]
+    fn room_is_made_by_the_least_recently_used_service_without_endpoints() {
+        let (map, _watches) = table(vec![
+            service("served.old", S, true),
+            service("empty.recent", 99 * S, false),
+            service("empty.older", 50 * S, false),
+            service("served.recent", 99 * S, true),
+        ]);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.older"));
+        // A call holding it keeps it: the next one goes.
+        let call = Arc::clone(&map[&name("empty.older")]);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.recent"));
+        drop(call);
+        assert_eq!(victim_name(&map, 100 * S), Some("empty.older"));
+    }
+
+    #[test]
+    fn a_served_service_makes_room_only_once_unused_for_the_idle_time() {
+        let (map, _watches) = table(vec![
+            service("served.a", 10 * S, true),
+            service("served.b", 20 * S, true),
+        ]);
+        // Both used within the idle time (60 s): every entry is busy.
+        assert_eq!(victim_name(&map, 69 * S), None);
+        assert_eq!(victim_name(&map, 70 * S), Some("served.a"));
+        // In use (a call, or a bound listener, holds it): never.
+        let bound = Arc::clone(&map[&name("served.a")]);
+        assert_eq!(victim_name(&map, 1000 * S), Some("served.b"));
+        let call = Arc::clone(&map[&name("served.b")]);
+        assert_eq!(victim_name(&map, 1000 * S), None);
+        drop((bound, call));
+    }
+
+    #[test]
+    fn uses_are_noted_at_most_once_a_second() {
+        let s = service("a", 10 * S, false);
+        s.touch(10 * S + S / 2);
+        assert_eq!(s.last_used(), 10 * S);
+        s.touch(11 * S);
+        assert_eq!(s.last_used(), 11 * S);
+    }
+
+    #[test]
+    fn names_without_endpoints_are_remembered_for_the_ttl() {
+        let mut n = NegativeCache::default();
+        n.insert(name("junk.A"), 10 * S, NEGATIVE_TTL);
+        assert!(n.contains("junk.A", 10 * S));
+        assert!(n.contains("junk.A", 14 * S));
+        assert!(!n.contains("junk.A", 15 * S));
+        assert!(!n.contains("junk.B", 10 * S));
+        // Expired names are forgotten as others come.
+        n.insert(name("junk.B"), 16 * S, NEGATIVE_TTL);
+        assert_eq!(n.len(), 1);
+        // A name remembered again counts from then.
+        n.insert(name("junk.A"), 17 * S, NEGATIVE_TTL);
+        n.insert(name("junk.A"), 23 * S, NEGATIVE_TTL);
+        assert!(n.contains("junk.A", 27 * S));
+    }
+
+    #[test]
+    fn names_without_endpoints_are_bounded_in_count() {
+        let mut n = NegativeCache::default();
+        for i in 0..NEGATIVE_CAPACITY + 100 {
+            n.insert(name(&format!("junk.S{i}")), S, NEGATIVE_TTL);
+        }
+        assert_eq!(n.len(), NEGATIVE_CAPACITY);
+        assert_eq!(n.order.len(), NEGATIVE_CAPACITY);
+        // The oldest went first.
+        assert!(!n.contains("junk.S99", S));
+        assert!(n.contains("junk.S100", S));
+        assert!(n.contains(&format!("junk.S{}", NEGATIVE_CAPACITY + 99), S));
     }
 }

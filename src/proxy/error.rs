@@ -19,7 +19,7 @@ pub enum ProxyError {
         /// The request's path.
         path: String,
     },
-    /// The service could not be looked up (bad name, table full).
+    /// The service could not be looked up (bad name, table full, nothing registered).
     #[error("switchyard: {0}")]
     Discovery(#[from] DiscoveryError),
     /// The first endpoint list of the service has not arrived in time.
@@ -64,6 +64,7 @@ impl ProxyError {
     pub fn code(&self) -> Code {
         match self {
             Self::BadPath { .. } => Code::Unimplemented,
+            Self::Discovery(DiscoveryError::NoEndpoints(_)) => Code::Unavailable,
             Self::Discovery(_) => Code::ResourceExhausted,
             Self::NotLoaded(_)
             | Self::NoEndpoints(_)

@@ -235,6 +235,7 @@ async fn serve_with(
         DiscoveryConfig {
             prefixes: args.etcd.prefixes(),
             max_services: args.limits.max_services,
+            service_idle: args.timeouts.service_idle,
             upstream: UpstreamConfig {
                 connect_timeout: args.timeouts.connect,
                 tls: args.upstream_tls.client_config()?,

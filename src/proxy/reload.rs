@@ -69,6 +69,10 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
     note("admin.listen", r.admin != n.admin);
     note("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
     note(
+        "timeouts.service_idle",
+        r.timeouts.service_idle != n.timeouts.service_idle,
+    );
+    note(
         "limits.max_services",
         r.limits.max_services != n.limits.max_services,
     );
@@ -87,6 +91,7 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
     n.upstream_tls = r.upstream_tls.clone();
     n.admin = r.admin.clone();
     n.timeouts.connect = r.timeouts.connect;
+    n.timeouts.service_idle = r.timeouts.service_idle;
     n.limits.max_services = r.limits.max_services;
     n.limits.worker_threads = r.limits.worker_threads;
     n.balance = r.balance.clone();

@@ -138,6 +138,19 @@ pub struct TimeoutSettings {
     )]
     #[serde(with = "duration")]
     pub idle: Duration,
+    /// A watched service with no endpoints and no calls for this long is dropped from the
+    /// service table (its watch stopped until its next call); when the table is full, a
+    /// service with endpoints and no calls for this long may make room for another.
+    #[arg(
+        id = "timeouts.service_idle",
+        long = "service-idle-timeout",
+        env = "SWITCHYARD_SERVICE_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = duration::parse
+    )]
+    #[serde(with = "duration")]
+    pub service_idle: Duration,
     /// A client connection that sends no request within this time is closed.
     #[arg(
         id = "timeouts.first_request",

@@ -140,6 +140,7 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
         ("timeouts.discovery", to.discovery.is_zero()),
         ("etcd.connect_timeout", e.connect_timeout.is_zero()),
         ("timeouts.idle", to.idle.is_zero()),
+        ("timeouts.service_idle", to.service_idle.is_zero()),
         ("timeouts.first_request", to.first_request.is_zero()),
     ] {
         if zero {

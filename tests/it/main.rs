@@ -11,6 +11,7 @@ mod bad_input;
 mod balance;
 mod config;
 mod ejection;
+mod hardening;
 mod local;
 mod proxy;
 mod refused;
