@@ -85,6 +85,7 @@ discovery = "4s"
 idle = "2m"
 first_request = 20
 drain = "45s"
+service_idle = "90s"
 
 [limits]
 max_services = 17
