@@ -115,7 +115,10 @@ async fn application_errors_and_cancelled_calls_eject_nobody() {
     bs[0].faults().fail_code.store(5, Ordering::Relaxed); // NOT_FOUND
     let (p, admin) = proxy(&etcd, |_| {}).await;
     let t = tally(&calls(p.addr, 90).await);
-    assert_eq!(t.get("NotFound"), Some(&30), "{t:?}");
+    // About a third (the first calls may land before every connection is up); an
+    // ejected b0 would get 5.
+    let not_found = t.get("NotFound").copied().unwrap_or(0);
+    assert!((25..=35).contains(&not_found), "{t:?}");
     // Calls cancelled by their deadline while b1 is still working.
     bs[0].faults().fail_code.store(0, Ordering::Relaxed);
     bs[1].faults().delay_ms.store(300, Ordering::Relaxed);
@@ -127,7 +130,8 @@ async fn application_errors_and_cancelled_calls_eject_nobody() {
     }
     bs[1].faults().delay_ms.store(0, Ordering::Relaxed);
     let t = tally(&calls(p.addr, 30).await);
-    assert_eq!(t.get("b1"), Some(&10), "b1 still in rotation: {t:?}");
+    let b1 = t.get("b1").copied().unwrap_or(0);
+    assert!((8..=12).contains(&b1), "b1 still in rotation: {t:?}");
     assert_eq!(ejections(admin).await, 0.0);
 }
 
