@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Validates the deployment files: the example configs (switchyard check-config), the
-# systemd unit (systemd-analyze verify + offline security score), and the Kubernetes
-# manifests (schema check with kubernetes-validate, yamllint). Installs what it needs from
+# systemd unit (systemd-analyze verify + offline security score), the Kubernetes
+# manifests (schema check with kubernetes-validate, yamllint), and the monitoring files
+# (the Grafana dashboard parses and names only metrics the proxy exports; the alerting
+# rules pass promtool's check and unit tests, or a schema check without promtool). Installs what it needs from
 # Debian's packages and PyPI. The container image is not built here (no registry for base
 # images); its build steps are the ones `cargo build --release --locked` runs.
 # Usage: deploy/check.sh   (from anywhere; builds target/debug/switchyard if needed)
@@ -41,4 +43,17 @@ if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/yamllint" ]; th
 fi
 "$venv/bin/yamllint" -s -d '{extends: default, rules: {line-length: {max: 100}, document-start: disable}}' deploy/kubernetes
 "$venv/bin/kubernetes-validate" --strict deploy/kubernetes/namespace.yaml deploy/kubernetes/daemonset.yaml
+
+echo "== monitoring"
+"$venv/bin/yamllint" -s -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable}}' deploy/monitoring
+if command -v promtool >/dev/null 2>&1 \
+  || { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+       --no-install-recommends prometheus >/dev/null; } && command -v promtool >/dev/null 2>&1; then
+  "$venv/bin/python" deploy/monitoring/check.py
+  promtool check rules deploy/monitoring/alerts.yml
+  promtool test rules deploy/monitoring/alerts.test.yml
+else
+  echo "promtool not available (Debian's prometheus package did not install): schema check"
+  "$venv/bin/python" deploy/monitoring/check.py --schema
+fi
 echo "deploy: ok"

@@ -343,10 +343,18 @@ pub async fn serve_with_health(
         .send_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    // Server reflection (v1), so that grpcurl and the proxy's reflection can describe Echo.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::echo::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .inspect_err(|e| tracing::warn!(error = %e, "echo backend: no reflection service"))
+        .ok();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(echo)
+        .add_optional_service(reflection)
         // TCP_NODELAY on accepted connections (`.tcp_nodelay` above only applies to
         // listeners tonic binds itself): without it, Nagle holds a small answer that follows
         // another one until the peer's delayed ACK, ~40 ms (e.g. the proxy's probe of a new

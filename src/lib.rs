@@ -54,4 +54,6 @@ pub mod upstream;
 pub mod echo {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("switchyard.echo.v1");
+    /// The encoded descriptors of `proto/echo.proto`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("echo_descriptor");
 }

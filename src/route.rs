@@ -209,6 +209,11 @@ impl Routes {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Each route: the gRPC service and the name it is registered under.
+    pub fn iter(&self) -> impl Iterator<Item = (&ServiceName, &ServiceName)> {
+        self.0.iter()
+    }
 }
 
 #[cfg(test)]

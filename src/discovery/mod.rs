@@ -390,6 +390,8 @@ pub struct Service {
     etcd_reachable: AtomicBool,
     task: Mutex<Option<AbortHandle>>,
     metrics: Arc<ServiceMetrics>,
+    /// Counts published snapshots, so health watchers wake on each change.
+    changes: tokio::sync::watch::Sender<u64>,
     /// When a call last looked it up ([`crate::clock::now_ns`], to within a second).
     last_used: AtomicU64,
 }
@@ -405,6 +407,7 @@ impl Service {
             etcd_reachable: AtomicBool::new(false),
             task: Mutex::new(None),
             metrics,
+            changes: tokio::sync::watch::Sender::new(0),
             last_used: AtomicU64::new(crate::clock::now_ns()),
         }
     }
@@ -483,6 +486,12 @@ impl Service {
         if !self.loaded.swap(true, Ordering::AcqRel) {
             self.loaded_notify.notify_waiters();
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every published snapshot (for health watchers; not the call path).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn stop(&self) {

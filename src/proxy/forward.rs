@@ -17,6 +17,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use super::attempt::{try_backend, Attempt, Sent};
 use super::body::{H2Body, ResponseBody};
 use super::error::ProxyError;
+use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::discovery::{Discovery, Service};
@@ -60,6 +61,8 @@ pub struct Forwarder {
     discovery: Arc<Discovery>,
     target: Target,
     discovery_timeout: Duration,
+    /// Services the proxy answers itself (health, reflection).
+    local: Option<Arc<Local>>,
     routes: Arc<Routes>,
 }
 
@@ -70,8 +73,15 @@ impl Forwarder {
             discovery,
             target,
             discovery_timeout,
+            local: None,
             routes: Arc::default(),
         }
+    }
+
+    /// Answers health (and reflection) calls with `local` instead of forwarding them.
+    pub fn with_local(mut self, local: Arc<Local>) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// The same forwarder, looking the services named in calls' paths up under their
@@ -91,12 +101,17 @@ impl Forwarder {
         self: &Arc<Self>,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) -> Either<impl Future<Output = ()> + Send + 'static, std::future::Ready<()>> {
+    ) -> Either<impl Future<Output = ()> + Send + 'static, Answer> {
+        if let Some(local) = &self.local {
+            if let Some(call) = local.claims(req.uri().path(), req.headers()) {
+                return Either::Right(local.serve(call, req, respond));
+            }
+        }
         match self.route(req) {
             Ok(call) => Either::Left(Arc::clone(self).proxy(call, respond)),
             Err(own) => {
                 send_own(&mut respond, own);
-                Either::Right(std::future::ready(()))
+                Either::Right(Answer::done())
             }
         }
     }

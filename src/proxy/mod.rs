@@ -10,6 +10,7 @@ pub mod conn;
 pub mod error;
 pub mod forward;
 mod listeners;
+pub mod local;
 pub mod relay;
 pub mod reload;
 pub mod replay;
@@ -36,6 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use conn::{ConnLimits, ServerSettings};
 use forward::{Forwarder, Target};
 use listeners::{Listeners, Serving, Shared};
+use local::{Local, LocalContext};
 pub use reload::{Reload, Running};
 pub use sockets::Sockets;
 
@@ -52,11 +54,13 @@ pub struct BoundListener {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (set by {}){}", .setting.names(), bind_advice(*.setting, .source))]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// Why.
+        /// The setting that gave the address.
+        setting: ListenSetting,
+        /// Why (printed once, as the error's source).
         #[source]
         source: std::io::Error,
     },
@@ -75,6 +79,39 @@ pub enum ProxyError {
     /// The routes do not fit together.
     #[error("--route: {0}")]
     Route(#[from] crate::route::RouteError),
+}
+
+/// Which setting gave a listener its address (named when it cannot be bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenSetting {
+    /// `--listen` / `[[listener]] addr`.
+    Listen,
+    /// `--admin-listen` / `admin.listen`.
+    Admin,
+}
+
+impl ListenSetting {
+    /// The flag and the config file key.
+    pub fn names(self) -> &'static str {
+        match self {
+            Self::Listen => "--listen, config key `[[listener]] addr`",
+            Self::Admin => "--admin-listen, config key `admin.listen`",
+        }
+    }
+}
+
+/// What to do about a bind error, if there is something to say.
+fn bind_advice(setting: ListenSetting, error: &std::io::Error) -> &'static str {
+    match (error.kind(), setting) {
+        (std::io::ErrorKind::AddrInUse, ListenSetting::Admin) => {
+            ": another process holds the port; a second switchyard on this host needs its own \
+             --admin-listen (or --admin-listen off)"
+        }
+        (std::io::ErrorKind::AddrInUse, ListenSetting::Listen) => {
+            ": another process holds the port; choose another address with --listen"
+        }
+        _ => "",
+    }
 }
 
 /// Opens the configured listeners and serves until `shutdown` completes.
@@ -101,6 +138,7 @@ pub async fn run_reloading(
             .listen(spec.addr)
             .map_err(|source| ProxyError::Bind {
                 addr: spec.addr,
+                setting: ListenSetting::Listen,
                 source,
             })?;
         listeners.push(BoundListener {
@@ -218,23 +256,31 @@ async fn serve_with(
             health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
         },
     );
-    // Routes are checked here, before anything starts; each listener takes its own copy.
-    crate::route::Routes::new(&args.route)?;
+    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
     let admin = AdminState::new(Arc::clone(&discovery));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = Arc::new(LocalContext {
+        discovery: Arc::clone(&discovery),
+        etcd: etcd.clone(),
+        prefixes: args.etcd.prefixes(),
+        routes: Arc::clone(&routes),
+        draining: stop_rx.clone(),
+        discovery_timeout: args.timeouts.discovery,
+    });
     // Resolve and bind everything that can fail before any task is started.
     let server = Arc::new(server_settings(args));
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
         let addr = bound.listener.local_addr().map_err(ProxyError::Socket)?;
-        let forwarder = forwarder(&discovery, bound.service.as_ref(), args)?;
+        let forwarder = forwarder(&discovery, bound.service.as_ref(), args, &local)?;
         serving.push((addr, bound, forwarder));
     }
     let admin_listener = match args.admin.listen.0 {
-        Some(addr) => Some(
-            sockets
-                .listen(addr)
-                .map_err(|source| ProxyError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(sockets.listen(addr).map_err(|source| ProxyError::Bind {
+            addr,
+            setting: ListenSetting::Admin,
+            source,
+        })?),
         None => None,
     };
     let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
@@ -243,10 +289,27 @@ async fn serve_with(
         tracker: tracker.clone(),
         connections: Arc::new(Semaphore::new(args.limits.max_connections)),
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // One line says what this proxy serves, so two proxies on a host are told apart.
+    let listening: Vec<String> = serving
+        .iter()
+        .map(|(_, bound, _)| listener_text(bound))
+        .collect();
+    let admin_text = match admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        Some(addr) => addr.to_string(),
+        None => "off".to_owned(),
+    };
+    tracing::info!(
+        listeners = %listening.join(" "),
+        prefixes = %args.etcd.prefixes().join(" "),
+        admin = %admin_text,
+        "listening"
+    );
     let admin_task = admin_listener.map(|listener| {
-        tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
-        tokio::spawn(crate::admin::serve(listener, Arc::clone(&admin), stop_rx))
+        tokio::spawn(crate::admin::serve(
+            listener,
+            Arc::clone(&admin),
+            stop_rx.clone(),
+        ))
     });
     let mut open = Listeners::new(shared);
     for (addr, bound, forwarder) in serving {
@@ -264,6 +327,7 @@ async fn serve_with(
         running,
         sockets,
         discovery,
+        local,
         metrics,
         listeners: open,
     };
@@ -302,18 +366,41 @@ async fn serve_with(
     Ok(())
 }
 
-/// The forwarder of a listener bound to `service` (or routing by the call's path).
+/// The forwarder of a listener bound to `service` (or routing by the call's path), with
+/// the services the proxy answers itself (health, reflection) unless a bound listener
+/// forwards them.
 fn forwarder(
     discovery: &Arc<Discovery>,
     service: Option<&ServiceName>,
     args: &ProxySettings,
+    local: &Arc<LocalContext>,
 ) -> Result<Arc<Forwarder>, ProxyError> {
     let target = match service {
         Some(name) => Target::Bound(discovery.service(name.as_str())?),
         None => Target::ByPath,
     };
+    let own = match &target {
+        Target::Bound(_) if args.forward_health => None,
+        Target::Bound(s) => Some(Local::new(Arc::clone(local), Some(Arc::clone(s)))),
+        Target::ByPath => Some(Local::new(Arc::clone(local), None)),
+    };
     let routes = Arc::new(crate::route::Routes::new(&args.route)?);
-    Ok(Arc::new(
-        Forwarder::new(Arc::clone(discovery), target, args.timeouts.discovery).with_routes(routes),
-    ))
+    let mut forwarder =
+        Forwarder::new(Arc::clone(discovery), target, args.timeouts.discovery).with_routes(routes);
+    if let Some(own) = own {
+        forwarder = forwarder.with_local(own);
+    }
+    Ok(Arc::new(forwarder))
+}
+
+/// A listener as `--listen` spells it: `ADDR`, or `ADDR=SERVICE` when bound.
+fn listener_text(bound: &BoundListener) -> String {
+    let addr = match bound.listener.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(_) => "?".to_owned(),
+    };
+    match &bound.service {
+        Some(service) => format!("{addr}={service}"),
+        None => addr,
+    }
 }

@@ -109,6 +109,8 @@ pub(crate) struct Live {
     pub sockets: Sockets,
     /// The services (bound listeners resolve theirs here).
     pub discovery: Arc<Discovery>,
+    /// What the services the proxy answers itself read (health, reflection).
+    pub local: Arc<super::local::LocalContext>,
     /// Counts reloads.
     pub metrics: Arc<Metrics>,
     /// The running listeners.
@@ -150,7 +152,7 @@ impl Live {
         let mut updating = Vec::new();
         for spec in &args.listeners {
             let serving = Serving {
-                forwarder: forwarder(&self.discovery, spec.service.as_ref(), args)?,
+                forwarder: forwarder(&self.discovery, spec.service.as_ref(), args, &self.local)?,
                 settings: Arc::clone(&server),
                 acceptor: acceptor.clone(),
             };
@@ -161,6 +163,7 @@ impl Live {
                     self.sockets
                         .listen(spec.addr)
                         .map_err(|source| super::ProxyError::Bind {
+                            setting: super::ListenSetting::Listen,
                             addr: spec.addr,
                             source,
                         })?;

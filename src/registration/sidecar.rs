@@ -212,7 +212,7 @@ pub enum SidecarError {
     #[error(transparent)]
     Health(#[from] HealthGateError),
     /// The admin listener could not be bound.
-    #[error("--admin-listen {addr}: {source}")]
+    #[error("cannot listen on {addr} (set by --admin-listen)")]
     AdminBind {
         /// The address asked for.
         addr: SocketAddr,
@@ -344,7 +344,7 @@ async fn start_admin(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| SidecarError::AdminBind { addr, source })?;
-    tracing::info!(listen = ?listener.local_addr().ok(), "admin listening");
+    tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "admin listening");
     let (stop, stopped) = watch::channel(false);
     let report = std::sync::Arc::clone(report);
     tokio::spawn(crate::admin::serve_routes(

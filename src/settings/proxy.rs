@@ -30,6 +30,14 @@ pub struct ProxySettings {
     )]
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenSpec>,
+    /// On listeners bound to a service, pass `grpc.health.v1.Health` calls to its backends
+    /// instead of answering them from the proxy's view of its endpoints.
+    #[arg(
+        id = "forward_health",
+        long = "forward-health",
+        env = "SWITCHYARD_FORWARD_HEALTH"
+    )]
+    pub forward_health: bool,
     /// The admin listener.
     #[command(flatten)]
     pub admin: AdminSettings,

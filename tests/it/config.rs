@@ -53,6 +53,7 @@ fn every_proxy_flag_has_a_file_key() {
 
 const FULL: &str = r#"
 log_format = "json"
+forward_health = true
 
 [[listener]]
 addr = "127.0.0.1:17070"
@@ -149,6 +150,7 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
         "127.0.0.1:17001".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(a.listeners[1].service.as_ref().unwrap().as_str(), "pkg.A");
+    assert!(a.forward_health);
     assert_eq!(a.admin.listen.0, Some("127.0.0.1:17071".parse().unwrap()));
     assert_eq!(a.etcd.endpoints.len(), 2);
     assert_eq!(a.etcd.prefix, ["fleet/services", ""]);

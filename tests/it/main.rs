@@ -12,6 +12,7 @@ mod balance;
 mod config;
 mod ejection;
 mod hardening;
+mod local;
 mod proxy;
 mod refused;
 mod registration;
