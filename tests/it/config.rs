@@ -86,6 +86,7 @@ idle = "2m"
 service_idle = "90s"
 first_request = 20
 drain = "45s"
+service_idle = "90s"
 
 [limits]
 max_services = 17

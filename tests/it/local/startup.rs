@@ -49,9 +49,16 @@ async fn two_proxies_on_one_host_with_their_own_admin_ports() {
         assert_eq!(healthz.status, 200);
     }
 
-    // A third one on the first one's admin port: an error that names the flag to change.
-    let p3 = proxy(etcd.endpoint(), &free().to_string(), &admin1.to_string());
-    fails_naming(p3, admin1, &["--admin-listen", "admin.listen"]).await;
+    // An admin port another program holds: an error that names the flag to change. (A
+    // second switchyard may share a port on purpose, for handover: SO_REUSEPORT.)
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let p3 = proxy(
+        etcd.endpoint(),
+        &free().to_string(),
+        &taken_addr.to_string(),
+    );
+    fails_naming(p3, taken_addr, &["--admin-listen", "admin.listen"]).await;
     // The first two still serve.
     assert_eq!(admin_get(admin1, "/healthz").await.unwrap().status, 200);
 }
