@@ -83,7 +83,6 @@ key = "etcd-key.pem"
 connect = "1500ms"
 discovery = "4s"
 idle = "2m"
-service_idle = "90s"
 first_request = 20
 drain = "45s"
 service_idle = "90s"
@@ -168,7 +167,6 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.timeouts.discovery, Duration::from_secs(4));
     assert_eq!(a.timeouts.idle, Duration::from_secs(120));
     assert_eq!(a.timeouts.first_request, Duration::from_secs(20));
-    assert_eq!(a.timeouts.service_idle, Duration::from_secs(90));
     assert_eq!(a.timeouts.drain, Duration::from_secs(45));
     assert_eq!(
         (
