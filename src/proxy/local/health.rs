@@ -27,7 +27,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::LocalContext;
 use crate::balance::Fit;
-use crate::discovery::Service;
+use crate::discovery::{DiscoveryError, Service};
 use crate::route::validate_service_name;
 
 /// How often a `Watch` re-checks its service's endpoints between published changes.
@@ -110,6 +110,8 @@ impl HealthService {
                 service,
                 bound: false,
             }),
+            // Found with no endpoints moments ago (not looked up again for a few seconds).
+            Err(DiscoveryError::NoEndpoints(_)) => Ok(Subject::Unknown),
             Err(e) => Err(Status::resource_exhausted(format!("switchyard: {e}"))),
         }
     }
