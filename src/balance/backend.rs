@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::{BalanceSettings, Balancer};
+use super::{Balancer, SharedSettings};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
 use crate::health::{CallResult, Change, EndpointHealth, ServiceHealth};
@@ -29,8 +29,9 @@ pub struct Backend {
     endpoint: ArcSwap<Endpoint>,
     weight: AtomicU32,
     in_flight: AtomicU32,
-    /// The service's balancing settings (whether latency is tracked, slow start).
-    settings: Arc<BalanceSettings>,
+    /// The service's balancing settings (whether latency is tracked, slow start), as
+    /// they are now: a reload may change them.
+    settings: SharedSettings,
     /// Peak-EWMA latency estimate in nanoseconds (f64 bits), as of `latency_at`.
     latency_ns: AtomicU64,
     latency_at: AtomicU64,
@@ -46,9 +47,9 @@ impl Backend {
     /// The backend `endpoint` describes, reached through `upstream`, one of the
     /// endpoints `balancer` picks from.
     pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint, balancer: &Balancer) -> Arc<Self> {
-        let settings = Arc::clone(balancer.settings());
+        let settings = Arc::clone(balancer.shared_settings());
         let now = now_ns();
-        let initial = settings.default_rtt.as_nanos() as f64;
+        let initial = settings.load().default_rtt.as_nanos() as f64;
         Arc::new(Self {
             upstream,
             weight: AtomicU32::new(endpoint.weight),
@@ -146,7 +147,7 @@ impl Backend {
     /// is within its slow-start window, where it ramps from 10 % to 100 %.
     #[inline]
     pub fn ramp(&self, now: u64) -> f64 {
-        let Some(window) = self.settings.slow_start else {
+        let Some(window) = self.settings.load().slow_start else {
             return 1.0;
         };
         let since = self
@@ -180,7 +181,7 @@ impl Backend {
     /// The weight of an estimate `elapsed` nanoseconds old.
     #[inline]
     fn decay(&self, elapsed: u64) -> f64 {
-        let window = self.settings.ewma_decay.as_nanos() as f64;
+        let window = self.settings.load().ewma_decay.as_nanos() as f64;
         (-(elapsed as f64) / window.max(1.0)).exp()
     }
 
@@ -224,7 +225,7 @@ impl Backend {
             Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
             Outcome::Abandoned => CallResult::Ignored,
         };
-        if self.settings.track_latency() {
+        if self.settings.load().track_latency() {
             match (to_headers, result) {
                 (_, CallResult::Failure) => {
                     self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY))

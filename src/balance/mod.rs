@@ -23,10 +23,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Guard};
+
 pub use backend::{Backend, CallGuard, Fit, Outcome};
 
 use crate::clock::now_ns;
-use crate::health::{ActiveCheck, HealthSettings, ServiceHealth};
+use crate::health::{HealthSettings, ServiceHealth};
 
 /// The balancing policies, as named in settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,11 +159,15 @@ impl EndpointSet {
     }
 }
 
+/// A service's balancing settings, swapped whole when a reload changes them; read
+/// without a lock by each pick and by the service's backends.
+pub type SharedSettings = Arc<ArcSwap<BalanceSettings>>;
+
 /// A service's balancing policy, its settings, and its state across snapshots (e.g.
 /// the rotation's cursor): one per service, shared by all of its calls.
 #[derive(Debug)]
 pub struct Balancer {
-    settings: Arc<BalanceSettings>,
+    settings: SharedSettings,
     health: Arc<ServiceHealth>,
     rr: round_robin::RoundRobin,
 }
@@ -181,15 +187,30 @@ impl Balancer {
     /// `health` says.
     pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
-            settings,
+            settings: Arc::new(ArcSwap::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
             rr: round_robin::RoundRobin::default(),
         }
     }
 
-    /// The settings this balancer runs with (shared with the service's backends).
-    pub fn settings(&self) -> &Arc<BalanceSettings> {
+    /// The settings this balancer runs with now.
+    pub fn settings(&self) -> Guard<Arc<BalanceSettings>> {
+        self.settings.load()
+    }
+
+    /// The settings as shared with the service's backends (they read the one in force).
+    pub(crate) fn shared_settings(&self) -> &SharedSettings {
         &self.settings
+    }
+
+    /// Runs with `settings` from the next pick on (a reload); the endpoints keep their
+    /// state (calls in flight, latency estimate, ejection). Returns whether they changed.
+    pub fn set_settings(&self, settings: BalanceSettings) -> bool {
+        if **self.settings.load() == settings {
+            return false;
+        }
+        self.settings.store(Arc::new(settings));
+        true
     }
 
     /// The health accounting of the service's endpoints.
@@ -197,35 +218,31 @@ impl Balancer {
         &self.health
     }
 
-    /// A new endpoint of the service, reached through `upstream`; its active health
-    /// check starts with it when one is configured (call within the runtime).
+    /// A new endpoint of the service, reached through `upstream`.
     pub fn add_backend(
         &self,
         upstream: Arc<crate::upstream::Upstream>,
         endpoint: &crate::endpoint::Endpoint,
     ) -> Arc<Backend> {
-        let backend = Backend::new(upstream, endpoint, self);
-        if self.health.settings().check == ActiveCheck::Grpc {
-            crate::health::active::spawn(
-                Arc::clone(&self.health),
-                backend.health(),
-                backend.addr(),
-            );
-        }
-        backend
+        Backend::new(upstream, endpoint, self)
     }
 
     /// The snapshot of `backends` to publish; the health accounting learns the
-    /// service's members from it.
+    /// service's members from it (and starts their active checks when configured: call
+    /// within the runtime).
     pub fn snapshot(&self, backends: Vec<Arc<Backend>>) -> EndpointSet {
-        self.health
-            .set_members(backends.iter().map(|b| Arc::clone(b.health())).collect());
+        self.health.set_members(
+            backends
+                .iter()
+                .map(|b| (Arc::clone(b.health()), b.addr().clone()))
+                .collect(),
+        );
         EndpointSet::new(backends)
     }
 
-    /// The policy this balancer runs.
+    /// The policy this balancer runs now.
     pub fn policy(&self) -> Policy {
-        self.settings.policy
+        self.settings.load().policy
     }
 
     /// Picks the endpoint for a call among those `accept` takes (by index in `set`).
@@ -241,8 +258,10 @@ impl Balancer {
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
-        match self.settings.policy {
-            Policy::RoundRobin if self.settings.slow_start.is_none() => self.rr.pick(set, fit),
+        // Read once per pick: a reload may swap them meanwhile.
+        let settings = self.settings.load();
+        match settings.policy {
+            Policy::RoundRobin if settings.slow_start.is_none() => self.rr.pick(set, fit),
             Policy::RoundRobin => {
                 // An endpoint in slow start takes its turn only with its ramp's odds.
                 let now = now_ns();

@@ -13,15 +13,28 @@ use tonic_health::pb::HealthCheckRequest;
 use super::{CheckState, EndpointHealth, ServiceHealth};
 use crate::endpoint::BackendAddr;
 
-/// Starts checking `ep` (at `addr`, for `service`) until it is dropped.
-pub fn spawn(service_health: Arc<ServiceHealth>, ep: &Arc<EndpointHealth>, addr: &BackendAddr) {
+/// Starts checking `ep` (at `addr`, for `service`) until it is dropped or `checks`
+/// moves on to another generation (the checks were restarted or turned off).
+pub(super) fn spawn(
+    service_health: Arc<ServiceHealth>,
+    ep: &Arc<EndpointHealth>,
+    addr: &BackendAddr,
+    mut checks: tokio::sync::watch::Receiver<u64>,
+) {
+    let generation = *checks.borrow_and_update();
     let checker = Checker {
         service_health,
         ep: Arc::downgrade(ep),
         addr: addr.clone(),
         last: CheckState::Unknown,
+        generation,
     };
-    tokio::spawn(checker.run());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = checker.run() => {}
+            _ = checks.wait_for(|g| *g != generation) => {}
+        }
+    });
 }
 
 /// The check of one endpoint.
@@ -30,6 +43,8 @@ struct Checker {
     ep: Weak<EndpointHealth>,
     addr: BackendAddr,
     last: CheckState,
+    /// The generation of checks it belongs to.
+    generation: u64,
 }
 
 impl Checker {
@@ -109,7 +124,7 @@ impl Checker {
     /// Records what the check said; logs changes.
     fn apply(&mut self, state: CheckState) {
         let Some(ep) = self.ep.upgrade() else { return };
-        let out = self.service_health.checked(&ep, state);
+        let out = self.service_health.checked_by(self.generation, &ep, state);
         if state != self.last {
             let service = self.service_health.name();
             match state {

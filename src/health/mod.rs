@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 
 pub mod active;
 
 use crate::clock::now_ns;
+use crate::endpoint::BackendAddr;
 
 /// A set of gRPC status codes (0-16) that count as the backend failing the call.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -201,6 +202,8 @@ pub struct EndpointHealth {
     check: AtomicU8,
     /// Whether the active check's NOT_SERVING takes it out (the cap allowed it).
     check_out: AtomicBool,
+    /// The generation of active checks whose checker runs for it (0: none).
+    checker: AtomicU64,
 }
 
 impl EndpointHealth {
@@ -252,6 +255,14 @@ impl EndpointHealth {
     fn out_at(&self, now: u64) -> bool {
         self.ejected_until(now).is_some() || self.is_unhealthy()
     }
+
+    /// Forgets what active checks said (they were turned off).
+    fn forget_check(&self) {
+        self.check
+            .store(CheckState::Unknown as u8, Ordering::Relaxed);
+        self.check_out.store(false, Ordering::Relaxed);
+        self.checker.store(0, Ordering::Relaxed);
+    }
 }
 
 /// What happened to an endpoint's rotation, for the caller to log and count.
@@ -269,14 +280,26 @@ pub enum Change {
 
 /// The health of one service's endpoints: the cap on how many are out at once applies
 /// across them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServiceHealth {
     /// The service's name, for logs.
     name: Box<str>,
-    settings: HealthSettings,
-    members: ArcSwap<Vec<Arc<EndpointHealth>>>,
-    /// Serialises decisions that count members (ejections, checks): rare, never per call.
+    /// Swapped whole by a reload; read without a lock as each call ends.
+    settings: ArcSwap<HealthSettings>,
+    /// The service's endpoints, with their addresses (for active checks).
+    members: ArcSwap<Vec<(Arc<EndpointHealth>, BackendAddr)>>,
+    /// Serialises decisions that count members (ejections, checks) and the start and
+    /// stop of active checks: rare, never per call.
     deciding: Mutex<()>,
+    /// The generation of active checks (from 1): a change of the check's kind or
+    /// interval starts a new one, and the checkers of older ones stop.
+    checks: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for ServiceHealth {
+    fn default() -> Self {
+        Self::new("", HealthSettings::default())
+    }
 }
 
 impl ServiceHealth {
@@ -284,9 +307,10 @@ impl ServiceHealth {
     pub fn new(name: &str, settings: HealthSettings) -> Self {
         Self {
             name: name.into(),
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             members: ArcSwap::default(),
             deciding: Mutex::new(()),
+            checks: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -296,19 +320,69 @@ impl ServiceHealth {
     }
 
     /// The settings in force.
-    pub fn settings(&self) -> &HealthSettings {
-        &self.settings
+    pub fn settings(&self) -> Guard<Arc<HealthSettings>> {
+        self.settings.load()
     }
 
-    /// The service's current endpoints (called when its endpoint set changes).
-    pub fn set_members(&self, members: Vec<Arc<EndpointHealth>>) {
+    fn deciding(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.deciding.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs with `settings` from now on (a reload): ejection's settings apply to the
+    /// next call's end; a change of the active check's kind or interval restarts the
+    /// checks (turned off, what they said is forgotten). Endpoints keep their failures
+    /// and ejections.
+    /// Returns whether the settings changed. Call within the runtime.
+    pub fn set_settings(self: &Arc<Self>, settings: HealthSettings) -> bool {
+        let _guard = self.deciding();
+        let old = self.settings.load_full();
+        if *old == settings {
+            return false;
+        }
+        let restart = (old.check, old.check_interval) != (settings.check, settings.check_interval);
+        let off = settings.check == ActiveCheck::None;
+        self.settings.store(Arc::new(settings));
+        if restart {
+            // Checkers of the old generation stop; what they said stays until the new
+            // ones answer, unless checks are off now.
+            self.checks.send_modify(|g| *g += 1);
+            let members = self.members.load();
+            if off {
+                for (ep, _) in members.iter() {
+                    ep.forget_check();
+                }
+            }
+            self.start_checks(&members);
+        }
+        true
+    }
+
+    /// The service's current endpoints (called when its endpoint set changes); their
+    /// active checks start when configured (call within the runtime).
+    pub fn set_members(self: &Arc<Self>, members: Vec<(Arc<EndpointHealth>, BackendAddr)>) {
+        let _guard = self.deciding();
+        self.start_checks(&members);
         self.members.store(Arc::new(members));
+    }
+
+    /// Starts the active checks of `members` that have none of the current generation
+    /// (under `deciding`).
+    fn start_checks(self: &Arc<Self>, members: &[(Arc<EndpointHealth>, BackendAddr)]) {
+        if self.settings.load().check != ActiveCheck::Grpc {
+            return;
+        }
+        let generation = *self.checks.borrow();
+        for (ep, addr) in members {
+            if ep.checker.swap(generation, Ordering::Relaxed) != generation {
+                active::spawn(Arc::clone(self), ep, addr, self.checks.subscribe());
+            }
+        }
     }
 
     /// How a call that ended with `failed` / `ok` counts, by the failure codes.
     #[inline]
     pub fn classify_status(&self, status: u8) -> CallResult {
-        if self.settings.failure_codes.contains(status) {
+        if self.settings.load().failure_codes.contains(status) {
             CallResult::Failure
         } else {
             CallResult::Success
@@ -316,18 +390,18 @@ impl ServiceHealth {
     }
 
     /// Whether one more endpoint may be taken out of rotation now.
-    fn may_take_out(&self, now: u64) -> bool {
+    fn may_take_out(&self, now: u64, max_percent: u8) -> bool {
         let members = self.members.load();
         let n = members.len();
-        let out = members.iter().filter(|m| m.out_at(now)).count();
-        let allowed =
-            (n * usize::from(self.settings.max_ejected_percent) / 100).min(n.saturating_sub(1));
+        let out = members.iter().filter(|(m, _)| m.out_at(now)).count();
+        let allowed = (n * usize::from(max_percent) / 100).min(n.saturating_sub(1));
         out < allowed
     }
 
     /// Accounts one call's end on `ep`; says what changed.
     pub fn report(&self, ep: &EndpointHealth, result: CallResult) -> Change {
-        if self.settings.eject_after == 0 {
+        let settings = self.settings.load();
+        if settings.eject_after == 0 {
             return Change::None;
         }
         let now = now_ns();
@@ -350,9 +424,7 @@ impl ServiceHealth {
                 ep.failures.store(0, Ordering::Relaxed);
                 // Serving well for a base ejection time since coming back: forgiven.
                 let back = ep.returned_at.load(Ordering::Relaxed);
-                if back != 0
-                    && now.saturating_sub(back) >= self.settings.eject_for.as_nanos() as u64
-                {
+                if back != 0 && now.saturating_sub(back) >= settings.eject_for.as_nanos() as u64 {
                     ep.times_ejected.store(0, Ordering::Relaxed);
                     ep.returned_at.store(0, Ordering::Relaxed);
                 }
@@ -363,22 +435,21 @@ impl ServiceHealth {
                 // Right after coming back, one failure is enough.
                 let on_probation = ep.returned_at.load(Ordering::Relaxed) != 0
                     && ep.times_ejected.load(Ordering::Relaxed) > 0;
-                if failures < self.settings.eject_after && !on_probation {
+                if failures < settings.eject_after && !on_probation {
                     return change;
                 }
                 if ep.ejected_until(now).is_some() {
                     return change;
                 }
-                let _guard = self.deciding.lock().unwrap_or_else(|p| p.into_inner());
-                if !self.may_take_out(now) {
+                let _guard = self.deciding();
+                if !self.may_take_out(now, settings.max_ejected_percent) {
                     return Change::Capped;
                 }
                 let times = ep.times_ejected.fetch_add(1, Ordering::Relaxed).min(16);
-                let length = self
-                    .settings
+                let length = settings
                     .eject_for
                     .saturating_mul(1 << times)
-                    .min(MAX_EJECTION.max(self.settings.eject_for));
+                    .min(MAX_EJECTION.max(settings.eject_for));
                 ep.ejected_until
                     .store(now + length.as_nanos() as u64, Ordering::Relaxed);
                 ep.failures.store(0, Ordering::Relaxed);
@@ -392,6 +463,17 @@ impl ServiceHealth {
     /// Takes what an active check said of `ep`; returns whether the endpoint is now out
     /// of rotation by it.
     pub fn checked(&self, ep: &EndpointHealth, state: CheckState) -> bool {
+        let generation = *self.checks.borrow();
+        self.checked_by(generation, ep, state)
+    }
+
+    /// As [`ServiceHealth::checked`], said by a check of `generation`: ignored (false)
+    /// if the checks were restarted or turned off since.
+    fn checked_by(&self, generation: u64, ep: &EndpointHealth, state: CheckState) -> bool {
+        let _guard = self.deciding();
+        if *self.checks.borrow() != generation {
+            return false;
+        }
         ep.check.store(state as u8, Ordering::Relaxed);
         if state != CheckState::NotServing {
             ep.check_out.store(false, Ordering::Relaxed);
@@ -400,9 +482,8 @@ impl ServiceHealth {
         if ep.is_unhealthy() {
             return true;
         }
-        let _guard = self.deciding.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ns();
-        let out = self.may_take_out(now);
+        let out = self.may_take_out(now, self.settings.load().max_ejected_percent);
         ep.check_out.store(out, Ordering::Relaxed);
         if out {
             ep.last_failure_at.store(now, Ordering::Relaxed);
@@ -415,12 +496,25 @@ impl ServiceHealth {
 mod ejection_tests {
     use super::*;
 
-    fn service(n: usize, settings: HealthSettings) -> (ServiceHealth, Vec<Arc<EndpointHealth>>) {
-        let s = ServiceHealth::new("svc", settings);
+    fn service(
+        n: usize,
+        settings: HealthSettings,
+    ) -> (Arc<ServiceHealth>, Vec<Arc<EndpointHealth>>) {
+        let s = Arc::new(ServiceHealth::new("svc", settings));
         let eps: Vec<_> = (0..n)
             .map(|_| Arc::new(EndpointHealth::default()))
             .collect();
-        s.set_members(eps.clone());
+        s.set_members(
+            eps.iter()
+                .enumerate()
+                .map(|(i, ep)| {
+                    (
+                        Arc::clone(ep),
+                        format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                    )
+                })
+                .collect(),
+        );
         (s, eps)
     }
 
