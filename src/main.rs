@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use switchyard::settings::{LogFormat, LogSettings};
+use switchyard::settings::{LogFormat, LogLevel, LogSettings};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// mimalloc: a call allocates and frees many small blocks (HTTP/2 frames, header maps)
 /// across threads, where it costs less CPU than the system allocator.
@@ -46,16 +49,22 @@ struct CheckConfigArgs {
     file: PathBuf,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Starts logging to stderr in `format`, writing what `RUST_LOG` selects, or else
+/// `level` (default `info`); returns the handle that changes the filter later (reload).
+fn init_tracing(
+    format: LogFormat,
+    level: Option<&LogLevel>,
+) -> reload::Handle<EnvFilter, Registry> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| level.map_or_else(|| EnvFilter::new("info"), LogLevel::filter));
+    let (filter, handle) = reload::Layer::new(filter);
+    let logs = tracing_subscriber::registry().with(filter);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => logs.with(lines).init(),
+        LogFormat::Json => logs.with(lines.json().flatten_event(true)).init(),
     }
+    handle
 }
 
 fn fail(e: impl std::fmt::Display) -> std::process::ExitCode {
@@ -87,10 +96,11 @@ fn main() -> std::process::ExitCode {
         },
         _ => None,
     };
-    init_tracing(
+    let filter = init_tracing(
         settings
             .as_ref()
             .map_or(cli.log.log_format, |s| s.log_format),
+        settings.as_ref().map(|s| &s.proxy.log.level),
     );
     // The proxy runs on as many threads as configured (one: a single-threaded runtime,
     // no cross-thread scheduling at all); the other commands on tokio's default (one
@@ -109,7 +119,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
     let proxy_matches = matches.subcommand_matches("proxy").cloned();
-    runtime.block_on(run(cli.command, settings, proxy_matches))
+    runtime.block_on(run(cli.command, settings, proxy_matches, filter))
 }
 
 /// Reads the proxy's settings again on SIGHUP: the same flags and environment, the
@@ -129,6 +139,7 @@ async fn run(
     command: Command,
     settings: Option<switchyard::settings::Loaded>,
     proxy_matches: Option<clap::ArgMatches>,
+    filter: reload::Handle<EnvFilter, Registry>,
 ) -> std::process::ExitCode {
     let result = match command {
         Command::Proxy(_) => match settings {
@@ -137,8 +148,14 @@ async fn run(
                     tracing::info!(config = %file.display(), "config file loaded");
                 }
                 let reload = proxy_matches.map(reloader);
+                // A reload puts the file's `log.level` in force (over `RUST_LOG` too).
+                let running = switchyard::proxy::Running::from(settings).with_log_control(
+                    std::sync::Arc::new(move |level: &LogLevel| {
+                        filter.reload(level.filter()).map_err(|e| e.to_string())
+                    }),
+                );
                 switchyard::proxy::run_reloading(
-                    settings.into(),
+                    running,
                     reload,
                     switchyard::proxy::shutdown_signal(),
                 )

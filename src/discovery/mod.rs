@@ -57,7 +57,8 @@ pub enum DiscoveryError {
     NoEndpoints(ServiceName),
 }
 
-/// Settings of discovery.
+/// Settings of discovery. Those [`LiveConfig`] holds are the start's: a reload
+/// changes them with [`Discovery::reconfigure`].
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
     /// Key prefixes under which services register: a service's endpoints are those
@@ -79,6 +80,41 @@ pub struct DiscoveryConfig {
     pub service_balance: HashMap<ServiceName, BalanceSettings>,
     /// Outlier ejection and active health checks.
     pub health: HealthSettings,
+}
+
+/// The settings of discovery that a reload changes on the running services.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveConfig {
+    /// Key prefixes under which services register, in order.
+    pub prefixes: Vec<String>,
+    /// Limit on the number of services watched at once (a lower one drops no service:
+    /// it refuses new ones until the table is under it).
+    pub max_services: usize,
+    /// How services' calls are balanced unless overridden below.
+    pub balance: BalanceSettings,
+    /// Per-service balancing, by service name.
+    pub service_balance: HashMap<ServiceName, BalanceSettings>,
+    /// Outlier ejection and active health checks.
+    pub health: HealthSettings,
+}
+
+impl LiveConfig {
+    /// The balancing settings of service `name`.
+    fn balance_of(&self, name: &str) -> &BalanceSettings {
+        self.service_balance.get(name).unwrap_or(&self.balance)
+    }
+}
+
+impl From<&DiscoveryConfig> for LiveConfig {
+    fn from(c: &DiscoveryConfig) -> Self {
+        Self {
+            prefixes: c.prefixes.clone(),
+            max_services: c.max_services,
+            balance: c.balance.clone(),
+            service_balance: c.service_balance.clone(),
+            health: c.health.clone(),
+        }
+    }
 }
 
 /// Map from service name to its state; replaced whole (copy on write) when a service is
@@ -115,11 +151,13 @@ pub struct Discovery {
 }
 
 /// What changes of the service table use, under [`Discovery::changing`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Changing {
     negative: NegativeCache,
     /// The task dropping idle services, started with the first service.
     sweep: Option<AbortHandle>,
+    /// The settings in force that a reload may change.
+    live: LiveConfig,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -134,13 +172,79 @@ impl std::fmt::Debug for Discovery {
 impl Discovery {
     /// A registry that watches services under `config.prefixes` in `etcd`.
     pub fn new(etcd: etcd_client::Client, config: DiscoveryConfig) -> Arc<Self> {
+        let live = LiveConfig::from(&config);
         Arc::new_cyclic(|me| Self {
             etcd,
             config,
             services: ArcSwap::from_pointee(HashMap::new()),
-            changing: Mutex::new(Changing::default()),
+            changing: Mutex::new(Changing {
+                negative: NegativeCache::default(),
+                sweep: None,
+                live,
+            }),
             me: me.clone(),
         })
+    }
+
+    /// Applies `live` to the running services and to those watched from now on (a
+    /// reload): balancing and health settings are swapped in each service (its endpoints
+    /// keep their state); new prefixes start a new watch per service, and each service
+    /// serves its current endpoints until that watch has listed them all, then swaps.
+    /// Returns the keys of what changed, for the log.
+    pub fn reconfigure(&self, live: LiveConfig) -> Vec<&'static str> {
+        let mut changing = self.changing();
+        let mut changed = Vec::new();
+        let old = std::mem::replace(&mut changing.live, live);
+        let Changing { negative, live, .. } = &mut *changing;
+        let services = self.services.load_full();
+        if old.prefixes != live.prefixes {
+            changed.push("etcd.prefix");
+            // A name etcd listed nothing for may be listed under the new prefixes.
+            *negative = NegativeCache::default();
+            for service in services.values() {
+                self.start_watch(service, &live.prefixes);
+            }
+            tracing::info!(
+                prefixes = %live.prefixes.join(" "),
+                services = services.len(),
+                "watching the services under the new prefixes; each serves its current endpoints until they are listed"
+            );
+        }
+        if old.max_services != live.max_services {
+            changed.push("limits.max_services");
+        }
+        if old.balance != live.balance || old.service_balance != live.service_balance {
+            changed.push("balance");
+        }
+        if old.health != live.health {
+            changed.push("ejection/health_check");
+        }
+        for service in services.values() {
+            let name = service.name().as_str();
+            service
+                .balancer()
+                .set_settings(live.balance_of(name).clone());
+            service
+                .balancer()
+                .health()
+                .set_settings(live.health.clone());
+        }
+        changed
+    }
+
+    /// Starts the watch of `service` under `prefixes` (replacing its current one once
+    /// the new one has listed every prefix).
+    fn start_watch(&self, service: &Arc<Service>, prefixes: &[String]) {
+        let name = service.name().as_str();
+        let upstream_config = UpstreamConfig {
+            metrics: Some(Arc::clone(&service.metrics)),
+            ..self.config.upstream.clone()
+        };
+        let key_prefixes = prefixes
+            .iter()
+            .map(|p| crate::registry::service_prefix(p, name))
+            .collect();
+        service.watch(self.etcd.clone(), key_prefixes, upstream_config);
     }
 
     /// The service named `name`, starting its watch if it is not watched.
@@ -173,23 +277,21 @@ impl Discovery {
         if changing.negative.contains(name.as_str(), now) {
             return Err(DiscoveryError::NoEndpoints(name));
         }
-        // Chosen before the map is copied: the copy holds every service once more.
-        let victim = if current.len() >= self.config.max_services {
-            match victim(&current, now, self.idle_ns()) {
-                Some(v) => Some(Arc::clone(v)),
-                None => {
-                    self.config.metrics.refused_services_full();
-                    return Err(DiscoveryError::TooManyServices(
-                        self.config.max_services,
-                        name.to_string(),
-                    ));
-                }
-            }
-        } else {
-            None
-        };
+        // Chosen before the map is copied: the copy holds every service once more. A
+        // table over a limit lowered by a reload drops services (none in use) until the
+        // new one fits, or refuses it.
+        let max = changing.live.max_services;
+        let need = (current.len() + 1).saturating_sub(max);
+        let victims: Vec<Arc<Service>> = victims(&current, now, self.idle_ns(), need)
+            .into_iter()
+            .cloned()
+            .collect();
+        if victims.len() < need {
+            self.config.metrics.refused_services_full();
+            return Err(DiscoveryError::TooManyServices(max, name.to_string()));
+        }
         let mut next = ServiceMap::clone(&current);
-        if let Some(v) = victim {
+        for v in victims {
             next.remove(v.name().as_str());
             if v.is_loaded() && v.endpoints().is_empty() {
                 changing
@@ -199,34 +301,17 @@ impl Discovery {
             self.dropped(&v, DropReason::Room, now);
         }
         let metrics = self.config.metrics.service(name.as_str());
-        let balance = self
-            .config
-            .service_balance
-            .get(name.as_str())
-            .unwrap_or(&self.config.balance)
-            .clone();
+        let live = &changing.live;
         let service = Arc::new(Service::new(
             name.clone(),
-            Arc::clone(&metrics),
-            Balancer::new(name.as_str(), Arc::new(balance), self.config.health.clone()),
+            metrics,
+            Balancer::new(
+                name.as_str(),
+                Arc::new(live.balance_of(name.as_str()).clone()),
+                live.health.clone(),
+            ),
         ));
-        let upstream_config = UpstreamConfig {
-            metrics: Some(metrics),
-            ..self.config.upstream.clone()
-        };
-        let task = tokio::spawn(watch::run(
-            Arc::clone(&service),
-            self.etcd.clone(),
-            self.config
-                .prefixes
-                .iter()
-                .map(|p| crate::registry::service_prefix(p, name.as_str()))
-                .collect(),
-            upstream_config,
-        ));
-        if let Ok(mut t) = service.task.lock() {
-            *t = Some(task.abort_handle());
-        }
+        self.start_watch(&service, &live.prefixes);
         next.insert(name.clone(), Arc::clone(&service));
         self.services.store(Arc::new(next));
         if changing.sweep.is_none() {
@@ -294,10 +379,15 @@ fn in_use(service: &Arc<Service>) -> bool {
     Arc::strong_count(service) > TABLE_AND_WATCH
 }
 
-/// The service of `map` to drop to make room, if any: none that is in use; one without
-/// endpoints, least recently used first; else one with endpoints unused for `idle_ns`.
-fn victim(map: &ServiceMap, now: u64, idle_ns: u64) -> Option<&Arc<Service>> {
-    map.values()
+/// Up to `n` services of `map` to drop to make room, best first: none that is in use;
+/// those without endpoints, least recently used first; then those with endpoints
+/// unused for `idle_ns`.
+fn victims(map: &ServiceMap, now: u64, idle_ns: u64, n: usize) -> Vec<&Arc<Service>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut ranked: Vec<_> = map
+        .values()
         .filter(|s| !in_use(s))
         .filter_map(|s| {
             let last = s.last_used();
@@ -309,8 +399,9 @@ fn victim(map: &ServiceMap, now: u64, idle_ns: u64) -> Option<&Arc<Service>> {
                 None
             }
         })
-        .min_by_key(|(rank, _)| *rank)
-        .map(|(_, s)| s)
+        .collect();
+    ranked.sort_by_key(|(rank, _)| *rank);
+    ranked.into_iter().take(n).map(|(_, s)| s).collect()
 }
 
 /// Drops idle services every `every`, as long as the registry lives.
@@ -388,7 +479,8 @@ pub struct Service {
     loaded: AtomicBool,
     loaded_notify: Notify,
     etcd_reachable: AtomicBool,
-    task: Mutex<Option<AbortHandle>>,
+    /// Its watch tasks: the one publishing, and one started by a reload, if any.
+    watching: Mutex<Watching>,
     metrics: Arc<ServiceMetrics>,
     /// Counts published snapshots, so health watchers wake on each change.
     changes: tokio::sync::watch::Sender<u64>,
@@ -405,7 +497,7 @@ impl Service {
             loaded: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
-            task: Mutex::new(None),
+            watching: Mutex::new(Watching::default()),
             metrics,
             changes: tokio::sync::watch::Sender::new(0),
             last_used: AtomicU64::new(crate::clock::now_ns()),
@@ -481,6 +573,64 @@ impl Service {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
+    fn watching(&self) -> std::sync::MutexGuard<'_, Watching> {
+        self.watching.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a watch of the service under `key_prefixes`. The watch running now, if
+    /// any, keeps publishing until the new one publishes its first snapshot (every
+    /// prefix listed), then stops: calls are served throughout.
+    fn watch(
+        self: &Arc<Self>,
+        etcd: etcd_client::Client,
+        key_prefixes: Vec<String>,
+        upstream: UpstreamConfig,
+    ) {
+        let mut w = self.watching();
+        w.started += 1;
+        let generation = w.started;
+        let task = tokio::spawn(watch::run(
+            Arc::clone(self),
+            etcd,
+            key_prefixes,
+            upstream,
+            generation,
+        ));
+        // A watch started by an earlier reload that never published is not wanted now.
+        if let Some((_, older)) = w.next.replace((generation, task.abort_handle())) {
+            older.abort();
+        }
+    }
+
+    /// Whether the watch of `generation` is the one publishing.
+    fn is_current(&self, generation: u64) -> bool {
+        self.watching().current == generation
+    }
+
+    /// Publishes a snapshot made by the watch of `generation`: the newest watch takes
+    /// over with its first snapshot (the one it replaces is stopped); a replaced watch
+    /// publishes nothing. Returns whether it was published.
+    fn publish_from(&self, generation: u64, set: EndpointSet) -> bool {
+        let mut w = self.watching();
+        if generation != w.current {
+            match w.next.take() {
+                Some((next, task)) if next == generation => {
+                    if let Some(old) = w.task.replace(task) {
+                        old.abort();
+                    }
+                    w.current = generation;
+                }
+                other => {
+                    w.next = other;
+                    return false;
+                }
+            }
+        }
+        // Under the lock: a replaced watch cannot publish after its successor.
+        self.publish(set);
+        true
+    }
+
     fn publish(&self, set: EndpointSet) {
         self.endpoints.store(Arc::new(set));
         if !self.loaded.swap(true, Ordering::AcqRel) {
@@ -495,12 +645,27 @@ impl Service {
     }
 
     fn stop(&self) {
-        if let Ok(mut t) = self.task.lock() {
-            if let Some(h) = t.take() {
-                h.abort();
-            }
+        let mut w = self.watching();
+        if let Some(h) = w.task.take() {
+            h.abort();
+        }
+        if let Some((_, h)) = w.next.take() {
+            h.abort();
         }
     }
+}
+
+/// A service's watch tasks, by generation (each watch started gets the next one).
+#[derive(Debug, Default)]
+struct Watching {
+    /// Watches started so far.
+    started: u64,
+    /// The generation of the watch whose snapshots are published (0: none yet).
+    current: u64,
+    /// The task of the watch publishing.
+    task: Option<AbortHandle>,
+    /// A newer watch, until its first snapshot.
+    next: Option<(u64, AbortHandle)>,
 }
 
 #[cfg(test)]
@@ -542,7 +707,9 @@ mod tests {
     }
 
     fn victim_name(map: &ServiceMap, now: u64) -> Option<&str> {
-        victim(map, now, 60 * S).map(|s| s.name().as_str())
+        victims(map, now, 60 * S, 1)
+            .first()
+            .map(|s| s.name().as_str())
     }
 
     #[test]

@@ -135,6 +135,10 @@ struct PrefixState {
 /// backends built for their endpoints.
 struct WatchState {
     service: Arc<Service>,
+    /// Which of the service's watches this is (a reload starts a new one).
+    generation: u64,
+    /// A snapshot was published from this state.
+    published: bool,
     upstream_config: UpstreamConfig,
     /// One per key prefix, in the order the prefixes are given.
     prefixes: Vec<PrefixState>,
@@ -148,6 +152,8 @@ impl WatchState {
     fn new(service: Arc<Service>, upstream_config: UpstreamConfig, prefixes: usize) -> Self {
         Self {
             service,
+            generation: 0,
+            published: false,
             upstream_config,
             prefixes: (0..prefixes).map(|_| PrefixState::default()).collect(),
             backends: HashMap::new(),
@@ -193,6 +199,15 @@ impl WatchState {
         let service = Arc::clone(&self.service);
         let upstream_config = self.upstream_config.clone();
         let mut backends = std::mem::take(&mut self.backends);
+        if !self.published {
+            // A watch replacing another (new prefixes) takes over the backends it still
+            // lists, with their connections and state.
+            for b in service.endpoints().iter() {
+                backends
+                    .entry(b.addr().clone())
+                    .or_insert_with(|| Arc::clone(b));
+            }
+        }
         let wanted = self.wanted();
         let name = service.name();
         backends.retain(|addr, _| {
@@ -215,11 +230,10 @@ impl WatchState {
                 }
             }
         }
-        service.publish(
-            service
-                .balancer()
-                .snapshot(backends.values().cloned().collect()),
-        );
+        let set = service
+            .balancer()
+            .snapshot(backends.values().cloned().collect());
+        self.published |= service.publish_from(self.generation, set);
         self.backends = backends;
     }
 
@@ -249,7 +263,9 @@ impl WatchState {
             Ok(_) => {}
         }
         let all = self.prefixes.iter().all(|p| p.reachable);
-        self.service.etcd_reachable.store(all, Ordering::Relaxed);
+        if self.service.is_current(self.generation) {
+            self.service.etcd_reachable.store(all, Ordering::Relaxed);
+        }
     }
 }
 
@@ -259,18 +275,18 @@ fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Runs the watches of one service, one per key prefix, forever (until aborted).
+/// Runs the watches of one service, one per key prefix, forever (until aborted); its
+/// snapshots are published as those of the service's watch `generation`.
 pub(super) async fn run(
     service: Arc<Service>,
     client: Client,
     key_prefixes: Vec<String>,
     upstream_config: UpstreamConfig,
+    generation: u64,
 ) {
-    let state = Mutex::new(WatchState::new(
-        service,
-        upstream_config,
-        key_prefixes.len(),
-    ));
+    let mut state = WatchState::new(service, upstream_config, key_prefixes.len());
+    state.generation = generation;
+    let state = Mutex::new(state);
     let watches = key_prefixes
         .iter()
         .enumerate()

@@ -38,7 +38,7 @@ use conn::{ConnLimits, ServerSettings};
 use forward::{Forwarder, Target};
 use listeners::{Listeners, Serving, Shared};
 use local::{Local, LocalContext};
-pub use reload::{Reload, Running};
+pub use reload::{LogControl, Reload, Running};
 pub use sockets::Sockets;
 
 /// A listener already bound, with the service it is bound to (if any).
@@ -230,11 +230,12 @@ async fn serve_with(
     let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
+    let live = reload::discovery_settings(args);
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefixes: args.etcd.prefixes(),
-            max_services: args.limits.max_services,
+            prefixes: live.prefixes,
+            max_services: live.max_services,
             service_idle: args.timeouts.service_idle,
             upstream: UpstreamConfig {
                 connect_timeout: args.timeouts.connect,
@@ -242,18 +243,9 @@ async fn serve_with(
                 ..UpstreamConfig::default()
             },
             metrics: Arc::clone(&metrics),
-            balance: args.balance.settings(),
-            service_balance: args
-                .balance
-                .services
-                .iter()
-                .filter_map(|(name, section)| {
-                    // Names are checked with the other settings; none is invalid here.
-                    let name = ServiceName::new(name).ok()?;
-                    Some((name, args.balance.service_settings(section)))
-                })
-                .collect(),
-            health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
+            balance: live.balance,
+            service_balance: live.service_balance,
+            health: live.health,
         },
     );
     let routes = Arc::new(crate::route::Routes::new(&args.route)?);

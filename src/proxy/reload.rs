@@ -18,21 +18,39 @@ use tokio_rustls::TlsAcceptor;
 use super::listeners::{Listeners, Serving};
 use super::sockets::Sockets;
 use super::{forwarder, server_settings};
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, LiveConfig};
 use crate::metrics::Metrics;
-use crate::settings::{ConfigError, Loaded, LogFormat, ProxySettings};
+use crate::route::ServiceName;
+use crate::settings::{ConfigError, Loaded, LogFormat, LogLevel, ProxySettings};
 
 /// Reads the settings again: flags and environment as at start, the config file as it
 /// is now (`settings::load` with the start's command line).
 pub type Reload = Box<dyn FnMut() -> Result<Loaded, ConfigError> + Send>;
 
+/// Puts a new log filter in force (the binary's `tracing_subscriber::reload` handle);
+/// the error says why not.
+pub type LogControl = Arc<dyn Fn(&LogLevel) -> Result<(), String> + Send + Sync>;
+
 /// The settings the proxy runs with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Running {
     /// The proxy's settings.
     pub settings: ProxySettings,
     /// The log format the process started with (changing it needs a restart), if known.
     pub log_format: Option<LogFormat>,
+    /// Applies `log.level` on reload; without it (an embedded proxy, whose embedder
+    /// owns logging) a change of `log.level` is named as needing a restart.
+    pub log_control: Option<LogControl>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("settings", &self.settings)
+            .field("log_format", &self.log_format)
+            .field("log_control", &self.log_control.is_some())
+            .finish()
+    }
 }
 
 impl Running {
@@ -41,7 +59,14 @@ impl Running {
         Self {
             settings,
             log_format: None,
+            log_control: None,
         }
+    }
+
+    /// The same, with `log.level` applied on reload by `control`.
+    pub fn with_log_control(mut self, control: LogControl) -> Self {
+        self.log_control = Some(control);
+        self
     }
 }
 
@@ -50,7 +75,28 @@ impl From<Loaded> for Running {
         Self {
             settings: l.proxy,
             log_format: Some(l.log_format),
+            log_control: None,
         }
+    }
+}
+
+/// The discovery settings `args` give: prefixes, the service limit, balancing and health.
+pub(super) fn discovery_settings(args: &ProxySettings) -> LiveConfig {
+    LiveConfig {
+        prefixes: args.etcd.prefixes(),
+        max_services: args.limits.max_services,
+        balance: args.balance.settings(),
+        service_balance: args
+            .balance
+            .services
+            .iter()
+            .filter_map(|(name, section)| {
+                // Names are checked with the other settings; none is invalid here.
+                let name = ServiceName::new(name).ok()?;
+                Some((name, args.balance.service_settings(section)))
+            })
+            .collect(),
+        health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
     }
 }
 
@@ -64,7 +110,18 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
             changed.push(key);
         }
     };
-    note("etcd", r.etcd != n.etcd);
+    // etcd's connection: the prefixes (`etcd.prefix`) apply live.
+    let (re, ne) = (&r.etcd, &n.etcd);
+    note("etcd.endpoints", re.endpoints != ne.endpoints);
+    note(
+        "etcd.connect_timeout",
+        re.connect_timeout != ne.connect_timeout,
+    );
+    note("etcd.user", re.user != ne.user);
+    note("etcd.password", re.password != ne.password);
+    note("etcd.ca", re.ca != ne.ca);
+    note("etcd.cert", re.cert != ne.cert);
+    note("etcd.key", re.key != ne.key);
     note("upstream_tls", r.upstream_tls != n.upstream_tls);
     note("admin.listen", r.admin != n.admin);
     note("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
@@ -73,30 +130,26 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
         r.timeouts.service_idle != n.timeouts.service_idle,
     );
     note(
-        "limits.max_services",
-        r.limits.max_services != n.limits.max_services,
-    );
-    note(
         "limits.worker_threads",
         r.limits.worker_threads != n.limits.worker_threads,
     );
-    note("balance", r.balance != n.balance);
-    note("ejection", r.ejection != n.ejection);
-    note("health_check", r.health_check != n.health_check);
     note(
         "log_format",
         running.log_format.is_some() && running.log_format != new.log_format,
     );
-    n.etcd = r.etcd.clone();
+    note("log.level", running.log_control.is_none() && r.log != n.log);
+    n.etcd = crate::settings::EtcdSettings {
+        prefix: std::mem::take(&mut n.etcd.prefix),
+        ..r.etcd.clone()
+    };
     n.upstream_tls = r.upstream_tls.clone();
     n.admin = r.admin.clone();
     n.timeouts.connect = r.timeouts.connect;
     n.timeouts.service_idle = r.timeouts.service_idle;
-    n.limits.max_services = r.limits.max_services;
     n.limits.worker_threads = r.limits.worker_threads;
-    n.balance = r.balance.clone();
-    n.ejection = r.ejection.clone();
-    n.health_check = r.health_check.clone();
+    if running.log_control.is_none() {
+        n.log = r.log.clone();
+    }
     new.log_format = running.log_format;
     changed
 }
@@ -138,6 +191,7 @@ impl Live {
 
     /// Applies `new`: everything that can fail first, then the changes.
     async fn apply(&mut self, mut new: Running) -> Result<(), super::ProxyError> {
+        new.log_control = self.running.log_control.clone();
         let restart = keep_restart_only(&self.running, &mut new);
         if !restart.is_empty() {
             tracing::warn!(
@@ -147,6 +201,18 @@ impl Live {
         }
         let args = &new.settings;
         let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
+        if args.etcd.prefixes() != self.running.settings.etcd.prefixes() {
+            // Reflection lists the services under the prefixes in force.
+            let l = &self.local;
+            self.local = Arc::new(super::local::LocalContext {
+                discovery: Arc::clone(&l.discovery),
+                etcd: l.etcd.clone(),
+                prefixes: args.etcd.prefixes(),
+                routes: Arc::clone(&l.routes),
+                draining: l.draining.clone(),
+                discovery_timeout: l.discovery_timeout,
+            });
+        }
         let server = Arc::new(server_settings(args));
         let mut starting = Vec::new();
         let mut updating = Vec::new();
@@ -192,7 +258,22 @@ impl Live {
             args.limits.max_connections,
         );
         self.listeners.resize_connections(old, now);
-        tracing::info!(listeners = args.listeners.len(), "settings reloaded");
+        let mut live = self.discovery.reconfigure(discovery_settings(args));
+        if args.log != self.running.settings.log {
+            if let Some(control) = &new.log_control {
+                match control(&args.log.level) {
+                    Ok(()) => live.push("log.level"),
+                    Err(error) => {
+                        tracing::warn!(%error, level = %args.log.level, "cannot change the log level; the running one stays")
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            listeners = args.listeners.len(),
+            changed = live.join(", "),
+            "settings reloaded"
+        );
         self.running = new;
         Ok(())
     }
@@ -234,18 +315,50 @@ mod tests {
         let running = Running {
             settings: ProxySettings::default(),
             log_format: Some(LogFormat::Text),
+            log_control: Some(Arc::new(|_: &LogLevel| Ok(()))),
         };
         let mut new = running.clone();
-        new.settings.etcd.prefix = vec!["other".into()];
-        new.settings.limits.worker_threads = 4;
-        new.settings.limits.max_connections = 7;
+        let n = &mut new.settings;
+        n.etcd.prefix = vec!["other".into()];
+        n.etcd.endpoints = vec!["http://127.0.0.1:1".into()];
+        n.limits.worker_threads = 4;
+        n.limits.max_connections = 7;
+        n.limits.max_services = 3;
+        n.balance.policy = crate::balance::Policy::LeastRequest;
+        n.ejection.after = 2;
+        n.health_check.kind = crate::health::ActiveCheck::Grpc;
+        n.log.level = "debug".parse().unwrap();
         new.log_format = Some(LogFormat::Json);
         let changed = keep_restart_only(&running, &mut new);
-        assert_eq!(changed, ["etcd", "limits.worker_threads", "log_format"]);
-        assert_eq!(new.settings.etcd.prefix, running.settings.etcd.prefix);
-        assert_eq!(new.settings.limits.worker_threads, 1);
+        assert_eq!(
+            changed,
+            ["etcd.endpoints", "limits.worker_threads", "log_format"]
+        );
+        let (r, n) = (&running.settings, &new.settings);
+        assert_eq!(n.etcd.endpoints, r.etcd.endpoints);
+        assert_eq!(n.limits.worker_threads, 1);
         assert_eq!(new.log_format, Some(LogFormat::Text));
         // What can change live does.
-        assert_eq!(new.settings.limits.max_connections, 7);
+        assert_eq!(n.etcd.prefix, ["other"]);
+        assert_eq!(n.limits.max_connections, 7);
+        assert_eq!(n.limits.max_services, 3);
+        assert_eq!(n.balance.policy, crate::balance::Policy::LeastRequest);
+        assert_eq!(n.ejection.after, 2);
+        assert_eq!(n.health_check.kind, crate::health::ActiveCheck::Grpc);
+        assert_eq!(n.log.level.as_str(), "debug");
+        let live = discovery_settings(n);
+        assert_eq!(
+            (live.prefixes, live.max_services, live.health.eject_after),
+            (vec!["other".to_owned()], 3, 2)
+        );
+    }
+
+    #[test]
+    fn the_log_level_needs_a_restart_where_the_proxy_does_not_own_logging() {
+        let running = Running::new(ProxySettings::default());
+        let mut new = running.clone();
+        new.settings.log.level = "warn,switchyard=debug".parse().unwrap();
+        assert_eq!(keep_restart_only(&running, &mut new), ["log.level"]);
+        assert_eq!(new.settings.log.level.as_str(), "info");
     }
 }

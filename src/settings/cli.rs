@@ -241,6 +241,6 @@ impl fmt::Display for Loaded {
             l.max_header_list_size,
             l.worker_threads
         )?;
-        write!(f, "log format {:?}", self.log_format)
+        write!(f, "log format {:?}, level {}", self.log_format, a.log.level)
     }
 }

@@ -59,7 +59,7 @@ pub use cli::{check, load, parse_file, proxy_command, Loaded, ProxyCommand};
 pub use error::{ConfigError, FieldError, Location};
 pub use etcd::EtcdSettings;
 pub use listen::{AdminListen, AdminSettings, ListenSpec, ListenSpecError};
-pub use log::{LogFormat, LogSettings};
+pub use log::{BadLogLevel, LogFormat, LogLevel, LogSection, LogSettings};
 pub use proxy::{LimitSettings, ProxySettings, TimeoutSettings, MAX_WORKER_THREADS};
 pub use tls::{ListenerTlsSettings, UpstreamTlsSettings};
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::balance::{BalanceSection, EjectionSection, HealthCheckSection};
 use super::{
     duration, AdminListen, AdminSettings, EtcdSettings, ListenSpec, ListenerTlsSettings,
-    UpstreamTlsSettings,
+    LogSection, UpstreamTlsSettings,
 };
 
 /// Most threads `--worker-threads` may ask for.
@@ -78,6 +78,9 @@ pub struct ProxySettings {
     /// Active health checks.
     #[command(flatten)]
     pub health_check: HealthCheckSection,
+    /// Which log lines are written.
+    #[command(flatten)]
+    pub log: LogSection,
 }
 
 impl Default for ProxySettings {
