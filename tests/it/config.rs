@@ -121,6 +121,9 @@ failure_codes = "13,14"
 [health_check]
 kind = "grpc"
 interval = "2s"
+
+[log]
+level = "warn,switchyard=debug"
 "#;
 
 /// A directory with the PEM files FULL names (relative to it).
@@ -202,6 +205,7 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.ejection.failure_codes.to_string(), "13,14");
     assert_eq!(a.health_check.kind, switchyard::health::ActiveCheck::Grpc);
     assert_eq!(a.health_check.interval, Duration::from_secs(2));
+    assert_eq!(a.log.level.as_str(), "warn,switchyard=debug");
     // Every setting came from the file.
     let cmd = config::proxy_command();
     for arg in cmd.get_arguments() {
@@ -291,6 +295,12 @@ fn errors_name_the_file_the_line_and_the_field() {
             "ip:port",
         ),
         ("log_format = \"xml\"\n", 1, "log_format", "unknown variant"),
+        (
+            "[log]\nlevel = \"switchyard=loud\"\n",
+            2,
+            "log.level",
+            "not a log filter",
+        ),
         // Settings that are each fine but do not fit together, or files that are missing.
         (
             "[limits]\nmax_services = 1\n\n[tls]\ncert = \"c.pem\"\n",

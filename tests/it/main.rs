@@ -17,6 +17,7 @@ mod proxy;
 mod refused;
 mod registration;
 mod registries;
+mod reload;
 mod resilience;
 mod restart;
 mod sidecar_admin;

@@ -12,28 +12,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// What the calling client saw.
 #[derive(Debug, Default)]
-struct Tally {
-    ok: usize,
-    failed: Vec<String>,
+pub(crate) struct Tally {
+    pub(crate) ok: usize,
+    pub(crate) failed: Vec<String>,
     /// The backend that answered the last call.
-    last: String,
+    pub(crate) last: String,
 }
 
 /// Clients calling through `addr` until dropped.
-struct Calling {
+pub(crate) struct Calling {
     stop: Arc<AtomicBool>,
-    tally: Arc<Mutex<Tally>>,
+    pub(crate) tally: Arc<Mutex<Tally>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Calling {
     /// One loop on a kept connection, one on a new connection per call; at most 5,000
     /// calls each, a 5 s deadline per call.
-    fn start(addr: SocketAddr) -> Calling {
+    pub(crate) fn start(addr: SocketAddr) -> Calling {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let mut tasks = Vec::new();
@@ -89,12 +89,12 @@ impl Calling {
         Calling { stop, tally, tasks }
     }
 
-    fn ok(&self) -> usize {
+    pub(crate) fn ok(&self) -> usize {
         self.tally.lock().unwrap().ok
     }
 
     /// Waits until `n` more calls succeeded (up to 20 s).
-    async fn more(&self, n: usize) {
+    pub(crate) async fn more(&self, n: usize) {
         let want = self.ok() + n;
         eventually(Duration::from_secs(20), "calls go on", || async {
             self.ok() >= want
@@ -103,7 +103,7 @@ impl Calling {
     }
 
     /// Stops calling; returns the tally.
-    async fn finish(self) -> Tally {
+    pub(crate) async fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.unwrap();
@@ -134,7 +134,7 @@ async fn echo_service() -> (EtcdProcess, EchoBackend, TestRegistration) {
 }
 
 /// Asserts that no call failed.
-fn assert_none_failed(tally: &Tally) {
+pub(crate) fn assert_none_failed(tally: &Tally) {
     assert!(
         tally.failed.is_empty(),
         "{} failed of {}: {:?}",
@@ -145,7 +145,7 @@ fn assert_none_failed(tally: &Tally) {
 }
 
 /// Sends `sig` (`-TERM`, `-HUP`) to `pid`.
-fn signal(pid: u32, sig: &str) {
+pub(crate) fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
@@ -165,7 +165,7 @@ fn proxy(args: &[&str]) -> SwitchyardProcess {
     SwitchyardProcess::launch(cmd, None)
 }
 
-fn wait_logged(p: &SwitchyardProcess, parts: &[&str]) {
+pub(crate) fn wait_logged(p: &SwitchyardProcess, parts: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.logged(parts) {
         assert!(
