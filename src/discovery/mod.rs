@@ -746,6 +746,25 @@ mod tests {
     }
 
     #[test]
+    fn a_table_over_a_lowered_limit_gives_up_several_unused_services() {
+        let (map, _watches) = table(vec![
+            service("empty.a", 10 * S, false),
+            service("served.b", 99 * S, true),
+            service("empty.c", 20 * S, false),
+        ]);
+        let names = |n| -> Vec<&str> {
+            victims(&map, 100 * S, 60 * S, n)
+                .into_iter()
+                .map(|s| s.name().as_str())
+                .collect()
+        };
+        assert!(names(0).is_empty());
+        assert_eq!(names(2), ["empty.a", "empty.c"]);
+        // The served one was used within the idle time: never more than these two.
+        assert_eq!(names(3), ["empty.a", "empty.c"]);
+    }
+
+    #[test]
     fn uses_are_noted_at_most_once_a_second() {
         let s = service("a", 10 * S, false);
         s.touch(10 * S + S / 2);

@@ -626,6 +626,77 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_watch_takes_over_with_its_first_snapshot() {
+        let s = name();
+        let parked = || tokio::spawn(std::future::pending::<()>());
+        let (service, mut old) = watched(1, UpstreamConfig::default());
+        // The first watch, as a service's first call starts it.
+        let first = parked();
+        {
+            let mut w = service.watching();
+            w.started = 1;
+            w.next = Some((1, first.abort_handle()));
+        }
+        old.generation = 1;
+        old.prefixes[0].keys.replace(
+            &s,
+            [
+                (&b"a/svc/1"[..], &b"127.0.0.1:1"[..], 1),
+                (b"a/svc/2", b"127.0.0.1:2", 1),
+            ],
+        );
+        old.prefixes[0].listed = true;
+        old.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert!(service.is_current(1));
+        let addr2: BackendAddr = "127.0.0.1:2".parse().unwrap();
+        let kept = Arc::clone(&old.backends[&addr2]);
+
+        // A reload: new prefixes, a second watch. Until it has listed them, the first
+        // one still publishes.
+        let second = parked();
+        {
+            let mut w = service.watching();
+            w.started = 2;
+            w.next = Some((2, second.abort_handle()));
+        }
+        let mut new = WatchState::new(Arc::clone(&service), UpstreamConfig::default(), 1);
+        new.generation = 2;
+        new.publish();
+        old.prefixes[0].keys.put(&s, b"a/svc/3", b"127.0.0.1:3", 2);
+        old.publish();
+        assert_eq!(
+            snapshot(&service),
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        );
+        new.prefixes[0].keys.replace(
+            &s,
+            [
+                (&b"b/svc/2"[..], &b"127.0.0.1:2"[..], 1),
+                (b"b/svc/4", b"127.0.0.1:4", 1),
+            ],
+        );
+        new.prefixes[0].listed = true;
+        new.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:4"]);
+        assert!(service.is_current(2));
+        // An address listed under both keeps its backend (connection, state).
+        let still = service
+            .endpoints()
+            .iter()
+            .find(|b| b.addr() == &addr2)
+            .cloned();
+        assert!(still.is_some_and(|b| Arc::ptr_eq(&b, &kept)));
+        // The first watch is stopped, and what it still sends is not published.
+        assert!(first.await.unwrap_err().is_cancelled());
+        old.prefixes[0].keys.delete(b"a/svc/2");
+        old.publish();
+        assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:4"]);
+        service.stop();
+        assert!(second.await.unwrap_err().is_cancelled());
+    }
+
+    #[tokio::test]
     async fn tls_endpoints_need_tls_to_backends() {
         let grpcs = br#"{"id":"i","name":"svc","version":"","metadata":null,"endpoints":["grpcs://127.0.0.1:4"]}"#;
         let listing = [

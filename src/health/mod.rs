@@ -600,6 +600,43 @@ mod ejection_tests {
     }
 
     #[test]
+    fn settings_swap_live_and_endpoints_keep_their_state() {
+        let off = HealthSettings {
+            eject_after: 0,
+            max_ejected_percent: 100,
+            ..HealthSettings::default()
+        };
+        let (s, eps) = service(3, off.clone());
+        assert_eq!(fail(&s, &eps[0], 10), Change::None);
+        assert!(s.checked(&eps[1], CheckState::NotServing));
+        // Ejection on: the next failures count.
+        assert!(s.set_settings(HealthSettings {
+            eject_after: 2,
+            ..off.clone()
+        }));
+        assert!(!s.set_settings(HealthSettings {
+            eject_after: 2,
+            ..off.clone()
+        }));
+        assert_eq!(fail(&s, &eps[0], 1), Change::None);
+        assert!(matches!(fail(&s, &eps[0], 1), Change::Ejected(_)));
+        // The check's settings changed (checks stay off): what they said is forgotten,
+        // and a checker of the old generation is not heard any more.
+        assert!(eps[1].is_out(now_ns));
+        assert!(s.set_settings(HealthSettings {
+            eject_after: 2,
+            check_interval: Duration::from_secs(1),
+            ..off
+        }));
+        assert!(!eps[1].is_out(now_ns));
+        assert_eq!(eps[1].check_state(), CheckState::Unknown);
+        assert!(!s.checked_by(1, &eps[1], CheckState::NotServing));
+        assert!(!eps[1].is_out(now_ns));
+        // The ejection made before stays.
+        assert!(eps[0].is_out(now_ns));
+    }
+
+    #[test]
     fn active_checks_take_out_within_the_cap() {
         let (s, eps) = service(2, HealthSettings::default());
         assert!(s.checked(&eps[0], CheckState::NotServing));
