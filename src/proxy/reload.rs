@@ -1,15 +1,27 @@
 //! Reload on SIGHUP: the settings are read again (the config file as it is now; flags and
 //! environment as at start) and applied to the running proxy without cutting a call.
 //!
-//! Applied live: listeners added, removed, or bound to another service; TLS on the
-//! listeners; `limits.max_connections`, `limits.max_concurrent_streams`,
-//! `limits.max_header_list_size`; the `discovery`, `idle`, `first_request` and `drain`
-//! timeouts. New connections get the new settings, open ones keep theirs (a listener
-//! bound to another service tells its open connections to go away: GOAWAY, their calls
-//! finish, the clients reconnect). The settings in `keep_restart_only` are read at start
-//! only: a change to them is logged as needing a restart and the running values stay.
-//! A file with an error is refused with the error (file, line, key) in the log; the
-//! running settings stay. Each reload counts in `switchyard_config_reloads_total{result}`.
+//! Applied live:
+//! - listeners added, removed, or bound to another service (a listener bound to another
+//!   service tells its open connections to go away: GOAWAY, their calls finish, the
+//!   clients reconnect); TLS on the listeners; routes; `limits.max_connections`,
+//!   `limits.max_concurrent_streams`, `limits.max_header_list_size`; the `discovery`,
+//!   `idle`, `first_request` and `drain` timeouts. New connections get the new settings,
+//!   open ones keep theirs.
+//! - `etcd.prefix`: each watched service starts a watch under the new prefixes and serves
+//!   its current endpoints until that watch has listed them all, then swaps
+//!   ([`Discovery::reconfigure`]).
+//! - `[balance]`, `[ejection]`, `[health_check]`: swapped in every service (read without a
+//!   lock per call); endpoints keep their calls in flight, latency and ejections; active
+//!   checks are started, stopped or re-timed.
+//! - `limits.max_services`: a lower limit drops no service in use, it refuses new ones
+//!   while the table is over it.
+//! - `log.level`, through the binary's [`LogControl`] (`tracing_subscriber::reload`).
+//!
+//! The settings in `keep_restart_only` are read at start only: a change to them is logged,
+//! by file key, as needing a restart, and the running values stay. A file with an error is
+//! refused with the error (file, line, key) in the log; the running settings stay. Each
+//! reload counts in `switchyard_config_reloads_total{result}`.
 
 use std::sync::Arc;
 

@@ -270,3 +270,47 @@ async fn a_new_log_level_applies_on_reload() {
     signal(p.pid(), "-HUP");
     wait_logged(&p, &["refused", "switchyard.toml", "log.level"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_start_and_stop_on_reload() {
+    let (etcd, bs, _regs) = echo_backends(3).await;
+    // b0 answers calls but says NOT_SERVING: only an active check takes it out.
+    bs[0].set_echo_serving(false).await;
+    let file = ConfigFile::new(&etcd);
+    file.write("", "[health_check]\nkind = \"none\"\n");
+    let p = proxy(&file, Some("info")).await;
+    let calling = Calling::start(file.listen);
+    calling.more(30).await;
+    let served = answers(file.listen, 30).await;
+    // Its share (the other client's calls take turns in the same rotation).
+    assert!(
+        served.iter().filter(|s| *s == "b0").count() >= 5,
+        "{served:?}"
+    );
+
+    file.write("", "[health_check]\nkind = \"grpc\"\ninterval = \"1s\"\n");
+    signal(p.pid(), "-HUP");
+    eventually(Duration::from_secs(10), "b0 unhealthy", || async {
+        states(file.admin).await.iter().any(|s| s == "unhealthy")
+    })
+    .await;
+    let served = answers(file.listen, 30).await;
+    assert!(!served.iter().any(|s| s == "b0"), "{served:?}");
+
+    // Checks off again: what they said is forgotten, b0 is back in rotation.
+    file.write("", "[health_check]\nkind = \"none\"\n");
+    signal(p.pid(), "-HUP");
+    eventually(Duration::from_secs(5), "b0 back", || async {
+        !states(file.admin).await.iter().any(|s| s == "unhealthy")
+    })
+    .await;
+    let served = answers(file.listen, 30).await;
+    // Its share (the other client's calls take turns in the same rotation).
+    assert!(
+        served.iter().filter(|s| *s == "b0").count() >= 5,
+        "{served:?}"
+    );
+    calling.more(30).await;
+    let tally = calling.finish().await;
+    assert_none_failed(&tally);
+}
