@@ -3,7 +3,7 @@
 //! upstream request, and the per-call metrics.
 //!
 //! `cargo bench --bench hot_path` (a few seconds per benchmark). The end-to-end
-//! comparison with direct calls, nginx and HAProxy is `benches/e2e.rs`.
+//! comparison with direct calls, nginx and HAProxy is `benches/e2e/`.
 
 use std::hint::black_box;
 use std::sync::Arc;

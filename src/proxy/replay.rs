@@ -162,3 +162,191 @@ impl ReplayBody {
         Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use h2::Reason;
+
+    use super::*;
+    use crate::testkit::h2_pair::{within, H2Pair, H2Stream};
+
+    /// A client's request stream as the proxy receives it: the client side to send on,
+    /// the proxy side wrapped as the call's first attempt.
+    struct Call {
+        _pair: H2Pair,
+        client: h2::SendStream<Bytes>,
+        _rest: (h2::client::ResponseFuture, h2::server::SendResponse<Bytes>),
+        body: ReplayBody,
+    }
+
+    async fn call() -> Call {
+        let mut pair = H2Pair::start().await.unwrap();
+        let H2Stream {
+            response,
+            send,
+            recv,
+            respond,
+        } = pair.stream(false).await.unwrap();
+        Call {
+            _pair: pair,
+            client: send,
+            _rest: (response, respond),
+            body: ReplayBody::new(H2Body::new(recv)),
+        }
+    }
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("x-trailer", "1".parse().unwrap());
+        t
+    }
+
+    /// What one frame of a body was.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Data(Bytes),
+        Trailers(HeaderMap),
+        End,
+        Reset(Option<Reason>),
+    }
+
+    async fn next(body: &mut ReplayBody) -> Seen {
+        let frame = within("a frame", poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))).await;
+        match frame {
+            None => Seen::End,
+            Some(Err(e)) => Seen::Reset(e.reason()),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => Seen::Data(d),
+                Err(f) => Seen::Trailers(f.into_trailers().unwrap()),
+            },
+        }
+    }
+
+    fn data(s: &'static str) -> Seen {
+        Seen::Data(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn first_attempt_passes_frames_through_and_records_the_data() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), false)
+            .unwrap();
+        c.client
+            .send_data(Bytes::from_static(b"world"), false)
+            .unwrap();
+        c.client.send_trailers(trailers()).unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        assert_eq!(next(&mut c.body).await, data("world"));
+        assert_eq!(next(&mut c.body).await, Seen::Trailers(trailers()));
+        assert_eq!(next(&mut c.body).await, Seen::End);
+        let s = c.body.lock();
+        assert_eq!(s.recorded, [&b"hello"[..], &b"world"[..]]);
+        assert_eq!(s.recorded_len, 10);
+    }
+
+    #[tokio::test]
+    async fn a_retry_replays_what_was_recorded_then_reads_on() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), false)
+            .unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        // The first attempt was refused: the retry starts from the beginning.
+        let mut retry = c.body.try_clone().expect("replayable");
+        drop(c.body);
+        c.client
+            .send_data(Bytes::from_static(b"world"), true)
+            .unwrap();
+        assert_eq!(next(&mut retry).await, data("hello"));
+        assert_eq!(next(&mut retry).await, data("world"));
+        assert_eq!(next(&mut retry).await, Seen::End);
+        // A third attempt gets all of it from the record.
+        let mut third = retry.try_clone().expect("still replayable");
+        assert_eq!(next(&mut third).await, data("hello"));
+        assert_eq!(next(&mut third).await, data("world"));
+        assert_eq!(next(&mut third).await, Seen::End);
+    }
+
+    #[tokio::test]
+    async fn trailers_are_replayed_after_the_data() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), false)
+            .unwrap();
+        c.client.send_trailers(trailers()).unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        assert_eq!(next(&mut c.body).await, Seen::Trailers(trailers()));
+        let mut retry = c.body.try_clone().expect("replayable");
+        assert_eq!(next(&mut retry).await, data("hello"));
+        assert_eq!(next(&mut retry).await, Seen::Trailers(trailers()));
+        assert_eq!(next(&mut retry).await, Seen::End);
+    }
+
+    #[tokio::test]
+    async fn after_commit_nothing_more_is_recorded_and_there_is_no_retry() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), false)
+            .unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        c.body.commit();
+        assert!(c.body.try_clone().is_none());
+        c.client
+            .send_data(Bytes::from_static(b"world"), true)
+            .unwrap();
+        assert_eq!(next(&mut c.body).await, data("world"));
+        assert_eq!(next(&mut c.body).await, Seen::End);
+        assert_eq!(c.body.lock().recorded, [&b"hello"[..]]);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_frees_its_record_and_is_not_replayable() {
+        let mut c = call().await;
+        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+        let chunks = MAX_REPLAY_BYTES / chunk.len() + 1;
+        for i in 0..chunks {
+            c.client.send_data(chunk.clone(), i + 1 == chunks).unwrap();
+        }
+        let mut passed = 0;
+        loop {
+            match next(&mut c.body).await {
+                Seen::Data(d) => passed += d.len(),
+                Seen::End => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Everything went through to this attempt; nothing is kept for another.
+        assert_eq!(passed, chunks * chunk.len());
+        assert!(c.body.lock().recorded.is_empty());
+        assert!(c.body.try_clone().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_end_is_known_with_the_last_chunk_on_each_attempt() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), true)
+            .unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        // So that the relay can send END_STREAM on the last DATA frame.
+        assert!(c.body.is_end_stream());
+        let mut retry = c.body.try_clone().expect("replayable");
+        assert!(!retry.is_end_stream());
+        assert_eq!(next(&mut retry).await, data("hello"));
+        assert!(retry.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_is_an_error_with_its_reason() {
+        let mut c = call().await;
+        c.client
+            .send_data(Bytes::from_static(b"hello"), false)
+            .unwrap();
+        assert_eq!(next(&mut c.body).await, data("hello"));
+        c.client.send_reset(Reason::CANCEL);
+        assert_eq!(next(&mut c.body).await, Seen::Reset(Some(Reason::CANCEL)));
+    }
+}

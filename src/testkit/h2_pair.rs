@@ -1,6 +1,9 @@
 //! HTTP/2 connections in memory (over `tokio::io::duplex`): real h2 on both ends and no
 //! sockets, for unit tests and benchmarks of the code that moves a stream's frames.
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::Bytes;
 use h2::client::{self, ResponseFuture, SendRequest};
 use h2::server::{self, SendResponse};
@@ -13,7 +16,7 @@ const PIPE_BYTES: usize = 1 << 20;
 
 /// A client and a server joined by one in-memory HTTP/2 connection. Both ends are driven
 /// by tasks spawned on the current runtime, so flow control, resets and window updates
-/// happen as on a socket.
+/// happen as on a socket; each end's settings are in force once the pair is made.
 #[derive(Debug)]
 pub struct H2Pair {
     client: SendRequest<Bytes>,
@@ -47,8 +50,9 @@ impl H2Pair {
         let (client_io, server_io) = tokio::io::duplex(PIPE_BYTES);
         let (client, server) =
             tokio::join!(client.handshake(client_io), server.handshake(server_io));
-        let (send_request, connection) = client?;
+        let (send_request, mut connection) = client?;
         let mut server = server?;
+        let ping = connection.ping_pong();
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -62,6 +66,11 @@ impl H2Pair {
                 }
             }
         });
+        // The pong comes after the server's SETTINGS, so the client has applied them
+        // (e.g. a small window) before the first stream opens.
+        if let Some(mut ping) = ping {
+            ping.ping(h2::Ping::opaque()).await?;
+        }
         Ok(Self {
             client: send_request,
             accepted,
@@ -89,4 +98,12 @@ impl H2Pair {
             respond,
         })
     }
+}
+
+/// `fut`, or a panic naming `what` after 10 s: in-memory frames move at once, so a test
+/// that waits longer has found a bug (and would otherwise hang).
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("not within 10 s: {what}"))
 }
