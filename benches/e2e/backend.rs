@@ -27,6 +27,9 @@ pub type ReplyStream =
 /// last message.
 pub struct BenchEcho {
     name: String,
+    /// Added to every unary call's own delay (`--delay-ms`): the degraded-backend scenario's
+    /// slow node.
+    delay_ms: u32,
 }
 
 #[tonic::async_trait]
@@ -36,8 +39,9 @@ impl Echo for BenchEcho {
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let req = request.into_inner();
-        if req.delay_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms))).await;
+        let delay = req.delay_ms.saturating_add(self.delay_ms);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
         }
         Ok(tonic::Response::new(EchoReply {
             payload: req.payload,
@@ -94,6 +98,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
     let mut listen = Vec::new();
     let mut name = "echo".to_owned();
     let mut threads = 1usize;
+    let mut delay_ms = 0u32;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or_else(|| anyhow!("{a} needs a value"))?;
@@ -101,6 +106,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
             "--listen" => listen.push(SocketAddr::from_str(v).context("--listen")?),
             "--name" => name.clone_from(v),
             "--threads" => threads = v.parse().context("--threads")?,
+            "--delay-ms" => delay_ms = v.parse().context("--delay-ms")?,
             other => bail!("unknown backend argument {other:?}"),
         }
     }
@@ -120,7 +126,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<BenchEcho>>().await;
-        let echo = EchoServer::new(BenchEcho { name })
+        let echo = EchoServer::new(BenchEcho { name, delay_ms })
             .max_decoding_message_size(switchyard::demo::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(switchyard::demo::MAX_MESSAGE_SIZE);
         tonic::transport::Server::builder()
@@ -139,10 +145,12 @@ pub fn backend_main(args: &[String]) -> Result<()> {
     })
 }
 
-pub fn spawn_backend(addrs: &[SocketAddr], name: &str) -> Result<Proc> {
+pub fn spawn_backend(addrs: &[SocketAddr], name: &str, delay_ms: u32) -> Result<Proc> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.arg(BACKEND_ROLE).args(["--name", name]);
+    cmd.arg(BACKEND_ROLE)
+        .args(["--name", name])
+        .args(["--delay-ms", &delay_ms.to_string()]);
     for a in addrs {
         cmd.arg("--listen").arg(a.to_string());
     }
@@ -150,16 +158,18 @@ pub fn spawn_backend(addrs: &[SocketAddr], name: &str) -> Result<Proc> {
     Proc::spawn(&format!("backend {name}"), &mut cmd)
 }
 
-/// Starts the three backends and registers each in etcd once it listens.
+/// Starts the three backends and registers each in etcd once it listens; `delays` are
+/// each backend's added unary delay in ms.
 pub async fn start_registered(
     etcd: &mut etcd_client::Client,
+    delays: [u32; 3],
 ) -> Result<(Vec<SocketAddr>, Vec<Proc>)> {
     let backend_addrs: Vec<SocketAddr> = (0..3)
         .map(|_| switchyard::testkit::free_addr())
         .collect::<Result<_, _>>()?;
     let mut backends = Vec::new();
-    for (addr, name) in backend_addrs.iter().zip(BACKEND_NAMES) {
-        backends.push(spawn_backend(&[*addr], name)?);
+    for ((addr, name), delay) in backend_addrs.iter().zip(BACKEND_NAMES).zip(delays) {
+        backends.push(spawn_backend(&[*addr], name, delay)?);
     }
     for addr in &backend_addrs {
         wait_listening(*addr, Duration::from_secs(10)).await?;

@@ -126,7 +126,7 @@ async fn startup_many(
     let ports: Vec<SocketAddr> = (0..per_service)
         .map(|_| free_addr())
         .collect::<std::io::Result<_>>()?;
-    let backend = spawn_backend(&ports, "wide")?;
+    let backend = spawn_backend(&ports, "wide", 0)?;
     for p in &ports {
         wait_listening(*p, Duration::from_secs(10)).await?;
     }

@@ -28,6 +28,9 @@
 //! with 1,000 services × 10 endpoints in etcd. Everything is printed and written to
 //! `benches/RESULTS.md` (between markers; the text around them is kept).
 //!
+//! `--degraded` runs, alone, the degraded-backend scenario ([`degraded`]: one backend of
+//! three 10 ms late, each balancing policy closed loop) and prints its table.
+//!
 //! Here: the options and the run's order; [`backend`] (the Echo backends), [`targets`]
 //! (what the load is driven at), [`load`] (clients, h2load and streaming runs),
 //! [`scenarios`] (the main table's rounds), [`extras`] (switchyard-only measurements),
@@ -35,6 +38,7 @@
 //! their CPU and memory).
 
 mod backend;
+mod degraded;
 mod extras;
 mod load;
 mod procs;
@@ -85,6 +89,10 @@ options:
                      the table shows each target's median round, the ratios are per round
   --no-extras        skip put-to-first-call, 10,000 open streams and 1,000x10 start-up
   --extras-only      only those
+  --degraded         only the degraded-backend scenario: one backend of three 10 ms late,
+                     switchyard --balance round-robin|least-request|peak-ewma, HAProxy
+                     roundrobin/leastconn, nginx least_conn, 4 conns x 64 streams; printed,
+                     not written
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
@@ -103,6 +111,8 @@ struct Options {
     targets: Vec<String>,
     main_table: bool,
     extras: bool,
+    /// Only the degraded-backend scenario.
+    degraded: bool,
     build: bool,
     out: Option<PathBuf>,
     /// Set up, print the targets, and wait this long (for profiling by hand).
@@ -123,6 +133,7 @@ impl Options {
                 .to_vec(),
             main_table: true,
             extras: true,
+            degraded: false,
             build: true,
             out: Some(PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -155,6 +166,7 @@ impl Options {
                 }
                 "--no-extras" => o.extras = false,
                 "--extras-only" => o.main_table = false,
+                "--degraded" => o.degraded = true,
                 "--no-build" => o.build = false,
                 "--out" => {
                     o.out = Some(PathBuf::from(
@@ -268,10 +280,18 @@ async fn run(opts: Options) -> Result<()> {
     println!("e2e: starting etcd and 3 backends");
     let etcd_proc = EtcdProcess::start().await?;
     let mut etcd = etcd_proc.client().await?;
-    let (backend_addrs, backends) = backend::start_registered(&mut etcd).await?;
+    let delays = if opts.degraded {
+        degraded::DELAYS
+    } else {
+        [0; 3]
+    };
+    let (backend_addrs, backends) = backend::start_registered(&mut etcd, delays).await?;
 
-    let (targets, notes) =
-        targets::start(&opts, dir.path(), etcd_proc.endpoint(), &backend_addrs).await?;
+    let (targets, notes) = if opts.degraded {
+        degraded::start(dir.path(), etcd_proc.endpoint(), &backend_addrs).await?
+    } else {
+        targets::start(&opts, dir.path(), etcd_proc.endpoint(), &backend_addrs).await?
+    };
     for n in &notes {
         println!("e2e: {n}");
     }
@@ -279,7 +299,21 @@ async fn run(opts: Options) -> Result<()> {
     targets::wait_answering(&targets).await?;
 
     if let Some(hold) = opts.hold {
+        println!("e2e: etcd {}", etcd_proc.endpoint());
         targets::hold(&targets, &body, hold).await;
+        return Ok(());
+    }
+    if opts.degraded {
+        let rows = degraded::run(&opts, &targets, &body, dir.path(), tck).await;
+        targets::stop(targets, backends).await;
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let text = degraded::render(
+            &opts,
+            &rows,
+            &notes,
+            (load_before.trim(), load_after.trim()),
+        );
+        println!("\n{text}");
         return Ok(());
     }
     let shapes = scenarios::shapes(&opts);

@@ -93,7 +93,7 @@ pub async fn main_table(
 
 /// One unary shape, `opts.rounds` rounds over the targets it applies to (a fixed offered
 /// load only to proxies); adds a row per target.
-async fn unary_rounds(
+pub async fn unary_rounds(
     opts: &Options,
     targets: &[Target],
     shape: &Shape,

@@ -60,6 +60,17 @@ pub fn spawn_switchyard(
 }
 
 pub fn spawn_nginx(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) -> Result<Proc> {
+    spawn_nginx_balancing(dir, listen, backends, "")
+}
+
+/// nginx with a balancing directive in its upstream block (`""` = round-robin, or e.g.
+/// `"least_conn;"`; nginx wants it before `keepalive`).
+pub fn spawn_nginx_balancing(
+    dir: &Path,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    balance: &str,
+) -> Result<Proc> {
     let servers: String = backends
         .iter()
         .map(|b| format!("    server {b};\n"))
@@ -78,7 +89,7 @@ pub fn spawn_nginx(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) -> R
          uwsgi_temp_path {d}/uwsgi;\n\
          scgi_temp_path {d}/scgi;\n\
          keepalive_requests 100000000;\n\
-         upstream echo {{\n{servers}    keepalive 512;\n    keepalive_requests 100000000;\n}}\n\
+         upstream echo {{\n    {balance}\n{servers}    keepalive 512;\n    keepalive_requests 100000000;\n}}\n\
          server {{\n\
            listen {listen} http2;\n\
            http2_max_concurrent_streams 1024;\n\
@@ -102,6 +113,16 @@ pub fn spawn_nginx(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) -> R
 }
 
 pub fn spawn_haproxy(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) -> Result<Proc> {
+    spawn_haproxy_balancing(dir, listen, backends, "roundrobin")
+}
+
+/// HAProxy with a `balance` algorithm of its backend section (`roundrobin`, `leastconn`).
+pub fn spawn_haproxy_balancing(
+    dir: &Path,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    balance: &str,
+) -> Result<Proc> {
     let servers: String = backends
         .iter()
         .enumerate()
@@ -111,7 +132,7 @@ pub fn spawn_haproxy(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) ->
         "global\n  nbthread 2\n  maxconn 9000\n  tune.h2.max-concurrent-streams 1024\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
          frontend fe\n  bind {listen} proto h2\n  default_backend be\n\
-         backend be\n  balance roundrobin\n{servers}"
+         backend be\n  balance {balance}\n{servers}"
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, conf)?;

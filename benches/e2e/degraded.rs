@@ -1,0 +1,156 @@
+//! The degraded-backend scenario (`--degraded`): one of the three backends answers every
+//! call 10 ms late, and each balancing policy (switchyard's three, HAProxy's `roundrobin`
+//! and `leastconn`, nginx's `least_conn`) is driven closed loop at 4 connections × 64
+//! streams, round by round as the main table's scenarios are.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use switchyard::testkit::free_addr;
+
+use crate::load::Shape;
+use crate::procs::{wait_listening, which, Proc};
+use crate::report::{fmt_us, Row};
+use crate::scenarios::unary_rounds;
+use crate::targets::{spawn_haproxy_balancing, spawn_nginx_balancing, spawn_switchyard, Target};
+use crate::Options;
+
+/// The slow backend's added delay per call, in ms.
+pub const SLOW_MS: u32 = 10;
+
+/// Each backend's added delay: the third is the slow one.
+pub const DELAYS: [u32; 3] = [0, 0, SLOW_MS];
+
+/// The scenario's load: closed loop, 4 connections × 64 streams.
+pub fn shape(opts: &Options) -> Shape {
+    Shape {
+        label: "degraded backend, 256 streams / 4 conns",
+        clients: 4,
+        streams_per_client: 64,
+        calls: opts.calls,
+        rate: None,
+    }
+}
+
+/// Starts one target per policy in front of `backends`; notes say which were skipped.
+pub async fn start(
+    dir: &Path,
+    etcd: &str,
+    backends: &[SocketAddr],
+) -> Result<(Vec<Target>, Vec<String>)> {
+    let mut targets = Vec::new();
+    let mut notes = Vec::new();
+    for (name, policy) in [
+        ("switchyard round-robin", "round-robin"),
+        ("switchyard least-request", "least-request"),
+        ("switchyard peak-ewma", "peak-ewma"),
+    ] {
+        let addr = free_addr()?;
+        let p = spawn_switchyard(&[addr.to_string()], etcd, &["--balance", policy], None)?;
+        wait_listening(addr, Duration::from_secs(10)).await?;
+        targets.push(Target {
+            name,
+            addr,
+            proc: Some(p),
+        });
+    }
+    type Spawn = fn(&Path, SocketAddr, &[SocketAddr], &str) -> Result<Proc>;
+    let peers: [(&'static str, &str, &str, Spawn); 3] = [
+        (
+            "haproxy roundrobin",
+            "haproxy",
+            "roundrobin",
+            spawn_haproxy_balancing,
+        ),
+        (
+            "haproxy leastconn",
+            "haproxy",
+            "leastconn",
+            spawn_haproxy_balancing,
+        ),
+        (
+            "nginx least_conn",
+            "nginx",
+            "least_conn;",
+            spawn_nginx_balancing,
+        ),
+    ];
+    for (name, program, balance, spawn) in peers {
+        if which(program).is_none() {
+            notes.push(format!("{name}: {program} not installed, skipped"));
+            continue;
+        }
+        let d = dir.join(name.replace(' ', "-"));
+        std::fs::create_dir_all(&d)?;
+        let addr = free_addr()?;
+        let p = spawn(&d, addr, backends, balance)?;
+        wait_listening(addr, Duration::from_secs(10)).await?;
+        targets.push(Target {
+            name,
+            addr,
+            proc: Some(p),
+        });
+    }
+    Ok((targets, notes))
+}
+
+/// Runs the scenario's rounds at every target; one row per target.
+pub async fn run(
+    opts: &Options,
+    targets: &[Target],
+    body: &Path,
+    dir: &Path,
+    tck: f64,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    unary_rounds(opts, targets, &shape(opts), body, dir, tck, &mut rows).await;
+    rows
+}
+
+/// The scenario's Markdown: setup, command, conditions and a table of the median rounds.
+pub fn render(opts: &Options, rows: &[Row], notes: &[String], load: (&str, &str)) -> String {
+    let s = shape(opts);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Setup: 3 Echo backends (1 worker thread each), the third answering every call {SLOW_MS} ms \
+         late; h2load closed loop, {} connections × {} streams, {} calls per run, {} round(s), \
+         each target once per round in turn (a row is the target's median round by calls/s).  \n\
+         Command: `{}`  \nLoad average (1/5/15 min, running/total, last pid) before: `{}`, \
+         after: `{}` (a 2-core VM shared with other work)\n",
+        s.clients, s.streams_per_client, s.calls, opts.rounds, opts.command, load.0, load.1
+    );
+    out.push_str(
+        "| target | calls/s | p50 | p99 | p99.9 | failed | proxy µs CPU / call |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        match &r.run {
+            Ok(run) => {
+                let cpu = run
+                    .cpu_us_per_call()
+                    .map_or_else(String::new, |c| format!("{c:.1}"));
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {} | {} | {} | {} | {cpu} |",
+                    r.target,
+                    run.calls_per_sec,
+                    fmt_us(run.p50_us),
+                    fmt_us(run.p99_us),
+                    fmt_us(run.p999_us),
+                    run.failed,
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "| {} | failed: {e} | | | | | |", r.target);
+            }
+        }
+    }
+    for n in notes {
+        let _ = writeln!(out, "\n- {n}");
+    }
+    out
+}
