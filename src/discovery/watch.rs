@@ -542,11 +542,7 @@ mod tests {
         assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:3"]);
         // The address still listed (under b2) keeps its backend and connection, and
         // takes its new weight.
-        let still = service
-            .endpoints()
-            .iter()
-            .find(|b| b.addr() == &addr2)
-            .cloned();
+        let still = backend_of(&service, &addr2);
         assert!(still.is_some_and(|b| Arc::ptr_eq(&b, &kept)));
         assert_eq!(kept.weight(), 4);
         assert_eq!(w.backends.len(), 2);
@@ -625,28 +621,51 @@ mod tests {
         assert_eq!(snapshot(&service), ["127.0.0.1:1", "127.0.0.1:3"]);
     }
 
+    /// The backend of `service` at `addr` in its published snapshot.
+    fn backend_of(service: &Service, addr: &BackendAddr) -> Option<Arc<Backend>> {
+        service
+            .endpoints()
+            .iter()
+            .find(|b| b.addr() == addr)
+            .cloned()
+    }
+
+    /// A watch of `service` started as generation `generation` (a parked task stands
+    /// for it), and its state.
+    fn started(
+        service: &Arc<Service>,
+        generation: u64,
+    ) -> (tokio::task::JoinHandle<()>, WatchState) {
+        let task = tokio::spawn(std::future::pending::<()>());
+        let mut w = service.watching();
+        w.started = generation;
+        w.next = Some((generation, task.abort_handle()));
+        let mut state = WatchState::new(Arc::clone(service), UpstreamConfig::default(), 1);
+        state.generation = generation;
+        (task, state)
+    }
+
+    /// Lists `addrs` (as keys `<prefix>/svc/<addr>`) as the watch's one prefix, and
+    /// publishes.
+    fn list(w: &mut WatchState, prefix: &str, addrs: &[&str]) {
+        let keys: Vec<(String, &str)> = addrs
+            .iter()
+            .map(|a| (format!("{prefix}/svc/{a}"), *a))
+            .collect();
+        w.prefixes[0].keys.replace(
+            &name(),
+            keys.iter().map(|(k, a)| (k.as_bytes(), a.as_bytes(), 1)),
+        );
+        w.prefixes[0].listed = true;
+        w.publish();
+    }
+
     #[tokio::test]
     async fn a_new_watch_takes_over_with_its_first_snapshot() {
-        let s = name();
-        let parked = || tokio::spawn(std::future::pending::<()>());
-        let (service, mut old) = watched(1, UpstreamConfig::default());
+        let (service, _) = watched(1, UpstreamConfig::default());
         // The first watch, as a service's first call starts it.
-        let first = parked();
-        {
-            let mut w = service.watching();
-            w.started = 1;
-            w.next = Some((1, first.abort_handle()));
-        }
-        old.generation = 1;
-        old.prefixes[0].keys.replace(
-            &s,
-            [
-                (&b"a/svc/1"[..], &b"127.0.0.1:1"[..], 1),
-                (b"a/svc/2", b"127.0.0.1:2", 1),
-            ],
-        );
-        old.prefixes[0].listed = true;
-        old.publish();
+        let (first, mut old) = started(&service, 1);
+        list(&mut old, "a", &["127.0.0.1:1", "127.0.0.1:2"]);
         assert_eq!(snapshot(&service), ["127.0.0.1:1", "127.0.0.1:2"]);
         assert!(service.is_current(1));
         let addr2: BackendAddr = "127.0.0.1:2".parse().unwrap();
@@ -654,43 +673,26 @@ mod tests {
 
         // A reload: new prefixes, a second watch. Until it has listed them, the first
         // one still publishes.
-        let second = parked();
-        {
-            let mut w = service.watching();
-            w.started = 2;
-            w.next = Some((2, second.abort_handle()));
-        }
-        let mut new = WatchState::new(Arc::clone(&service), UpstreamConfig::default(), 1);
-        new.generation = 2;
+        let (second, mut new) = started(&service, 2);
         new.publish();
-        old.prefixes[0].keys.put(&s, b"a/svc/3", b"127.0.0.1:3", 2);
-        old.publish();
+        list(
+            &mut old,
+            "a",
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        );
         assert_eq!(
             snapshot(&service),
             ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
         );
-        new.prefixes[0].keys.replace(
-            &s,
-            [
-                (&b"b/svc/2"[..], &b"127.0.0.1:2"[..], 1),
-                (b"b/svc/4", b"127.0.0.1:4", 1),
-            ],
-        );
-        new.prefixes[0].listed = true;
-        new.publish();
+        list(&mut new, "b", &["127.0.0.1:2", "127.0.0.1:4"]);
         assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:4"]);
         assert!(service.is_current(2));
         // An address listed under both keeps its backend (connection, state).
-        let still = service
-            .endpoints()
-            .iter()
-            .find(|b| b.addr() == &addr2)
-            .cloned();
+        let still = backend_of(&service, &addr2);
         assert!(still.is_some_and(|b| Arc::ptr_eq(&b, &kept)));
         // The first watch is stopped, and what it still sends is not published.
         assert!(first.await.unwrap_err().is_cancelled());
-        old.prefixes[0].keys.delete(b"a/svc/2");
-        old.publish();
+        list(&mut old, "a", &["127.0.0.1:1"]);
         assert_eq!(snapshot(&service), ["127.0.0.1:2", "127.0.0.1:4"]);
         service.stop();
         assert!(second.await.unwrap_err().is_cancelled());

@@ -175,29 +175,26 @@ async fn a_new_balancing_policy_applies_to_running_services_without_a_failed_cal
     calling.more(50).await;
     assert_eq!(policy(file.admin).await, "round-robin");
 
-    file.write("", "[balance]\npolicy = \"least-request\"\n");
-    signal(p.pid(), "-HUP");
-    eventually(
-        Duration::from_secs(5),
-        "least-request in /endpoints",
-        || async { policy(file.admin).await == "least-request" },
-    )
-    .await;
-    calling.more(50).await;
-
-    // A service's own policy: peak-EWMA, which measures latency from then on.
-    file.write(
-        "",
-        &format!("[balance]\npolicy = \"least-request\"\n\n[balance.service.\"{ECHO}\"]\npolicy = \"peak-ewma\"\n"),
-    );
-    signal(p.pid(), "-HUP");
-    eventually(
-        Duration::from_secs(5),
-        "peak-ewma in /endpoints",
-        || async { policy(file.admin).await == "peak-ewma" },
-    )
-    .await;
-    calling.more(50).await;
+    // The default policy, then a service's own: peak-EWMA, which measures latency from
+    // then on.
+    let least = "[balance]\npolicy = \"least-request\"\n";
+    for (text, want) in [
+        (least.to_owned(), "least-request"),
+        (
+            format!("{least}\n[balance.service.\"{ECHO}\"]\npolicy = \"peak-ewma\"\n"),
+            "peak-ewma",
+        ),
+    ] {
+        file.write("", &text);
+        signal(p.pid(), "-HUP");
+        eventually(
+            Duration::from_secs(5),
+            "the new policy in /endpoints",
+            || async { policy(file.admin).await == want },
+        )
+        .await;
+        calling.more(50).await;
+    }
     // Measured for every endpoint (round-robin and least-request measure nothing).
     let entry = echo_entry(file.admin).await;
     let eps = entry["endpoints"].as_array().unwrap();
