@@ -23,7 +23,7 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balance::{BalanceSettings, Balancer, EndpointSet};
+use crate::balance::{Backend, BalanceSettings, Balancer, EndpointSet};
 use crate::health::HealthSettings;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::route::{ServiceName, ServiceNameError};
@@ -216,8 +216,22 @@ impl Discovery {
         if old.balance != live.balance || old.service_balance != live.service_balance {
             changed.push("balance");
         }
-        if old.health != live.health {
-            changed.push("ejection/health_check");
+        let (o, n) = (&old.health, &live.health);
+        if (
+            o.eject_after,
+            o.eject_for,
+            o.max_ejected_percent,
+            o.failure_codes,
+        ) != (
+            n.eject_after,
+            n.eject_for,
+            n.max_ejected_percent,
+            n.failure_codes,
+        ) {
+            changed.push("ejection");
+        }
+        if (o.check, o.check_interval) != (n.check, n.check_interval) {
+            changed.push("health_check");
         }
         for service in services.values() {
             let name = service.name().as_str();
@@ -607,10 +621,11 @@ impl Service {
         self.watching().current == generation
     }
 
-    /// Publishes a snapshot made by the watch of `generation`: the newest watch takes
-    /// over with its first snapshot (the one it replaces is stopped); a replaced watch
-    /// publishes nothing. Returns whether it was published.
-    fn publish_from(&self, generation: u64, set: EndpointSet) -> bool {
+    /// Publishes a snapshot of `backends` made by the watch of `generation`: the newest
+    /// watch takes over with its first snapshot (the one it replaces is stopped); a
+    /// replaced watch publishes nothing (nor tells the health accounting of its
+    /// backends). Returns whether it was published.
+    fn publish_from(&self, generation: u64, backends: Vec<Arc<Backend>>) -> bool {
         let mut w = self.watching();
         if generation != w.current {
             match w.next.take() {
@@ -627,7 +642,7 @@ impl Service {
             }
         }
         // Under the lock: a replaced watch cannot publish after its successor.
-        self.publish(set);
+        self.publish(self.balancer.snapshot(backends));
         true
     }
 

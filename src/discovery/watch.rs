@@ -230,10 +230,8 @@ impl WatchState {
                 }
             }
         }
-        let set = service
-            .balancer()
-            .snapshot(backends.values().cloned().collect());
-        self.published |= service.publish_from(self.generation, set);
+        self.published |=
+            service.publish_from(self.generation, backends.values().cloned().collect());
         self.backends = backends;
     }
 
