@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::{Balancer, SharedSettings};
+use super::{BalanceSettings, Balancer, SharedSettings};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
 use crate::health::{CallResult, Change, EndpointHealth, ServiceHealth};
@@ -145,9 +145,14 @@ impl Backend {
 
     /// The share of its weight the endpoint gets at `now` (from [`now_ns`]): 1 unless it
     /// is within its slow-start window, where it ramps from 10 % to 100 %.
-    #[inline]
     pub fn ramp(&self, now: u64) -> f64 {
-        let Some(window) = self.settings.load().slow_start else {
+        self.ramp_with(&self.settings.load(), now)
+    }
+
+    /// [`Backend::ramp`] with the service's settings as the pick read them.
+    #[inline]
+    pub(super) fn ramp_with(&self, settings: &BalanceSettings, now: u64) -> f64 {
+        let Some(window) = settings.slow_start else {
             return 1.0;
         };
         let since = self
@@ -163,31 +168,34 @@ impl Backend {
     }
 
     /// The weight the policies use at `now`: the registry's, scaled by slow start.
-    #[inline]
     pub fn effective_weight(&self, now: u64) -> f64 {
-        f64::from(self.weight()) * self.ramp(now)
+        self.effective_weight_with(&self.settings.load(), now)
+    }
+
+    /// [`Backend::effective_weight`] with the settings as the pick read them.
+    #[inline]
+    pub(super) fn effective_weight_with(&self, settings: &BalanceSettings, now: u64) -> f64 {
+        f64::from(self.weight()) * self.ramp_with(settings, now)
     }
 
     /// The latency estimate at `now`, in nanoseconds: the peak-EWMA of time to response
     /// headers, decaying towards zero while no call ends (so that an endpoint once slow
     /// is tried again after a while).
-    #[inline]
     pub fn latency_estimate(&self, now: u64) -> f64 {
-        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
-        let at = self.latency_at.load(Ordering::Relaxed);
-        estimate * self.decay(now.saturating_sub(at))
+        self.latency_estimate_with(&self.settings.load(), now)
     }
 
-    /// The weight of an estimate `elapsed` nanoseconds old.
+    /// [`Backend::latency_estimate`] with the settings as the pick read them.
     #[inline]
-    fn decay(&self, elapsed: u64) -> f64 {
-        let window = self.settings.load().ewma_decay.as_nanos() as f64;
-        (-(elapsed as f64) / window.max(1.0)).exp()
+    pub(super) fn latency_estimate_with(&self, settings: &BalanceSettings, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
+        let at = self.latency_at.load(Ordering::Relaxed);
+        estimate * decay(settings, now.saturating_sub(at))
     }
 
     /// Folds one call's latency into the estimate: a slower answer raises it at once
     /// (the peak), a faster one pulls it down by how old the estimate is.
-    fn observe_latency(&self, rtt: Duration) {
+    fn observe_latency(&self, settings: &BalanceSettings, rtt: Duration) {
         let now = now_ns();
         let rtt = rtt.as_nanos() as f64;
         let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
@@ -195,7 +203,7 @@ impl Backend {
         let next = if rtt > estimate {
             rtt
         } else {
-            let w = self.decay(now.saturating_sub(at));
+            let w = decay(settings, now.saturating_sub(at));
             estimate * w + rtt * (1.0 - w)
         };
         // Racing updates may lose one sample: an estimate needs no more.
@@ -225,12 +233,14 @@ impl Backend {
             Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
             Outcome::Abandoned => CallResult::Ignored,
         };
-        if self.settings.load().track_latency() {
+        let settings = self.settings.load();
+        if settings.track_latency() {
             match (to_headers, result) {
-                (_, CallResult::Failure) => {
-                    self.observe_latency(to_headers.unwrap_or_default().max(FAILURE_PENALTY))
-                }
-                (Some(rtt), _) => self.observe_latency(rtt),
+                (_, CallResult::Failure) => self.observe_latency(
+                    &settings,
+                    to_headers.unwrap_or_default().max(FAILURE_PENALTY),
+                ),
+                (Some(rtt), _) => self.observe_latency(&settings, rtt),
                 // Abandoned before an answer: says nothing of the backend's speed.
                 (None, _) => {}
             }
@@ -264,6 +274,13 @@ impl Backend {
             }
         }
     }
+}
+
+/// The weight of a latency estimate `elapsed` nanoseconds old.
+#[inline]
+fn decay(settings: &BalanceSettings, elapsed: u64) -> f64 {
+    let window = settings.ewma_decay.as_nanos() as f64;
+    (-(elapsed as f64) / window.max(1.0)).exp()
 }
 
 /// How well an endpoint fits a call (worst first).

@@ -266,12 +266,12 @@ impl Balancer {
                 // An endpoint in slow start takes its turn only with its ramp's odds.
                 let now = now_ns();
                 self.rr.pick(set, |i, b| match fit(i, b) {
-                    Fit::Preferred if fastrand::f64() >= b.ramp(now) => Fit::Usable,
+                    Fit::Preferred if fastrand::f64() >= b.ramp_with(&settings, now) => Fit::Usable,
                     f => f,
                 })
             }
-            Policy::LeastRequest => least_request::pick(set, fit, now_ns()),
-            Policy::PeakEwma => peak_ewma::pick(set, fit, now_ns()),
+            Policy::LeastRequest => least_request::pick(set, fit, now_ns(), &settings),
+            Policy::PeakEwma => peak_ewma::pick(set, fit, now_ns(), &settings),
         }
     }
 }

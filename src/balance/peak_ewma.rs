@@ -5,18 +5,20 @@
 
 use std::sync::Arc;
 
-use super::{p2c, Backend, EndpointSet, Fit};
+use super::{p2c, Backend, BalanceSettings, EndpointSet, Fit};
 
-/// Picks the cheaper of two random endpoints at `now`.
+/// Picks the cheaper of two random endpoints at `now`, with the service's `settings`.
 #[inline]
-pub(super) fn pick(
-    set: &EndpointSet,
+pub(super) fn pick<'s>(
+    set: &'s EndpointSet,
     fit: impl Fn(usize, &Backend) -> Fit,
     now: u64,
-) -> Option<(usize, &Arc<Backend>)> {
+    settings: &BalanceSettings,
+) -> Option<(usize, &'s Arc<Backend>)> {
     p2c::pick(set, fit, |b| {
         // +1 ns: an estimate decayed to zero still ranks by load.
-        (b.latency_estimate(now) + 1.0) * f64::from(b.in_flight() + 1)
-            / b.effective_weight(now).max(f64::MIN_POSITIVE)
+        (b.latency_estimate_with(settings, now) + 1.0) * f64::from(b.in_flight() + 1)
+            / b.effective_weight_with(settings, now)
+                .max(f64::MIN_POSITIVE)
     })
 }
