@@ -56,11 +56,24 @@ impl AdminState {
         let m = self.discovery.metrics();
         m.endpoints.reset();
         m.watch_up.reset();
+        // Reset so that endpoints gone from the registry leave the exposition.
+        m.endpoint_weight.reset();
+        m.endpoint_latency.reset();
         for svc in self.discovery.services() {
             let name = svc.name().as_str();
             let now = crate::clock::now_ns();
+            let tracks_latency = svc.balancer().policy() == crate::balance::Policy::PeakEwma;
             let mut counts = [0i64; Backend::STATE_NAMES.len()];
             for ep in svc.endpoints().iter() {
+                let addr = ep.addr().as_str();
+                m.endpoint_weight
+                    .with_label_values(&[name, addr])
+                    .set(ep.effective_weight(now));
+                if tracks_latency {
+                    m.endpoint_latency
+                        .with_label_values(&[name, addr])
+                        .set(ep.latency_estimate(now) / 1e9);
+                }
                 let state = ep.state_name(now);
                 if let Some(i) = Backend::STATE_NAMES.iter().position(|s| *s == state) {
                     counts[i] += 1;

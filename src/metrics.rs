@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -33,6 +33,10 @@ pub struct Metrics {
     pub endpoints: IntGaugeVec,
     /// 1 while a service's etcd watch is connected (set at scrape time).
     pub watch_up: IntGaugeVec,
+    /// Each endpoint's weight as the policies use it now (set at scrape time).
+    pub endpoint_weight: GaugeVec,
+    /// Each endpoint's peak-EWMA latency estimate, under `peak-ewma` (set at scrape time).
+    pub endpoint_latency: GaugeVec,
     /// 1 while etcd answers the proxy's health probe.
     pub etcd_up: IntGauge,
     ejections: IntCounterVec,
@@ -193,6 +197,20 @@ impl Metrics {
             ),
             &["service"],
         );
+        let endpoint_weight = GaugeVec::new(
+            Opts::new(
+                "switchyard_endpoint_effective_weight",
+                "Each endpoint's weight as the balancing policy uses it now: the registry's weight, lower during slow start.",
+            ),
+            &["service", "endpoint"],
+        );
+        let endpoint_latency = GaugeVec::new(
+            Opts::new(
+                "switchyard_endpoint_latency_estimate_seconds",
+                "Each endpoint's peak-EWMA estimate of the time to response headers (services balanced by peak-ewma only).",
+            ),
+            &["service", "endpoint"],
+        );
         let etcd_up = IntGauge::new("switchyard_etcd_up", "1 while etcd answers the proxy.");
         let ejections = IntCounterVec::new(
             Opts::new(
@@ -230,6 +248,8 @@ impl Metrics {
             Ok(endpoint_inflight),
             Ok(endpoints),
             Ok(watch_up),
+            Ok(endpoint_weight),
+            Ok(endpoint_latency),
             Ok(etcd_up),
             Ok(ejections),
             Ok(config_reloads),
@@ -242,6 +262,8 @@ impl Metrics {
             endpoint_inflight,
             endpoints,
             watch_up,
+            endpoint_weight,
+            endpoint_latency,
             etcd_up,
             ejections,
             config_reloads,
@@ -262,6 +284,8 @@ impl Metrics {
             endpoint_inflight: register(&registry, endpoint_inflight),
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),
+            endpoint_weight: register(&registry, endpoint_weight),
+            endpoint_latency: register(&registry, endpoint_latency),
             etcd_up: register(&registry, etcd_up),
             ejections: register(&registry, ejections),
             config_reloads: register(&registry, config_reloads),

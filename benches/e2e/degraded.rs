@@ -24,15 +24,35 @@ pub const SLOW_MS: u32 = 10;
 /// Each backend's added delay: the third is the slow one.
 pub const DELAYS: [u32; 3] = [0, 0, SLOW_MS];
 
-/// The scenario's load: closed loop, 4 connections × 64 streams.
-pub fn shape(opts: &Options) -> Shape {
-    Shape {
-        label: "degraded backend, 256 streams / 4 conns",
-        clients: 4,
-        streams_per_client: 64,
-        calls: opts.calls,
-        rate: None,
-    }
+/// The fixed offered load, in calls/s: under the slowest peer's closed-loop rate (nginx
+/// `least_conn`, about 25k here), so every target is measured at the same load.
+pub const RATE: u64 = 10_000;
+
+/// Where the scenario's report goes in RESULTS.md.
+pub const MARKERS: (&str, &str) = (
+    "<!-- e2e degraded: begin (written by `cargo bench --bench e2e -- run --degraded`) -->",
+    "<!-- e2e degraded: end -->",
+);
+
+/// The scenario's loads: closed loop at 4 connections × 64 streams, then the fixed rate
+/// over 4 connections × 64 streams (fewer calls: a run lasts `calls / RATE` seconds).
+pub fn shapes(opts: &Options) -> [Shape; 2] {
+    [
+        Shape {
+            label: "degraded backend, closed loop, 256 streams / 4 conns",
+            clients: 4,
+            streams_per_client: 64,
+            calls: opts.calls,
+            rate: None,
+        },
+        Shape {
+            label: "degraded backend, 10,000 calls/s offered, 4 conns",
+            clients: 4,
+            streams_per_client: 64,
+            calls: (opts.calls / 2).max(RATE),
+            rate: Some(RATE),
+        },
+    ]
 }
 
 /// Starts one target per policy in front of `backends`; notes say which were skipped.
@@ -106,46 +126,54 @@ pub async fn run(
     tck: f64,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
-    unary_rounds(opts, targets, &shape(opts), body, dir, tck, &mut rows).await;
+    for shape in shapes(opts) {
+        unary_rounds(opts, targets, &shape, body, dir, tck, &mut rows).await;
+    }
     rows
 }
 
-/// The scenario's Markdown: setup, command, conditions and a table of the median rounds.
+/// The scenario's Markdown: setup, command, conditions and a table per load of the
+/// median rounds.
 pub fn render(opts: &Options, rows: &[Row], notes: &[String], load: (&str, &str)) -> String {
-    let s = shape(opts);
     let mut out = String::new();
     let _ = writeln!(
         out,
         "Setup: 3 Echo backends (1 worker thread each), the third answering every call {SLOW_MS} ms \
-         late; h2load closed loop, {} connections × {} streams, {} calls per run, {} round(s), \
-         each target once per round in turn (a row is the target's median round by calls/s).  \n\
+         late; h2load, {} calls per closed-loop run, {} round(s), each target once per round in \
+         turn (a row is the target's median round: by calls/s closed loop, by CPU per call at \
+         the fixed rate).  \n\
          Command: `{}`  \nLoad average (1/5/15 min, running/total, last pid) before: `{}`, \
          after: `{}` (a 2-core VM shared with other work)\n",
-        s.clients, s.streams_per_client, s.calls, opts.rounds, opts.command, load.0, load.1
+        opts.calls, opts.rounds, opts.command, load.0, load.1
     );
-    out.push_str(
-        "| target | calls/s | p50 | p99 | p99.9 | failed | proxy µs CPU / call |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for r in rows {
-        match &r.run {
-            Ok(run) => {
-                let cpu = run
-                    .cpu_us_per_call()
-                    .map_or_else(String::new, |c| format!("{c:.1}"));
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.0} | {} | {} | {} | {} | {cpu} |",
-                    r.target,
-                    run.calls_per_sec,
-                    fmt_us(run.p50_us),
-                    fmt_us(run.p99_us),
-                    fmt_us(run.p999_us),
-                    run.failed,
-                );
-            }
-            Err(e) => {
-                let _ = writeln!(out, "| {} | failed: {e} | | | | | |", r.target);
+    for shape in shapes(opts) {
+        let _ = writeln!(
+            out,
+            "\n**{}** ({} calls per run)\n\n\
+             | target | calls/s | p50 | p99 | p99.9 | failed | proxy µs CPU / call |\n\
+             |---|---:|---:|---:|---:|---:|---:|",
+            shape.label, shape.calls
+        );
+        for r in rows.iter().filter(|r| r.scenario == shape.label) {
+            match &r.run {
+                Ok(run) => {
+                    let cpu = run
+                        .cpu_us_per_call()
+                        .map_or_else(String::new, |c| format!("{c:.1}"));
+                    let _ = writeln!(
+                        out,
+                        "| {} | {:.0} | {} | {} | {} | {} | {cpu} |",
+                        r.target,
+                        run.calls_per_sec,
+                        fmt_us(run.p50_us),
+                        fmt_us(run.p99_us),
+                        fmt_us(run.p999_us),
+                        run.failed,
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "| {} | failed: {e} | | | | | |", r.target);
+                }
             }
         }
     }

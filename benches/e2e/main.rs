@@ -55,7 +55,7 @@ use switchyard::testkit::EtcdProcess;
 
 use crate::backend::backend_main;
 use crate::procs::{clk_tck, which};
-use crate::report::{cpu_times, render, stolen_share, write_results, Conditions};
+use crate::report::{cpu_times, render, stolen_share, write_results, Conditions, MAIN_MARKERS};
 use crate::targets::switchyard_binary;
 
 /// First argument that makes this binary an Echo backend instead of the harness.
@@ -91,8 +91,8 @@ options:
   --extras-only      only those
   --degraded         only the degraded-backend scenario: one backend of three 10 ms late,
                      switchyard --balance round-robin|least-request|peak-ewma, HAProxy
-                     roundrobin/leastconn, nginx least_conn, 4 conns x 64 streams; printed,
-                     not written
+                     roundrobin/leastconn, nginx least_conn; 4 conns x 64 streams closed loop
+                     and 10,000 calls/s offered; written to its own part of RESULTS.md
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
@@ -314,6 +314,10 @@ async fn run(opts: Options) -> Result<()> {
             (load_before.trim(), load_after.trim()),
         );
         println!("\n{text}");
+        if let Some(out) = &opts.out {
+            write_results(out, &text, degraded::MARKERS)?;
+            println!("e2e: written to {}", out.display());
+        }
         return Ok(());
     }
     let shapes = scenarios::shapes(&opts);
@@ -359,7 +363,7 @@ async fn run(opts: Options) -> Result<()> {
     );
     println!("\n{report}");
     if let Some(out) = &opts.out {
-        write_results(out, &report)?;
+        write_results(out, &report, MAIN_MARKERS)?;
         println!("e2e: written to {}", out.display());
     }
     Ok(())

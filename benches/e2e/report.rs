@@ -11,9 +11,11 @@ use crate::load::{Run, Shape};
 use crate::procs::{tool_version, which};
 use crate::{Options, GIB};
 
-const RESULTS_BEGIN: &str =
-    "<!-- e2e results: begin (written by `cargo bench --bench e2e -- run`) -->";
-const RESULTS_END: &str = "<!-- e2e results: end -->";
+/// Where the main run's report goes in RESULTS.md (the text around the markers is kept).
+pub const MAIN_MARKERS: (&str, &str) = (
+    "<!-- e2e results: begin (written by `cargo bench --bench e2e -- run`) -->",
+    "<!-- e2e results: end -->",
+);
 
 /// One row of the results.
 pub struct Row {
@@ -430,12 +432,12 @@ pub fn render(
     s
 }
 
-pub fn write_results(path: &Path, report: &str) -> Result<()> {
-    let block = format!("{RESULTS_BEGIN}\n{report}\n{RESULTS_END}");
+pub fn write_results(path: &Path, report: &str, (begin, end): (&str, &str)) -> Result<()> {
+    let block = format!("{begin}\n{report}\n{end}");
     let text = match std::fs::read_to_string(path) {
-        Ok(old) => match (old.find(RESULTS_BEGIN), old.find(RESULTS_END)) {
+        Ok(old) => match (old.find(begin), old.find(end)) {
             (Some(b), Some(e)) if e > b => {
-                format!("{}{block}{}", &old[..b], &old[e + RESULTS_END.len()..])
+                format!("{}{block}{}", &old[..b], &old[e + end.len()..])
             }
             _ => format!("{old}\n{block}\n"),
         },

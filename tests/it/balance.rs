@@ -99,8 +99,10 @@ async fn load_aware_policies_keep_a_slow_node_under_twelve_percent() {
     let (etcd, backends, _regs) = echo_backends(3).await;
     backends[0].faults().delay_ms.store(100, Ordering::Relaxed);
     for policy in [Policy::LeastRequest, Policy::PeakEwma] {
+        let admin = switchyard::testkit::free_addr().unwrap();
         let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |s| {
-            s.balance.policy = policy
+            s.balance.policy = policy;
+            s.admin.listen = switchyard::settings::AdminListen(Some(admin));
         })
         .await;
         warm(proxy.addr, &["b0", "b1", "b2"]).await;
@@ -121,6 +123,39 @@ async fn load_aware_policies_keep_a_slow_node_under_twelve_percent() {
             slow * 100 <= 12 * 320,
             "{policy}: the 100 ms node got {slow} of 320 calls ({counts:?})"
         );
+        // Prometheus shows what the policy sees: every endpoint's weight, and under
+        // peak-ewma the slow node's latency estimate above the others'.
+        let text = admin_get(admin, "/metrics")
+            .await
+            .expect("admin answers")
+            .body;
+        let gauge = |name: &str, addr: &str| -> Option<f64> {
+            let prefix = format!("{name}{{endpoint=\"{addr}\",service=\"{SVC}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+        };
+        for b in &backends {
+            let w = gauge(
+                "switchyard_endpoint_effective_weight",
+                &b.addr().to_string(),
+            );
+            assert_eq!(w, Some(1.0), "weight gauge of {}:\n{text}", b.addr());
+        }
+        let latency = |i: usize| {
+            gauge(
+                "switchyard_endpoint_latency_estimate_seconds",
+                &backends[i].addr().to_string(),
+            )
+        };
+        if policy == Policy::PeakEwma {
+            let (slow, fast) = (latency(0), latency(1));
+            assert!(
+                matches!((slow, fast), (Some(s), Some(f)) if s > 0.05 && s > f),
+                "latency estimates: slow {slow:?}, fast {fast:?}"
+            );
+        } else {
+            assert_eq!(latency(0), None, "no latency tracked under {policy}");
+        }
         proxy.shutdown().await;
     }
 }
