@@ -20,6 +20,7 @@ mod round_robin;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,6 +117,11 @@ impl Default for BalanceSettings {
 }
 
 impl BalanceSettings {
+    /// Round-robin without slow start: the pick reads no settings.
+    fn is_plain_round_robin(&self) -> bool {
+        self.policy == Policy::RoundRobin && self.slow_start.is_none()
+    }
+
     /// Whether calls' latencies are measured (only the latency-aware policy reads them).
     #[inline]
     pub fn track_latency(&self) -> bool {
@@ -168,6 +174,10 @@ pub type SharedSettings = Arc<ArcSwap<BalanceSettings>>;
 #[derive(Debug)]
 pub struct Balancer {
     settings: SharedSettings,
+    /// Set with `settings`: whether a pick needs them at all. Plain round-robin (the
+    /// default) reads this flag, not the shared settings, so that its pick costs what it
+    /// did before settings could be swapped.
+    plain_round_robin: AtomicBool,
     health: Arc<ServiceHealth>,
     rr: round_robin::RoundRobin,
 }
@@ -187,6 +197,7 @@ impl Balancer {
     /// `health` says.
     pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
+            plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
             settings: Arc::new(ArcSwap::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
             rr: round_robin::RoundRobin::default(),
@@ -209,7 +220,9 @@ impl Balancer {
         if **self.settings.load() == settings {
             return false;
         }
+        let plain = settings.is_plain_round_robin();
         self.settings.store(Arc::new(settings));
+        self.plain_round_robin.store(plain, Ordering::Release);
         true
     }
 
@@ -258,6 +271,9 @@ impl Balancer {
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
+        if self.plain_round_robin.load(Ordering::Acquire) {
+            return self.rr.pick(set, fit);
+        }
         // Read once per pick: a reload may swap them meanwhile.
         let settings = self.settings.load();
         match settings.policy {
@@ -365,6 +381,34 @@ pub(crate) mod tests {
         }
         assert_eq!(counts, [100, 0, 100, 100]);
         assert!(b.select_with(&s, |_| false).is_none());
+    }
+
+    #[test]
+    fn swapped_settings_change_the_pick_both_ways() {
+        let (b, s) = set_for(
+            3,
+            &[],
+            &Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        );
+        // Endpoint 0 is busy: round-robin ignores it, least-request avoids it.
+        let busy: Vec<_> = (0..5).map(|_| s.backends[0].start_call()).collect();
+        let picks = |b: &Balancer| {
+            let mut counts = [0usize; 3];
+            for _ in 0..60 {
+                counts[port(b.select_with(&s, |_| true).unwrap().1)] += 1;
+            }
+            counts
+        };
+        assert_eq!(picks(&b), [20, 20, 20]);
+        assert!(b.set_settings(BalanceSettings {
+            policy: Policy::LeastRequest,
+            ..BalanceSettings::default()
+        }));
+        assert_eq!(picks(&b)[0], 0);
+        assert!(b.set_settings(BalanceSettings::default()));
+        assert_eq!(picks(&b), [20, 20, 20]);
+        drop(busy);
     }
 }
 
