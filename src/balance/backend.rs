@@ -31,7 +31,7 @@ pub struct Backend {
     in_flight: AtomicU32,
     /// The service's balancing settings (whether latency is tracked, slow start), as
     /// they are now: a reload may change them.
-    settings: SharedSettings,
+    settings: Arc<SharedSettings>,
     /// Peak-EWMA latency estimate in nanoseconds (f64 bits), as of `latency_at`.
     latency_ns: AtomicU64,
     latency_at: AtomicU64,
@@ -233,8 +233,8 @@ impl Backend {
             Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
             Outcome::Abandoned => CallResult::Ignored,
         };
-        let settings = self.settings.load();
-        if settings.track_latency() {
+        if self.settings.track_latency() {
+            let settings = self.settings.load();
             match (to_headers, result) {
                 (_, CallResult::Failure) => self.observe_latency(
                     &settings,

@@ -165,19 +165,56 @@ impl EndpointSet {
     }
 }
 
-/// A service's balancing settings, swapped whole when a reload changes them; read
-/// without a lock by each pick and by the service's backends.
-pub type SharedSettings = Arc<ArcSwap<BalanceSettings>>;
+/// A service's balancing settings, swapped whole when a reload changes them and read
+/// without a lock by the picks and the service's backends. What every call asks of them
+/// (is the pick plain round-robin? is latency tracked?) is kept in flags beside them, so
+/// that the default policy's calls load no settings at all.
+#[derive(Debug)]
+pub struct SharedSettings {
+    current: ArcSwap<BalanceSettings>,
+    plain_round_robin: AtomicBool,
+    track_latency: AtomicBool,
+}
+
+impl SharedSettings {
+    fn new(settings: Arc<BalanceSettings>) -> Self {
+        Self {
+            plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
+            track_latency: AtomicBool::new(settings.track_latency()),
+            current: ArcSwap::new(settings),
+        }
+    }
+
+    /// The settings in force.
+    pub fn load(&self) -> Guard<Arc<BalanceSettings>> {
+        self.current.load()
+    }
+
+    fn store(&self, settings: BalanceSettings) {
+        let (plain, track) = (settings.is_plain_round_robin(), settings.track_latency());
+        self.current.store(Arc::new(settings));
+        self.plain_round_robin.store(plain, Ordering::Release);
+        self.track_latency.store(track, Ordering::Release);
+    }
+
+    /// Round-robin without slow start: a pick needs no settings.
+    #[inline]
+    fn plain_round_robin(&self) -> bool {
+        self.plain_round_robin.load(Ordering::Acquire)
+    }
+
+    /// Whether calls' latencies are measured (peak-ewma only).
+    #[inline]
+    pub(super) fn track_latency(&self) -> bool {
+        self.track_latency.load(Ordering::Acquire)
+    }
+}
 
 /// A service's balancing policy, its settings, and its state across snapshots (e.g.
 /// the rotation's cursor): one per service, shared by all of its calls.
 #[derive(Debug)]
 pub struct Balancer {
-    settings: SharedSettings,
-    /// Set with `settings`: whether a pick needs them at all. Plain round-robin (the
-    /// default) reads this flag, not the shared settings, so that its pick costs what it
-    /// did before settings could be swapped.
-    plain_round_robin: AtomicBool,
+    settings: Arc<SharedSettings>,
     health: Arc<ServiceHealth>,
     rr: round_robin::RoundRobin,
 }
@@ -197,8 +234,7 @@ impl Balancer {
     /// `health` says.
     pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
-            plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
-            settings: Arc::new(ArcSwap::new(settings)),
+            settings: Arc::new(SharedSettings::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
             rr: round_robin::RoundRobin::default(),
         }
@@ -210,7 +246,7 @@ impl Balancer {
     }
 
     /// The settings as shared with the service's backends (they read the one in force).
-    pub(crate) fn shared_settings(&self) -> &SharedSettings {
+    pub(crate) fn shared_settings(&self) -> &Arc<SharedSettings> {
         &self.settings
     }
 
@@ -220,9 +256,7 @@ impl Balancer {
         if **self.settings.load() == settings {
             return false;
         }
-        let plain = settings.is_plain_round_robin();
-        self.settings.store(Arc::new(settings));
-        self.plain_round_robin.store(plain, Ordering::Release);
+        self.settings.store(settings);
         true
     }
 
@@ -271,7 +305,7 @@ impl Balancer {
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
-        if self.plain_round_robin.load(Ordering::Acquire) {
+        if self.settings.plain_round_robin() {
             return self.rr.pick(set, fit);
         }
         // Read once per pick: a reload may swap them meanwhile.
@@ -409,6 +443,23 @@ pub(crate) mod tests {
         assert!(b.set_settings(BalanceSettings::default()));
         assert_eq!(picks(&b), [20, 20, 20]);
         drop(busy);
+
+        // Latency is tracked only while the policy reads it: a 200 ms call counts
+        // under peak-ewma (the estimate jumps to it), not under round-robin.
+        let slow_call = || {
+            let mut call = s.backends[1].start_call();
+            call.answered(std::time::Instant::now() - Duration::from_millis(200));
+            call.set_outcome(Outcome::Status(0));
+        };
+        let estimate_ms = || s.backends[1].latency_estimate(now_ns()) / 1e6;
+        slow_call();
+        assert!(estimate_ms() <= 30.0, "{}", estimate_ms());
+        assert!(b.set_settings(BalanceSettings {
+            policy: Policy::PeakEwma,
+            ..BalanceSettings::default()
+        }));
+        slow_call();
+        assert!(estimate_ms() >= 199.0, "{}", estimate_ms());
     }
 }
 
