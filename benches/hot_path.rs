@@ -129,7 +129,7 @@ fn bench_pick(c: &mut Criterion) {
             };
             c.bench_function(&format!("pick/{label} of {n}"), |b| {
                 b.iter(|| {
-                    let tried = [usize::MAX; MAX_ATTEMPTS];
+                    let tried = black_box([usize::MAX; MAX_ATTEMPTS]);
                     let (idx, up) = balancer
                         .select_with(&set, |i| !tried.contains(&i))
                         .expect("usable endpoint");

@@ -117,15 +117,18 @@ pub enum UpstreamError {
 }
 
 /// One backend and its pooled HTTP/2 connection.
+/// In declared order (`repr(C)`): the state every pick reads comes first, in the
+/// cache line of the reference counts, which each call touches anyway.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Upstream {
-    addr: BackendAddr,
-    conn: ArcSwapOption<Connection>,
     state: AtomicU8,
-    changed: Notify,
     /// A call gave up waiting for this backend's answer; its connection is being
     /// re-probed, and calls prefer other backends until the probe answers.
     suspect: AtomicBool,
+    conn: ArcSwapOption<Connection>,
+    addr: BackendAddr,
+    changed: Notify,
     /// Wakes the connection task to probe the live connection.
     check: Arc<Notify>,
     /// When a connection last succeeded after failed ones ([`crate::clock::now_ns`]).

@@ -28,6 +28,10 @@ pub const DELAYS: [u32; 3] = [0, 0, SLOW_MS];
 /// `least_conn`, about 25k here), so every target is measured at the same load.
 pub const RATE: u64 = 10_000;
 
+/// The reference row: HAProxy `leastconn` over the two fast backends only (not a peer:
+/// the slow node is not in its pool).
+pub const REFERENCE: &str = "reference: haproxy leastconn, fast backends only";
+
 /// Where the scenario's report goes in RESULTS.md.
 pub const MARKERS: (&str, &str) = (
     "<!-- e2e degraded: begin (written by `cargo bench --bench e2e -- run --degraded`) -->",
@@ -114,6 +118,26 @@ pub async fn start(
             proc: Some(p),
         });
     }
+    // The floor on this machine: what a policy that never sent the slow node a call
+    // could reach, with the same processes sharing the same cores.
+    if which("haproxy").is_some() {
+        let fast: Vec<SocketAddr> = backends
+            .iter()
+            .zip(DELAYS)
+            .filter(|(_, d)| *d == 0)
+            .map(|(b, _)| *b)
+            .collect();
+        let d = dir.join("reference");
+        std::fs::create_dir_all(&d)?;
+        let addr = free_addr()?;
+        let p = spawn_haproxy_balancing(&d, addr, &fast, "leastconn")?;
+        wait_listening(addr, Duration::from_secs(10)).await?;
+        targets.push(Target {
+            name: REFERENCE,
+            addr,
+            proc: Some(p),
+        });
+    }
     Ok((targets, notes))
 }
 
@@ -177,8 +201,52 @@ pub fn render(opts: &Options, rows: &[Row], notes: &[String], load: (&str, &str)
             }
         }
     }
+    let closed = shapes(opts)[0].label;
+    if let Some(text) = targets_met(rows, closed) {
+        let _ = writeln!(out, "\n{text}");
+    }
     for n in notes {
         let _ = writeln!(out, "\n- {n}");
     }
     out
+}
+
+/// Issue 12's targets, read off the closed-loop rows: peak-ewma against the best peer
+/// (by calls/s), least-request against HAProxy `leastconn`; and the reference's p99, the
+/// floor any policy meets on this machine.
+fn targets_met(rows: &[Row], scenario: &str) -> Option<String> {
+    let run = |target: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.target == target)
+            .and_then(|r| r.run.as_ref().ok())
+    };
+    let (best, best_run) = rows
+        .iter()
+        .filter(|r| r.scenario == scenario && !r.target.starts_with("switchyard"))
+        .filter(|r| r.target != REFERENCE)
+        .filter_map(|r| r.run.as_ref().ok().map(|run| (r.target, run)))
+        .max_by(|a, b| a.1.calls_per_sec.total_cmp(&b.1.calls_per_sec))?;
+    let ewma = run("switchyard peak-ewma")?;
+    let mut text = format!(
+        "Closed loop, against the best peer ({best}): peak-ewma {:.2}× its calls/s (target \
+         ≥ 1.1×) with {:.2}× its p99 (target ≤ 0.5×)",
+        ewma.calls_per_sec / best_run.calls_per_sec,
+        ewma.p99_us / best_run.p99_us,
+    );
+    if let (Some(lr), Some(lc)) = (run("switchyard least-request"), run("haproxy leastconn")) {
+        let _ = write!(
+            text,
+            "; least-request {:.2}× HAProxy `leastconn`'s calls/s (target ≥ 1×)",
+            lr.calls_per_sec / lc.calls_per_sec
+        );
+    }
+    if let Some(reference) = run(REFERENCE) {
+        let _ = write!(
+            text,
+            ". The reference (no call to the slow node) has {:.2}× the best peer's p99",
+            reference.p99_us / best_run.p99_us
+        );
+    }
+    text.push('.');
+    Some(text)
 }

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use super::{BalanceSettings, Balancer, SharedSettings};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
-use crate::health::{CallResult, Change, EndpointHealth, ServiceHealth};
+use crate::health::{CallResult, Change, EndpointHealth, Member, ServiceHealth};
 use crate::upstream::Upstream;
 
 /// Share of its weight an endpoint starts slow start with (Envoy's and HAProxy's 10 %).
@@ -22,9 +22,16 @@ const SLOW_START_FLOOR: f64 = 0.1;
 const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 /// One endpoint of a service, kept across snapshots for as long as it is registered.
+/// In declared order (`repr(C)`): what every pick reads (the connection, then the
+/// ejection state) comes first, in the cache line of the reference counts.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Backend {
     upstream: Arc<Upstream>,
+    /// Its ejection and active-check state, inline: every pick reads it.
+    health: EndpointHealth,
+    /// The upstream's address, kept here too so that a call reads it from the backend.
+    addr: BackendAddr,
     /// What the registry says of it (weight, metadata), as last read.
     endpoint: ArcSwap<Endpoint>,
     weight: AtomicU32,
@@ -37,8 +44,6 @@ pub struct Backend {
     latency_at: AtomicU64,
     /// When the endpoint last joined or came back (slow start's origin), from [`now_ns`].
     since: AtomicU64,
-    /// Its ejection and active-check state.
-    health: Arc<EndpointHealth>,
     /// The service's health accounting (the cap on ejections spans its endpoints).
     service_health: Arc<ServiceHealth>,
 }
@@ -51,6 +56,8 @@ impl Backend {
         let now = now_ns();
         let initial = settings.load().default_rtt.as_nanos() as f64;
         Arc::new(Self {
+            health: EndpointHealth::default(),
+            addr: upstream.addr().clone(),
             upstream,
             weight: AtomicU32::new(endpoint.weight),
             endpoint: ArcSwap::from_pointee(endpoint.clone()),
@@ -59,13 +66,13 @@ impl Backend {
             latency_ns: AtomicU64::new(initial.to_bits()),
             latency_at: AtomicU64::new(now),
             since: AtomicU64::new(now),
-            health: Arc::default(),
             service_health: Arc::clone(balancer.health()),
         })
     }
 
     /// Its ejection and active-check state.
-    pub fn health(&self) -> &Arc<EndpointHealth> {
+    #[inline]
+    pub fn health(&self) -> &EndpointHealth {
         &self.health
     }
 
@@ -81,7 +88,7 @@ impl Backend {
     /// The backend's address.
     #[inline]
     pub fn addr(&self) -> &BackendAddr {
-        self.upstream.addr()
+        &self.addr
     }
 
     /// The backend's pooled connection.
@@ -273,6 +280,12 @@ impl Backend {
                 );
             }
         }
+    }
+}
+
+impl Member for Backend {
+    fn health(&self) -> &EndpointHealth {
+        &self.health
     }
 }
 

@@ -21,7 +21,7 @@ mod round_robin;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -29,7 +29,7 @@ use arc_swap::{ArcSwap, Guard};
 pub use backend::{Backend, CallGuard, Fit, Outcome};
 
 use crate::clock::now_ns;
-use crate::health::{HealthSettings, ServiceHealth};
+use crate::health::{HealthSettings, Member, ServiceHealth};
 
 /// The balancing policies, as named in settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -166,20 +166,18 @@ impl EndpointSet {
 }
 
 /// A service's balancing settings, swapped whole when a reload changes them and read
-/// without a lock by the picks and the service's backends. What every call asks of them
-/// (is the pick plain round-robin? is latency tracked?) is kept in flags beside them, so
-/// that the default policy's calls load no settings at all.
+/// without a lock by the picks and the service's backends. Whether latency is tracked,
+/// which every call's end asks, is kept in a flag beside them, so that the default
+/// policy's calls load no settings at all.
 #[derive(Debug)]
 pub struct SharedSettings {
     current: ArcSwap<BalanceSettings>,
-    plain_round_robin: AtomicBool,
     track_latency: AtomicBool,
 }
 
 impl SharedSettings {
     fn new(settings: Arc<BalanceSettings>) -> Self {
         Self {
-            plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
             track_latency: AtomicBool::new(settings.track_latency()),
             current: ArcSwap::new(settings),
         }
@@ -191,16 +189,9 @@ impl SharedSettings {
     }
 
     fn store(&self, settings: BalanceSettings) {
-        let (plain, track) = (settings.is_plain_round_robin(), settings.track_latency());
+        let track = settings.track_latency();
         self.current.store(Arc::new(settings));
-        self.plain_round_robin.store(plain, Ordering::Release);
         self.track_latency.store(track, Ordering::Release);
-    }
-
-    /// Round-robin without slow start: a pick needs no settings.
-    #[inline]
-    fn plain_round_robin(&self) -> bool {
-        self.plain_round_robin.load(Ordering::Acquire)
     }
 
     /// Whether calls' latencies are measured (peak-ewma only).
@@ -214,9 +205,12 @@ impl SharedSettings {
 /// the rotation's cursor): one per service, shared by all of its calls.
 #[derive(Debug)]
 pub struct Balancer {
+    /// Round-robin without slow start: the pick reads no settings. Kept beside the
+    /// rotation's cursor, which every pick touches anyway.
+    plain_round_robin: AtomicBool,
+    rr: round_robin::RoundRobin,
     settings: Arc<SharedSettings>,
     health: Arc<ServiceHealth>,
-    rr: round_robin::RoundRobin,
 }
 
 impl Default for Balancer {
@@ -234,9 +228,10 @@ impl Balancer {
     /// `health` says.
     pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
+            plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
+            rr: round_robin::RoundRobin::default(),
             settings: Arc::new(SharedSettings::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
-            rr: round_robin::RoundRobin::default(),
         }
     }
 
@@ -256,7 +251,9 @@ impl Balancer {
         if **self.settings.load() == settings {
             return false;
         }
+        let plain = settings.is_plain_round_robin();
         self.settings.store(settings);
+        self.plain_round_robin.store(plain, Ordering::Release);
         true
     }
 
@@ -281,7 +278,7 @@ impl Balancer {
         self.health.set_members(
             backends
                 .iter()
-                .map(|b| (Arc::clone(b.health()), b.addr().clone()))
+                .map(|b| (Arc::downgrade(b) as Weak<dyn Member>, b.addr().clone()))
                 .collect(),
         );
         EndpointSet::new(backends)
@@ -305,7 +302,7 @@ impl Balancer {
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
-        if self.settings.plain_round_robin() {
+        if self.plain_round_robin.load(Ordering::Acquire) {
             return self.rr.pick(set, fit);
         }
         // Read once per pick: a reload may swap them meanwhile.
@@ -384,6 +381,39 @@ pub(crate) mod tests {
 
     pub(crate) fn port(b: &Backend) -> usize {
         usize::from(b.addr().port()) - 1000
+    }
+
+    #[test]
+    fn a_dropped_endpoint_is_freed_and_leaves_its_service_s_health() {
+        let (balancer, set) = set_for(
+            3,
+            &[],
+            &Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        );
+        let weak = Arc::downgrade(&set.backends[0]);
+        // Each backend holds its service's health, which knows the backends only weakly.
+        assert_eq!(Arc::strong_count(balancer.health()), 4);
+        drop(set);
+        assert!(weak.upgrade().is_none(), "no cycle keeps a backend alive");
+        assert_eq!(Arc::strong_count(balancer.health()), 1);
+        // The gone members no longer count towards the ejection cap.
+        let (_, fresh) = set_for(
+            2,
+            &[],
+            &Arc::new(BalanceSettings::default()),
+            HealthSettings::default(),
+        );
+        let ep = &fresh.backends[0];
+        for _ in 0..5 {
+            balancer
+                .health()
+                .report(ep.health(), crate::health::CallResult::Failure);
+        }
+        assert!(
+            !ep.health().is_out(now_ns),
+            "no live member: nothing may be ejected"
+        );
     }
 
     #[test]

@@ -68,27 +68,56 @@ impl RoundRobin {
     /// The next preferred endpoint in the rotation (else the first usable one it met).
     /// An endpoint passed over gives up its turn by taking another tick, so the others
     /// still share calls in proportion to their weights.
-    #[inline]
+    #[inline(always)]
     pub(super) fn pick<'s>(
         &self,
         set: &'s EndpointSet,
         fit: impl Fn(usize, &Backend) -> Fit,
     ) -> Option<(usize, &'s Arc<Backend>)> {
-        let n = set.backends.len();
-        if n == 0 {
+        if set.backends.is_empty() {
             return None;
         }
+        // The call's own turn, which nearly every call takes: kept small so that it
+        // inlines into the caller.
+        let (idx, b) = self.tick(set);
+        let first = fit(idx, b);
+        if first == Fit::Preferred {
+            return Some((idx, b));
+        }
+        self.pass_over(set, fit, (first == Fit::Usable).then_some((idx, b)))
+    }
+
+    /// The endpoint at the cursor's next tick.
+    #[inline(always)]
+    fn tick<'s>(&self, set: &'s EndpointSet) -> (usize, &'s Arc<Backend>) {
         let schedule = &set.schedule.0;
-        let period = if schedule.is_empty() {
+        let pos = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let idx = if schedule.is_empty() {
+            pos % set.backends.len()
+        } else {
+            schedule[pos % schedule.len()] as usize
+        };
+        (idx, &set.backends[idx])
+    }
+
+    /// The rest of [`RoundRobin::pick`], when the call's own turn fell on an endpoint
+    /// not preferred: further ticks, then a scan.
+    #[cold]
+    #[inline(never)]
+    fn pass_over<'s>(
+        &self,
+        set: &'s EndpointSet,
+        fit: impl Fn(usize, &Backend) -> Fit,
+        mut usable: Option<(usize, &'s Arc<Backend>)>,
+    ) -> Option<(usize, &'s Arc<Backend>)> {
+        let n = set.backends.len();
+        let period = if set.schedule.0.is_empty() {
             n
         } else {
-            schedule.len()
+            set.schedule.0.len()
         };
-        let mut usable = None;
-        for _ in 0..period.min(n + EXTRA_TICKS) {
-            let pos = self.cursor.fetch_add(1, Ordering::Relaxed) % period;
-            let idx = schedule.get(pos).map_or(pos, |&i| i as usize);
-            let b = &set.backends[idx];
+        for _ in 1..period.min(n + EXTRA_TICKS) {
+            let (idx, b) = self.tick(set);
             match fit(idx, b) {
                 Fit::Preferred => return Some((idx, b)),
                 Fit::Usable => {

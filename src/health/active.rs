@@ -10,21 +10,21 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use super::{CheckState, EndpointHealth, ServiceHealth};
+use super::{CheckState, Member, ServiceHealth};
 use crate::endpoint::BackendAddr;
 
 /// Starts checking `ep` (at `addr`, for `service`) until it is dropped or `checks`
 /// moves on to another generation (the checks were restarted or turned off).
 pub(super) fn spawn(
     service_health: Arc<ServiceHealth>,
-    ep: &Arc<EndpointHealth>,
+    ep: Weak<dyn Member>,
     addr: &BackendAddr,
     mut checks: tokio::sync::watch::Receiver<u64>,
 ) {
     let generation = *checks.borrow_and_update();
     let checker = Checker {
         service_health,
-        ep: Arc::downgrade(ep),
+        ep,
         addr: addr.clone(),
         last: CheckState::Unknown,
         generation,
@@ -40,7 +40,7 @@ pub(super) fn spawn(
 /// The check of one endpoint.
 struct Checker {
     service_health: Arc<ServiceHealth>,
-    ep: Weak<EndpointHealth>,
+    ep: Weak<dyn Member>,
     addr: BackendAddr,
     last: CheckState,
     /// The generation of checks it belongs to.
@@ -124,7 +124,9 @@ impl Checker {
     /// Records what the check said; logs changes.
     fn apply(&mut self, state: CheckState) {
         let Some(ep) = self.ep.upgrade() else { return };
-        let out = self.service_health.checked_by(self.generation, &ep, state);
+        let out = self
+            .service_health
+            .checked_by(self.generation, ep.health(), state);
         if state != self.last {
             let service = self.service_health.name();
             match state {

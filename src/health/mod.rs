@@ -7,7 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -188,11 +188,15 @@ pub enum CheckState {
 
 /// One endpoint's health: its failures in a row, its ejection, what active checks say.
 /// Atomics only: the per-call path reads [`EndpointHealth::is_out`] without a lock.
+/// In declared order (`repr(C)`): what every pick reads comes first, within one cache line.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct EndpointHealth {
-    failures: AtomicU32,
     /// Until when it is ejected ([`now_ns`]); 0: not ejected.
     ejected_until: AtomicU64,
+    /// Whether the active check's NOT_SERVING takes it out (the cap allowed it).
+    check_out: AtomicBool,
+    failures: AtomicU32,
     /// Ejections in a row (the next lasts `eject_for` × 2^this).
     times_ejected: AtomicU32,
     /// When it last came back from an ejection; 0: it never was ejected.
@@ -200,8 +204,6 @@ pub struct EndpointHealth {
     /// When it was last ejected or found unhealthy ([`now_ns`]), for the admin view.
     last_failure_at: AtomicU64,
     check: AtomicU8,
-    /// Whether the active check's NOT_SERVING takes it out (the cap allowed it).
-    check_out: AtomicBool,
     /// The generation of active checks whose checker runs for it (0: none).
     checker: AtomicU64,
 }
@@ -265,6 +267,24 @@ impl EndpointHealth {
     }
 }
 
+/// An endpoint as its service's health accounting knows it. The balancer's backends
+/// keep their [`EndpointHealth`] inline, so that the per-call pick reads it without
+/// following one more pointer, and are the members of their service's health.
+pub trait Member: Send + Sync + 'static {
+    /// The endpoint's health state.
+    fn health(&self) -> &EndpointHealth;
+}
+
+impl Member for EndpointHealth {
+    fn health(&self) -> &EndpointHealth {
+        self
+    }
+}
+
+/// One member of a service's health: held weakly, as a backend holds its service's
+/// health (an endpoint gone stops counting, and its checker stops).
+pub type MemberRef = (Weak<dyn Member>, BackendAddr);
+
 /// What happened to an endpoint's rotation, for the caller to log and count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -287,7 +307,7 @@ pub struct ServiceHealth {
     /// Swapped whole by a reload; read without a lock as each call ends.
     settings: ArcSwap<HealthSettings>,
     /// The service's endpoints, with their addresses (for active checks).
-    members: ArcSwap<Vec<(Arc<EndpointHealth>, BackendAddr)>>,
+    members: ArcSwap<Vec<MemberRef>>,
     /// Serialises decisions that count members (ejections, checks) and the start and
     /// stop of active checks: rare, never per call.
     deciding: Mutex<()>,
@@ -348,8 +368,8 @@ impl ServiceHealth {
             self.checks.send_modify(|g| *g += 1);
             let members = self.members.load();
             if off {
-                for (ep, _) in members.iter() {
-                    ep.forget_check();
+                for ep in members.iter().filter_map(|(m, _)| m.upgrade()) {
+                    ep.health().forget_check();
                 }
             }
             self.start_checks(&members);
@@ -359,7 +379,7 @@ impl ServiceHealth {
 
     /// The service's current endpoints (called when its endpoint set changes); their
     /// active checks start when configured (call within the runtime).
-    pub fn set_members(self: &Arc<Self>, members: Vec<(Arc<EndpointHealth>, BackendAddr)>) {
+    pub fn set_members(self: &Arc<Self>, members: Vec<MemberRef>) {
         let _guard = self.deciding();
         self.start_checks(&members);
         self.members.store(Arc::new(members));
@@ -367,14 +387,20 @@ impl ServiceHealth {
 
     /// Starts the active checks of `members` that have none of the current generation
     /// (under `deciding`).
-    fn start_checks(self: &Arc<Self>, members: &[(Arc<EndpointHealth>, BackendAddr)]) {
+    fn start_checks(self: &Arc<Self>, members: &[MemberRef]) {
         if self.settings.load().check != ActiveCheck::Grpc {
             return;
         }
         let generation = *self.checks.borrow();
-        for (ep, addr) in members {
-            if ep.checker.swap(generation, Ordering::Relaxed) != generation {
-                active::spawn(Arc::clone(self), ep, addr, self.checks.subscribe());
+        for (member, addr) in members {
+            let Some(ep) = member.upgrade() else { continue };
+            if ep.health().checker.swap(generation, Ordering::Relaxed) != generation {
+                active::spawn(
+                    Arc::clone(self),
+                    member.clone(),
+                    addr,
+                    self.checks.subscribe(),
+                );
             }
         }
     }
@@ -392,8 +418,13 @@ impl ServiceHealth {
     /// Whether one more endpoint may be taken out of rotation now.
     fn may_take_out(&self, now: u64, max_percent: u8) -> bool {
         let members = self.members.load();
-        let n = members.len();
-        let out = members.iter().filter(|(m, _)| m.out_at(now)).count();
+        // Endpoints gone since the last snapshot count neither way.
+        let (n, out) = members
+            .iter()
+            .filter_map(|(m, _)| m.upgrade())
+            .fold((0usize, 0usize), |(n, out), m| {
+                (n + 1, out + usize::from(m.health().out_at(now)))
+            });
         let allowed = (n * usize::from(max_percent) / 100).min(n.saturating_sub(1));
         out < allowed
     }
@@ -509,7 +540,7 @@ mod ejection_tests {
                 .enumerate()
                 .map(|(i, ep)| {
                     (
-                        Arc::clone(ep),
+                        Arc::downgrade(ep) as Weak<dyn Member>,
                         format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
                     )
                 })
