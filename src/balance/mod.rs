@@ -605,6 +605,27 @@ mod policy_tests {
     }
 
     #[test]
+    fn peak_ewma_tuning_sets_the_start_and_the_memory() {
+        let st = Arc::new(BalanceSettings {
+            policy: Policy::PeakEwma,
+            ewma_decay: Duration::from_secs(1),
+            default_rtt: Duration::from_millis(5),
+            ..BalanceSettings::default()
+        });
+        let (_, s) = set_for(1, &[], &st, HealthSettings::default());
+        let b = &s.backends[0];
+        let fresh = b.latency_estimate(now_ns());
+        assert!(
+            (fresh - 5e6).abs() < 0.2e6,
+            "new endpoint: 5 ms, got {fresh}"
+        );
+        finish(b, Duration::from_millis(200), Outcome::Status(0));
+        // One second later (the decay window) about 63 % is forgotten, not 10 %.
+        let later = b.latency_estimate(now_ns() + 1_000_000_000);
+        assert!((60e6..80e6).contains(&later), "{later}");
+    }
+
+    #[test]
     fn slow_start_ramps_a_returning_endpoint() {
         for policy in [Policy::RoundRobin, Policy::LeastRequest] {
             let st = settings(policy, Some(Duration::from_millis(400)));

@@ -10,7 +10,7 @@ use super::{duration, text};
 use crate::balance::{BalanceSettings, Policy};
 use crate::health::{ActiveCheck, FailureCodes, HealthSettings};
 
-/// The balancing policy and slow start (`[balance]`).
+/// The balancing policy, slow start and peak-ewma's tuning (`[balance]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BalanceSection {
@@ -36,6 +36,28 @@ pub struct BalanceSection {
     )]
     #[serde(with = "duration")]
     pub slow_start: Duration,
+    /// peak-ewma: how fast the latency estimate forgets a slow answer (Linkerd: 10s).
+    #[arg(
+        id = "balance.ewma_decay",
+        long = "ewma-decay",
+        env = "SWITCHYARD_EWMA_DECAY",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = duration::parse
+    )]
+    #[serde(with = "duration")]
+    pub ewma_decay: Duration,
+    /// peak-ewma: the latency estimate of an endpoint with no answer yet (Linkerd: 30ms).
+    #[arg(
+        id = "balance.ewma_default_rtt",
+        long = "ewma-default-rtt",
+        env = "SWITCHYARD_EWMA_DEFAULT_RTT",
+        value_name = "DURATION",
+        default_value = "30ms",
+        value_parser = duration::parse
+    )]
+    #[serde(with = "duration")]
+    pub ewma_default_rtt: Duration,
     /// Per-service settings, by service name (config file only).
     #[arg(skip)]
     #[serde(
@@ -61,7 +83,8 @@ impl BalanceSection {
         BalanceSettings {
             policy: self.policy,
             slow_start: (!self.slow_start.is_zero()).then_some(self.slow_start),
-            ..BalanceSettings::default()
+            ewma_decay: self.ewma_decay,
+            default_rtt: self.ewma_default_rtt,
         }
     }
 

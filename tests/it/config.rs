@@ -108,6 +108,8 @@ sni = "backend.internal"
 [balance]
 policy = "peak-ewma"
 slow_start = "3s"
+ewma_decay = "2s"
+ewma_default_rtt = "5ms"
 
 [balance.service."pkg.Slow"]
 policy = "least-request"
@@ -190,6 +192,11 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.upstream_tls.sni.as_deref(), Some("backend.internal"));
     assert_eq!(a.balance.policy, switchyard::balance::Policy::PeakEwma);
     assert_eq!(a.balance.slow_start, Duration::from_secs(3));
+    let tuned = a.balance.settings();
+    assert_eq!(
+        (tuned.ewma_decay, tuned.default_rtt),
+        (Duration::from_secs(2), Duration::from_millis(5))
+    );
     assert_eq!(
         a.balance.services["pkg.Slow"].policy,
         switchyard::balance::Policy::LeastRequest
