@@ -386,9 +386,22 @@ pub async fn run_until(
     // Register, retrying while etcd is unreachable.
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let registration = loop {
+        let attempt = Registration::start(client.clone(), spec.clone());
+        tokio::pin!(attempt);
         let attempt = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = Registration::start(client.clone(), spec.clone()) => r,
+            r = &mut attempt => r,
+            _ = &mut shutdown => {
+                // The put may be applied already, its answer on the way: finish the
+                // attempt (its requests are bounded by the request timeout) and take
+                // back what it registered, or the key would outlive us by a lease.
+                return match attempt.await {
+                    Ok(registration) => {
+                        tracing::info!(key = %registration.key(), "shut down while registering: deregistering");
+                        registration.deregister().await.map_err(SidecarError::Deregister)
+                    }
+                    Err(_) => Ok(()),
+                };
+            }
         };
         match attempt {
             Ok(r) => break r,

@@ -703,3 +703,70 @@ async fn endpoints_lists_decoded_entries_and_malformed_values() {
     );
     reg.deregister().await.unwrap();
 }
+
+/// A loopback relay to `upstream` that holds every chunk coming back for `delay`: etcd
+/// applies a request at once, its answer reaches the client late.
+async fn slow_answers(upstream: String, delay: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                    tokio::time::sleep(delay).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A shutdown that comes while the registration's put is in flight (the key already in
+/// etcd, the sidecar not yet told) must still take the key back: a stopping backend must
+/// not stay registered until its lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_registering_leaves_no_key_behind() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let backend = EchoBackend::start("stopping").await.unwrap();
+    let addr = backend.addr().to_string();
+    let key = format!("services/svc-stop/{addr}");
+    // The sidecar talks to etcd through a relay that delays etcd's answers, so its key is
+    // in etcd well before it learns that its put succeeded; it is stopped right then.
+    let slow = slow_answers(etcd.endpoint().to_owned(), Duration::from_millis(100)).await;
+    let args = register_args(
+        &slow,
+        &["--service", "svc-stop", "--addr", &addr, "--ttl", "30s"],
+    );
+    let (e, k) = (etcd.endpoint().to_owned(), key.clone());
+    let shutdown = async move {
+        let mut c = etcd_client::Client::connect([e.as_str()], None)
+            .await
+            .unwrap();
+        while c.get(k.as_str(), None).await.unwrap().kvs().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), run_until(args, shutdown))
+        .await
+        .expect("the sidecar stops")
+        .expect("the sidecar stops cleanly");
+    assert!(
+        !key_present(etcd.endpoint(), &key).await,
+        "the key outlived the sidecar (its lease would keep it 30 s)"
+    );
+}
