@@ -11,4 +11,6 @@ cargo clippy --lib --bins -- -D warnings
 cargo clippy --all-targets --all-features -- -D warnings
 cargo test --all-features
 deploy/check.sh
-cargo bench --no-run
+# The benchmarks build and link (in the test profile: the optimised bench profile would
+# rebuild every dependency, minutes on a fresh machine, for no further check).
+cargo test --all-features --benches --no-run
