@@ -389,6 +389,10 @@ impl Registration {
     ///
     /// Returns once the key is in etcd; fails if the spec is invalid or etcd refuses or
     /// does not answer ([`RegistrationError::is_transient`] tells which).
+    ///
+    /// Not cancel-safe: dropped while in flight, it may leave the key in etcd (its put
+    /// applied, the answer not yet read) until the lease expires. To stop early, await it
+    /// and [`deregister`](Self::deregister) what it returns, as the sidecar does.
     pub async fn start(client: Client, spec: RegistrationSpec) -> Result<Self, RegistrationError> {
         let checked = spec.validate()?;
         let (active, active_rx) = watch::channel(true);
