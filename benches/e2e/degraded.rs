@@ -243,7 +243,9 @@ fn targets_met(rows: &[Row], scenario: &str) -> Option<String> {
     if let Some(reference) = run(REFERENCE) {
         let _ = write!(
             text,
-            ". The reference (no call to the slow node) has {:.2}× the best peer's p99",
+            ". The reference (no call to the slow node) has {:.2}× the best peer's calls/s \
+             and {:.2}× its p99",
+            reference.calls_per_sec / best_run.calls_per_sec,
             reference.p99_us / best_run.p99_us
         );
     }
