@@ -26,6 +26,8 @@ pub struct Service {
     pub(super) endpoints: ArcSwap<EndpointSet>,
     pub(super) balancer: Balancer,
     pub(super) loaded: AtomicBool,
+    /// A published snapshot had an endpoint: the name is a service, even while it has none.
+    served: AtomicBool,
     pub(super) loaded_notify: Notify,
     pub(super) etcd_reachable: AtomicBool,
     /// Its watch tasks: the one publishing, and one started by a reload, if any.
@@ -44,6 +46,7 @@ impl Service {
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             balancer,
             loaded: AtomicBool::new(false),
+            served: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
             watching: Mutex::new(Watching::default()),
@@ -99,6 +102,13 @@ impl Service {
     #[inline]
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Whether this service ever had an endpoint since it was first looked up (a name
+    /// never served is not a service: its calls are UNIMPLEMENTED, its health unknown).
+    #[inline]
+    pub fn ever_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// Whether the watch is currently connected to etcd.
@@ -182,6 +192,9 @@ impl Service {
     }
 
     pub(super) fn publish(&self, set: EndpointSet) {
+        if !set.is_empty() {
+            self.served.store(true, Ordering::Relaxed);
+        }
         self.endpoints.store(Arc::new(set));
         if !self.loaded.swap(true, Ordering::AcqRel) {
             self.loaded_notify.notify_waiters();

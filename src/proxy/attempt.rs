@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::{Scheme, Uri};
 use http::{Request, Response};
 use tokio::sync::oneshot;
 
+use super::grpc::set_authority;
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use crate::balance::{Backend, CallGuard, Outcome};
@@ -234,14 +234,4 @@ impl Future for Pump {
 fn never_processed(err: &h2::Error) -> bool {
     err.reason() == Some(h2::Reason::REFUSED_STREAM)
         || (err.is_go_away() && err.reason() == Some(h2::Reason::NO_ERROR))
-}
-
-/// Points the request at `addr`, keeping its path.
-#[inline]
-pub fn set_authority<B>(req: &mut Request<B>, addr: &BackendAddr) -> Result<(), http::Error> {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(addr.authority().clone());
-    *req.uri_mut() = Uri::from_parts(parts)?;
-    Ok(())
 }

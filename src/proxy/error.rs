@@ -10,7 +10,7 @@ use crate::status::{error_response, Code};
 
 /// A call the proxy could not forward, or that failed on its way.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum CallError {
     /// The path does not name a gRPC method.
     #[error("switchyard: {error}: {path:?}")]
     BadPath {
@@ -25,9 +25,19 @@ pub enum ProxyError {
     /// The first endpoint list of the service has not arrived in time.
     #[error("switchyard: endpoints of service '{0}' not known yet (etcd unreachable?)")]
     NotLoaded(ServiceName),
-    /// Nothing is registered for the service.
+    /// The service had endpoints, or a listener is bound to it, and has none now.
     #[error("switchyard: no endpoints registered for service '{0}'")]
     NoEndpoints(ServiceName),
+    /// No key names the service under any prefix, and it was never served: not a service.
+    #[error(
+        "switchyard: service '{service}' is not registered (no key under {prefixes}, nor a route to one)"
+    )]
+    NotRegistered {
+        /// The service looked up.
+        service: ServiceName,
+        /// The prefixes looked in.
+        prefixes: String,
+    },
     /// Every endpoint offered the call failed to take it.
     #[error(
         "switchyard: all {count} endpoints of service '{service}' are unreachable{}",
@@ -59,11 +69,11 @@ pub enum ProxyError {
     BadRequest(#[from] http::Error),
 }
 
-impl ProxyError {
+impl CallError {
     /// The gRPC status the client gets for this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::BadPath { .. } => Code::Unimplemented,
+            Self::BadPath { .. } | Self::NotRegistered { .. } => Code::Unimplemented,
             Self::Discovery(DiscoveryError::NoEndpoints(_)) => Code::Unavailable,
             Self::Discovery(_) => Code::ResourceExhausted,
             Self::NotLoaded(_)

@@ -10,22 +10,23 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use h2::server::SendResponse;
 
-use http::header::CONTENT_TYPE;
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
 use super::attempt::{try_backend, Attempt, Sent};
 use super::body::{H2Body, ResponseBody};
-use super::error::ProxyError;
+use super::error::CallError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
-use crate::discovery::{Discovery, Service};
-use crate::route::{service_from_path, Routes};
+use super::routing::LiveRouting;
+use crate::discovery::{Discovery, DiscoveryError, Service};
+use crate::route::service_from_path;
 use crate::status::http_error;
 use http_body::Body as _;
 
-pub use super::attempt::{set_authority, UNRESPONSIVE_AFTER};
+pub use super::attempt::UNRESPONSIVE_AFTER;
+use super::grpc::{grpc_timeout, is_grpc};
 
 /// A request that passed the checks, bound for `service`.
 struct Call {
@@ -60,34 +61,26 @@ pub enum Target {
 pub struct Forwarder {
     discovery: Arc<Discovery>,
     target: Target,
-    discovery_timeout: Duration,
     /// Services the proxy answers itself (health, reflection).
     local: Option<Arc<Local>>,
-    routes: Arc<Routes>,
+    /// The routes and prefixes in force (a reload changes them under open connections).
+    routing: Arc<LiveRouting>,
 }
 
 impl Forwarder {
-    /// A forwarder for calls to `target`, found through `discovery`.
-    pub fn new(discovery: Arc<Discovery>, target: Target, discovery_timeout: Duration) -> Self {
+    /// A forwarder for calls to `target`, found through `discovery` as `routing` says.
+    pub fn new(discovery: Arc<Discovery>, target: Target, routing: Arc<LiveRouting>) -> Self {
         Self {
             discovery,
             target,
-            discovery_timeout,
             local: None,
-            routes: Arc::default(),
+            routing,
         }
     }
 
     /// Answers health (and reflection) calls with `local` instead of forwarding them.
     pub fn with_local(mut self, local: Arc<Local>) -> Self {
         self.local = Some(local);
-        self
-    }
-
-    /// The same forwarder, looking the services named in calls' paths up under their
-    /// routes' names.
-    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
-        self.routes = routes;
         self
     }
 
@@ -129,18 +122,10 @@ impl Forwarder {
         }
         let service = match &self.target {
             Target::Bound(s) => Arc::clone(s),
-            Target::ByPath => {
-                let found = service_from_path(req.uri().path())
-                    .map_err(|error| ProxyError::BadPath {
-                        error,
-                        path: req.uri().path().to_owned(),
-                    })
-                    .and_then(|name| Ok(self.discovery.service(self.routes.resolve(name))?));
-                match found {
-                    Ok(s) => s,
-                    Err(e) => return Err(Own::Grpc(e.response())),
-                }
-            }
+            Target::ByPath => match self.service_of(req.uri().path()) {
+                Ok(s) => s,
+                Err(e) => return Err(Own::Grpc(e.response())),
+            },
         };
         let timeout = grpc_timeout(req.headers());
         let (parts, body) = req.into_parts();
@@ -150,6 +135,24 @@ impl Forwarder {
             body: H2Body::new(body),
             timeout,
         })
+    }
+
+    /// The service a call's path names (through the routes in force).
+    fn service_of(&self, path: &str) -> Result<Arc<Service>, CallError> {
+        let name = service_from_path(path).map_err(|error| CallError::BadPath {
+            error,
+            path: path.to_owned(),
+        })?;
+        let routing = self.routing.load();
+        match self.discovery.service(routing.routes.resolve(name)) {
+            Ok(s) => Ok(s),
+            // Looked up moments ago and nothing was registered.
+            Err(DiscoveryError::NoEndpoints(name)) => Err(CallError::NotRegistered {
+                service: name,
+                prefixes: routing.prefixes_text(),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Forwards a routed call and relays the backend's response to the client.
@@ -229,7 +232,7 @@ impl Forwarder {
                 tokio::select! {
                     biased;
                     r = forwarded => r,
-                    _ = deadline => Err(ProxyError::DeadlineExceeded(service.name().clone())),
+                    _ = deadline => Err(CallError::DeadlineExceeded(service.name().clone())),
                 }
             }
             None => forwarded.await,
@@ -240,12 +243,15 @@ impl Forwarder {
     /// takes it; returns that backend's response headers.
     async fn forward(&self, service: &Service, parts: &Parts, body: H2Body) -> Forwarded {
         let name = service.name();
-        if !service.is_loaded() && !Box::pin(service.wait_loaded(self.discovery_timeout)).await {
-            return Err(ProxyError::NotLoaded(name.clone()));
+        if !service.is_loaded() {
+            let wait = self.routing.load().discovery_timeout;
+            if !Box::pin(service.wait_loaded(wait)).await {
+                return Err(CallError::NotLoaded(name.clone()));
+            }
         }
         let set = service.endpoints_full();
         if set.is_empty() {
-            return Err(ProxyError::NoEndpoints(name.clone()));
+            return Err(self.no_endpoints(service));
         }
         let mut body = ReplayBody::new(body);
         let mut tried = [usize::MAX; MAX_ATTEMPTS];
@@ -265,7 +271,7 @@ impl Forwarder {
                     last = Some((backend.addr().clone(), why));
                 }
                 Attempt::Failed(error) => {
-                    return Err(ProxyError::BackendFailed {
+                    return Err(CallError::BackendFailed {
                         service: name.clone(),
                         backend: backend.addr().clone(),
                         error,
@@ -273,11 +279,30 @@ impl Forwarder {
                 }
             }
         }
-        Err(ProxyError::Unreachable {
+        Err(CallError::Unreachable {
             service: name.clone(),
             count: set.len(),
             last,
         })
+    }
+}
+
+impl Forwarder {
+    /// Why a service without endpoints cannot be served: a name never served on a
+    /// listener that routes by path is not a service (UNIMPLEMENTED, as for a path no route
+    /// matches: retrying cannot help); a service that had endpoints, or that a listener is
+    /// bound to, is only unavailable for now.
+    #[cold]
+    fn no_endpoints(&self, service: &Service) -> CallError {
+        let name = service.name().clone();
+        if matches!(self.target, Target::ByPath) && !service.ever_served() {
+            CallError::NotRegistered {
+                service: name,
+                prefixes: self.routing.load().prefixes_text(),
+            }
+        } else {
+            CallError::NoEndpoints(name)
+        }
     }
 }
 
@@ -299,94 +324,8 @@ fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
 
 /// What forwarding gives: the backend's response and the call's accounting, or why the
 /// proxy answers itself.
-type Forwarded = Result<(Response<h2::RecvStream>, Sent), ProxyError>;
+type Forwarded = Result<(Response<h2::RecvStream>, Sent), CallError>;
 
-/// Whether the request's content-type is gRPC (`application/grpc`, `+proto`, `;...`).
-#[inline]
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get(CONTENT_TYPE) else {
-        return false;
-    };
-    let Some(rest) = ct.as_bytes().strip_prefix(b"application/grpc") else {
-        return false;
-    };
-    matches!(rest.first(), None | Some(b'+') | Some(b';'))
-}
-
-/// The `grpc-timeout` header's name, built once (a `&str` name is parsed on every lookup).
-static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
-
-/// Parses `grpc-timeout` (`<up to 8 digits><H|M|S|m|u|n>`); `None` if absent or malformed.
-#[inline]
-pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(&GRPC_TIMEOUT)?.as_bytes();
-    let (unit, digits) = v.split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = digits
-        .iter()
-        .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-
-    fn headers(name: &'static str, v: &'static str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(name, HeaderValue::from_static(v));
-        h
-    }
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(
-            grpc_timeout(&headers("grpc-timeout", "100m")),
-            Some(Duration::from_millis(100))
-        );
-        assert_eq!(
-            grpc_timeout(&headers("grpc-timeout", "2S")),
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            grpc_timeout(&headers("grpc-timeout", "1H")),
-            Some(Duration::from_secs(3600))
-        );
-        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
-            let mut h = HeaderMap::new();
-            h.insert("grpc-timeout", HeaderValue::from_str(bad).unwrap());
-            assert_eq!(grpc_timeout(&h), None, "{bad:?}");
-        }
-        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn grpc_content_types() {
-        assert!(is_grpc(&headers("content-type", "application/grpc")));
-        assert!(is_grpc(&headers("content-type", "application/grpc+proto")));
-        assert!(!is_grpc(&headers("content-type", "application/grpc-web")));
-        assert!(!is_grpc(&headers("content-type", "application/json")));
-        assert!(!is_grpc(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn authority_is_set_and_path_kept() {
-        let mut req = Request::get("/pkg.Svc/M").body(()).unwrap();
-        set_authority(&mut req, &"127.0.0.1:9".parse().unwrap()).unwrap();
-        assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/pkg.Svc/M");
-    }
-}
 #[cfg(test)]
 mod state_size {
     use super::*;

@@ -9,17 +9,19 @@ pub mod body;
 pub mod conn;
 pub mod error;
 pub mod forward;
+pub mod grpc;
 mod listeners;
 pub mod local;
 pub mod relay;
 pub mod reload;
 pub mod replay;
+pub mod routing;
+pub mod runtime;
 pub mod sockets;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -31,14 +33,12 @@ use crate::etcd::EtcdError;
 use crate::metrics::Metrics;
 use crate::route::ServiceName;
 use crate::settings::ProxySettings;
-use crate::upstream::UpstreamConfig;
-use tokio_rustls::TlsAcceptor;
 
-use conn::{ConnLimits, ServerSettings};
-use forward::{Forwarder, Target};
 use listeners::{Listeners, Serving, Shared};
-use local::{Local, LocalContext};
+use local::LocalContext;
 pub use reload::{LogControl, Reload, Running};
+use routing::LiveRouting;
+use runtime::Built;
 pub use sockets::Sockets;
 
 /// A listener already bound, with the service it is bound to (if any).
@@ -79,6 +79,9 @@ pub enum ProxyError {
     /// The routes do not fit together.
     #[error("--route: {0}")]
     Route(#[from] crate::route::RouteError),
+    /// The settings could not be applied.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::ConfigError),
 }
 
 /// Which setting gave a listener its address (named when it cannot be bound).
@@ -180,29 +183,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// How client connections are served: HTTP/2 settings and time limits.
-fn server_settings(args: &ProxySettings) -> ServerSettings {
-    let mut h2 = h2::server::Builder::new();
-    h2.max_concurrent_streams(args.limits.max_concurrent_streams)
-        .max_header_list_size(args.limits.max_header_list_size)
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_frame_size(64 * 1024)
-        .max_pending_accept_reset_streams(256)
-        .max_local_error_reset_streams(Some(1024));
-    ServerSettings {
-        h2,
-        limits: ConnLimits {
-            idle_timeout: args.timeouts.idle,
-            first_request_timeout: args.timeouts.first_request,
-            keepalive_interval: CLIENT_KEEPALIVE_INTERVAL,
-        },
-    }
-}
-
-/// Interval of HTTP/2 keep-alive pings to clients (finds dead peers).
-const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-
 /// Serves calls on already-bound listeners until `shutdown` completes, then drains.
 pub async fn serve(
     args: ProxySettings,
@@ -227,44 +207,37 @@ async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyError> {
     let args = &running.settings;
-    let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
+    let built = Built::new(args)?;
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
-    let live = reload::discovery_settings(args);
     let discovery = Discovery::new(
         etcd.clone(),
         DiscoveryConfig {
-            prefixes: live.prefixes,
-            max_services: live.max_services,
+            prefixes: built.live.prefixes,
+            max_services: built.live.max_services,
             service_idle: args.timeouts.service_idle,
-            upstream: UpstreamConfig {
-                connect_timeout: args.timeouts.connect,
-                tls: args.upstream_tls.client_config()?,
-                ..UpstreamConfig::default()
-            },
+            upstream: runtime::upstream_config(args)?,
             metrics: Arc::clone(&metrics),
-            balance: live.balance,
-            service_balance: live.service_balance,
-            health: live.health,
+            balance: built.live.balance,
+            service_balance: built.live.service_balance,
+            health: built.live.health,
         },
     );
-    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
+    let routing = LiveRouting::new(built.routing);
     let admin = AdminState::new(Arc::clone(&discovery));
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = Arc::new(LocalContext {
         discovery: Arc::clone(&discovery),
         etcd: etcd.clone(),
-        prefixes: args.etcd.prefixes(),
-        routes: Arc::clone(&routes),
+        routing,
         draining: stop_rx.clone(),
-        discovery_timeout: args.timeouts.discovery,
     });
     // Resolve and bind everything that can fail before any task is started.
-    let server = Arc::new(server_settings(args));
+    let (server, acceptor) = (built.server, built.acceptor);
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
         let addr = bound.listener.local_addr().map_err(ProxyError::Socket)?;
-        let forwarder = forwarder(&discovery, bound.service.as_ref(), args, &local)?;
+        let forwarder = runtime::forwarder(&discovery, bound.service.as_ref(), args, &local)?;
         serving.push((addr, bound, forwarder));
     }
     let admin_listener = match args.admin.listen.0 {
@@ -356,33 +329,6 @@ async fn serve_with(
         ),
     }
     Ok(())
-}
-
-/// The forwarder of a listener bound to `service` (or routing by the call's path), with
-/// the services the proxy answers itself (health, reflection) unless a bound listener
-/// forwards them.
-fn forwarder(
-    discovery: &Arc<Discovery>,
-    service: Option<&ServiceName>,
-    args: &ProxySettings,
-    local: &Arc<LocalContext>,
-) -> Result<Arc<Forwarder>, ProxyError> {
-    let target = match service {
-        Some(name) => Target::Bound(discovery.service(name.as_str())?),
-        None => Target::ByPath,
-    };
-    let own = match &target {
-        Target::Bound(_) if args.forward_health => None,
-        Target::Bound(s) => Some(Local::new(Arc::clone(local), Some(Arc::clone(s)))),
-        Target::ByPath => Some(Local::new(Arc::clone(local), None)),
-    };
-    let routes = Arc::new(crate::route::Routes::new(&args.route)?);
-    let mut forwarder =
-        Forwarder::new(Arc::clone(discovery), target, args.timeouts.discovery).with_routes(routes);
-    if let Some(own) = own {
-        forwarder = forwarder.with_local(own);
-    }
-    Ok(Arc::new(forwarder))
 }
 
 /// A listener as `--listen` spells it: `ADDR`, or `ADDR=SERVICE` when bound.

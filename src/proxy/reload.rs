@@ -4,10 +4,13 @@
 //! Applied live:
 //! - listeners added, removed, or bound to another service (a listener bound to another
 //!   service tells its open connections to go away: GOAWAY, their calls finish, the
-//!   clients reconnect); TLS on the listeners; routes; `limits.max_connections`,
-//!   `limits.max_concurrent_streams`, `limits.max_header_list_size`; the `discovery`,
-//!   `idle`, `first_request` and `drain` timeouts. New connections get the new settings,
-//!   open ones keep theirs.
+//!   clients reconnect); TLS on the listeners; `limits.max_connections`,
+//!   `limits.max_concurrent_streams`, `limits.max_header_list_size`; the `idle`,
+//!   `first_request` and `drain` timeouts. New connections get the new settings, open
+//!   ones keep theirs.
+//! - routes, the prefixes reflection lists and the `discovery` timeout: for every call from
+//!   the reload on, on open connections too, and in the proxy's own health and reflection
+//!   answers ([`super::routing::LiveRouting`]).
 //! - `etcd.prefix`: each watched service starts a watch under the new prefixes and serves
 //!   its current endpoints until that watch has listed them all, then swaps
 //!   ([`Discovery::reconfigure`]).
@@ -18,21 +21,19 @@
 //!   while the table is over it.
 //! - `log.level`, through the binary's [`LogControl`] (`tracing_subscriber::reload`).
 //!
-//! The settings in `keep_restart_only` are read at start only: a change to them is logged,
-//! by file key, as needing a restart, and the running values stay. A file with an error is
+//! Settings read at start only are declared so beside their fields (`RESTART_ONLY`, see
+//! [`crate::settings::restart_only_keys`]): a change to them is logged, by file key, as
+//! needing a restart, and the running values stay. A file with an error is
 //! refused with the error (file, line, key) in the log; the running settings stay. Each
 //! reload counts in `switchyard_config_reloads_total{result}`.
 
 use std::sync::Arc;
 
-use tokio_rustls::TlsAcceptor;
-
 use super::listeners::{Listeners, Serving};
+use super::runtime::{forwarder, Built};
 use super::sockets::Sockets;
-use super::{forwarder, server_settings};
-use crate::discovery::{Discovery, LiveConfig};
+use crate::discovery::Discovery;
 use crate::metrics::Metrics;
-use crate::route::ServiceName;
 use crate::settings::{ConfigError, Loaded, LogFormat, LogLevel, ProxySettings};
 
 /// Reads the settings again: flags and environment as at start, the config file as it
@@ -92,78 +93,24 @@ impl From<Loaded> for Running {
     }
 }
 
-/// The discovery settings `args` give: prefixes, the service limit, balancing and health.
-pub(super) fn discovery_settings(args: &ProxySettings) -> LiveConfig {
-    LiveConfig {
-        prefixes: args.etcd.prefixes(),
-        max_services: args.limits.max_services,
-        balance: args.balance.settings(),
-        service_balance: args
-            .balance
-            .services
-            .iter()
-            .filter_map(|(name, section)| {
-                // Names are checked with the other settings; none is invalid here.
-                let name = ServiceName::new(name).ok()?;
-                Some((name, args.balance.service_settings(section)))
-            })
-            .collect(),
-        health: crate::settings::balance::health_settings(&args.ejection, &args.health_check),
-    }
-}
-
-/// Copies the settings read only at start from `running` into `new`; returns those that
-/// differed (their file keys). A new setting that cannot change live is added here.
-fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> {
-    let (r, n) = (&running.settings, &mut new.settings);
-    let mut changed = Vec::new();
-    let mut note = |key: &'static str, differs: bool| {
-        if differs {
-            changed.push(key);
-        }
-    };
-    // etcd's connection: the prefixes (`etcd.prefix`) apply live.
-    let (re, ne) = (&r.etcd, &n.etcd);
-    note("etcd.endpoints", re.endpoints != ne.endpoints);
-    note(
-        "etcd.connect_timeout",
-        re.connect_timeout != ne.connect_timeout,
-    );
-    note("etcd.user", re.user != ne.user);
-    note("etcd.password", re.password != ne.password);
-    note("etcd.ca", re.ca != ne.ca);
-    note("etcd.cert", re.cert != ne.cert);
-    note("etcd.key", re.key != ne.key);
-    note("upstream_tls", r.upstream_tls != n.upstream_tls);
-    note("admin.listen", r.admin != n.admin);
-    note("timeouts.connect", r.timeouts.connect != n.timeouts.connect);
-    note(
-        "timeouts.service_idle",
-        r.timeouts.service_idle != n.timeouts.service_idle,
-    );
-    note(
-        "limits.worker_threads",
-        r.limits.worker_threads != n.limits.worker_threads,
-    );
-    note(
-        "log_format",
-        running.log_format.is_some() && running.log_format != new.log_format,
-    );
-    note("log.level", running.log_control.is_none() && r.log != n.log);
-    n.etcd = crate::settings::EtcdSettings {
-        prefix: std::mem::take(&mut n.etcd.prefix),
-        ..r.etcd.clone()
-    };
-    n.upstream_tls = r.upstream_tls.clone();
-    n.admin = r.admin.clone();
-    n.timeouts.connect = r.timeouts.connect;
-    n.timeouts.service_idle = r.timeouts.service_idle;
-    n.limits.worker_threads = r.limits.worker_threads;
-    if running.log_control.is_none() {
-        n.log = r.log.clone();
+/// Keeps the running values of the settings read only at start in `new` (each section
+/// declares its own: [`crate::settings::restart_only_keys`]); returns those that differed
+/// (their file keys). The log's format, and its level where the proxy does not own
+/// logging, are the process's, not the proxy settings'.
+fn keep_restart_only(
+    running: &Running,
+    new: &mut Running,
+) -> Result<Vec<&'static str>, ConfigError> {
+    let mut changed = crate::settings::keep_restart_only(&running.settings, &mut new.settings)?;
+    if running.log_format.is_some() && running.log_format != new.log_format {
+        changed.push("log_format");
     }
     new.log_format = running.log_format;
-    changed
+    if running.log_control.is_none() && running.settings.log != new.settings.log {
+        changed.push("log.level");
+        new.settings.log = running.settings.log.clone();
+    }
+    Ok(changed)
 }
 
 /// The parts of the running proxy that a reload changes.
@@ -204,7 +151,7 @@ impl Live {
     /// Applies `new`: everything that can fail first, then the changes.
     async fn apply(&mut self, mut new: Running) -> Result<(), super::ProxyError> {
         new.log_control = self.running.log_control.clone();
-        let restart = keep_restart_only(&self.running, &mut new);
+        let restart = keep_restart_only(&self.running, &mut new)?;
         if !restart.is_empty() {
             tracing::warn!(
                 settings = restart.join(", "),
@@ -212,27 +159,14 @@ impl Live {
             );
         }
         let args = &new.settings;
-        let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
-        if args.etcd.prefixes() != self.running.settings.etcd.prefixes() {
-            // Reflection lists the services under the prefixes in force.
-            let l = &self.local;
-            self.local = Arc::new(super::local::LocalContext {
-                discovery: Arc::clone(&l.discovery),
-                etcd: l.etcd.clone(),
-                prefixes: args.etcd.prefixes(),
-                routes: Arc::clone(&l.routes),
-                draining: l.draining.clone(),
-                discovery_timeout: l.discovery_timeout,
-            });
-        }
-        let server = Arc::new(server_settings(args));
+        let built = Built::new(args)?;
         let mut starting = Vec::new();
         let mut updating = Vec::new();
         for spec in &args.listeners {
             let serving = Serving {
                 forwarder: forwarder(&self.discovery, spec.service.as_ref(), args, &self.local)?,
-                settings: Arc::clone(&server),
-                acceptor: acceptor.clone(),
+                settings: Arc::clone(&built.server),
+                acceptor: built.acceptor.clone(),
             };
             if self.listeners.bound().any(|(a, _)| a == spec.addr) {
                 updating.push((spec, serving));
@@ -270,7 +204,9 @@ impl Live {
             args.limits.max_connections,
         );
         self.listeners.resize_connections(old, now);
-        let mut live = self.discovery.reconfigure(discovery_settings(args));
+        // Open connections, health and reflection follow the new routes from here on.
+        self.local.routing.store(built.routing);
+        let mut live = self.discovery.reconfigure(built.live);
         if args.log != self.running.settings.log {
             if let Some(control) = &new.log_control {
                 match control(&args.log.level) {
@@ -341,7 +277,7 @@ mod tests {
         n.health_check.kind = crate::health::ActiveCheck::Grpc;
         n.log.level = "debug".parse().unwrap();
         new.log_format = Some(LogFormat::Json);
-        let changed = keep_restart_only(&running, &mut new);
+        let changed = keep_restart_only(&running, &mut new).unwrap();
         assert_eq!(
             changed,
             ["etcd.endpoints", "limits.worker_threads", "log_format"]
@@ -358,7 +294,7 @@ mod tests {
         assert_eq!(n.ejection.after, 2);
         assert_eq!(n.health_check.kind, crate::health::ActiveCheck::Grpc);
         assert_eq!(n.log.level.as_str(), "debug");
-        let live = discovery_settings(n);
+        let live = super::super::runtime::live_config(n);
         assert_eq!(
             (live.prefixes, live.max_services, live.health.eject_after),
             (vec!["other".to_owned()], 3, 2)
@@ -370,7 +306,10 @@ mod tests {
         let running = Running::new(ProxySettings::default());
         let mut new = running.clone();
         new.settings.log.level = "warn,switchyard=debug".parse().unwrap();
-        assert_eq!(keep_restart_only(&running, &mut new), ["log.level"]);
+        assert_eq!(
+            keep_restart_only(&running, &mut new).unwrap(),
+            ["log.level"]
+        );
         assert_eq!(new.settings.log.level.as_str(), "info");
     }
 }

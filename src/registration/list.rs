@@ -12,8 +12,9 @@ use etcd_client::{Client, GetOptions};
 use serde::Serialize;
 
 use crate::etcd::{timed, RequestError};
-use crate::registry::{service_prefix, ValueFormat};
-use crate::route::{validate_service_name, ServiceName};
+use crate::registry::layout::{KeyError, KeyPrefix};
+use crate::registry::ValueFormat;
+use crate::route::ServiceName;
 use crate::settings::{duration, EtcdSettings};
 
 /// Flags of `switchyard endpoints`.
@@ -71,36 +72,6 @@ pub enum ListError {
     Etcd(#[from] RequestError),
 }
 
-/// Splits a key under `<prefix>/` into (service, rest); `Err` says why it is malformed.
-fn split_key(under_prefix: &str) -> Result<(&str, &str), (&str, String)> {
-    match under_prefix.split_once('/') {
-        None => Err((
-            under_prefix,
-            "key has nothing after the service (<prefix>/<service>/<addr> expected)".to_owned(),
-        )),
-        Some((service, rest)) => {
-            if let Err(e) = validate_service_name(service) {
-                return Err((service, format!("key's service part: {e}")));
-            }
-            if rest.is_empty() {
-                return Err((service, "key has nothing after the service".to_owned()));
-            }
-            Ok((service, rest))
-        }
-    }
-}
-
-/// The key prefix of everything under `prefix`: `<prefix>/` (kept as written), or `""`
-/// for the empty prefix.
-fn root(prefix: &str) -> String {
-    let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() && !prefix.starts_with('/') {
-        String::new()
-    } else {
-        format!("{trimmed}/")
-    }
-}
-
 /// Lists the keys under each of `prefixes` (or under `<prefix>/<service>/`), decoded, in
 /// the prefixes' order and then key order.
 pub async fn list(
@@ -109,7 +80,7 @@ pub async fn list(
     service: Option<&ServiceName>,
     timeout: Duration,
 ) -> Result<Vec<ListedEndpoint>, ListError> {
-    let roots: Vec<String> = prefixes.iter().map(|p| root(p)).collect();
+    let roots: Vec<KeyPrefix> = prefixes.iter().map(|p| KeyPrefix::new(p)).collect();
     let mut seen = std::collections::HashSet::new();
     let mut listing = Listing {
         client,
@@ -119,8 +90,8 @@ pub async fn list(
     };
     for (prefix, root) in prefixes.iter().zip(&roots) {
         let range = match service {
-            Some(s) => service_prefix(prefix, s.as_str()),
-            None => root.clone(),
+            Some(s) => root.service(s.as_str()),
+            None => root.root().to_owned(),
         };
         let resp = timed(
             "get",
@@ -132,14 +103,14 @@ pub async fn list(
         .await?;
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if root.is_empty() {
+            if root.is_whole_keyspace() {
                 // The whole keyspace: only what looks like `<service>/<name>` holding
                 // a registry value, and is not another prefix's.
                 let elsewhere = roots
                     .iter()
-                    .any(|r| !r.is_empty() && key.starts_with(r.as_str()));
+                    .any(|r| !r.is_whole_keyspace() && key.starts_with(r.root()));
                 if elsewhere
-                    || split_key(&key).is_err()
+                    || !matches!(root.split(&key), Some(Ok(_)))
                     || crate::registry::decode(kv.key(), kv.value()).is_err()
                 {
                     continue;
@@ -168,7 +139,7 @@ impl Listing<'_> {
     async fn key(
         &mut self,
         prefix: &str,
-        root: &str,
+        root: &KeyPrefix,
         kv: &etcd_client::KeyValue,
         key: String,
     ) -> Result<(), ListError> {
@@ -190,9 +161,15 @@ impl Listing<'_> {
                 }
             },
         };
-        let under = key.strip_prefix(root).unwrap_or(&key);
-        let (service, decoded) = match split_key(under) {
-            Err((service, why)) => (service, Err(why)),
+        // Listed by a range under the prefix, so the key is under it.
+        let split = root.split(&key).unwrap_or_else(|| {
+            Err(KeyError {
+                service: "",
+                why: "key outside its prefix".to_owned(),
+            })
+        });
+        let (service, decoded) = match split {
+            Err(KeyError { service, why }) => (service, Err(why)),
             Ok((service, _)) => (
                 service,
                 crate::registry::decode(kv.key(), kv.value()).map_err(|e| e.to_string()),
@@ -323,24 +300,6 @@ pub async fn run(args: EndpointsArgs) -> Result<(), ListError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn roots_keep_the_prefix_as_written() {
-        assert_eq!(root("services"), "services/");
-        assert_eq!(root("services/"), "services/");
-        assert_eq!(root("/microservices"), "/microservices/");
-        assert_eq!(root("/"), "/");
-        assert_eq!(root(""), "");
-    }
-
-    #[test]
-    fn keys_split() {
-        assert_eq!(split_key("a/1.2.3.4:5"), Ok(("a", "1.2.3.4:5")));
-        assert_eq!(split_key("a/x/y"), Ok(("a", "x/y")));
-        assert!(split_key("a").is_err());
-        assert!(split_key("a/").is_err());
-        assert!(split_key("a b/x").is_err());
-    }
 
     #[test]
     fn table_lists_malformed_entries() {

@@ -19,15 +19,6 @@ use crate::endpoint::Endpoint;
 #[derive(Debug, Clone, Copy)]
 pub struct GoZero;
 
-/// Whether `key` ends in a lease (or go-zero ID) number: `<key>/<positive int64>`.
-pub(super) fn names_lease(key: &str) -> bool {
-    let last = super::last_segment(key);
-    last.len() < key.len()
-        && !last.is_empty()
-        && last.bytes().all(|b| b.is_ascii_digit())
-        && last.parse::<i64>().is_ok_and(|n| n > 0)
-}
-
 impl Codec for GoZero {
     fn name(&self) -> &'static str {
         "go-zero"
@@ -42,7 +33,7 @@ impl Codec for GoZero {
     }
 
     fn recognises(&self, key: &str, value: Shape<'_>) -> bool {
-        matches!(value, Shape::Text(_)) && names_lease(key)
+        matches!(value, Shape::Text(_)) && super::layout::names_lease(key)
     }
 
     fn decode(
@@ -66,6 +57,7 @@ impl Codec for GoZero {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::layout::names_lease;
     use crate::registry::{decode, TEST_INSTANCE};
 
     #[test]

@@ -74,7 +74,7 @@ impl Codec for Kratos {
     ) -> Result<Vec<Endpoint>, ValueError> {
         let instance: ReadInstance = super::read_json(ValueFormat::Kratos, value)?;
         let name = instance.name.unwrap_or_default();
-        if let Some(service) = super::service_segment(key) {
+        if let Some(service) = super::layout::service_segment(key) {
             if name != service {
                 return Err(ValueError::invalid(ValueFormat::Kratos, format!(
                     "it names service {name:?}, not {service:?} as its key does (Kratos clients skip it too)"

@@ -2,9 +2,7 @@
 //! has room for nothing else: weight 1, plaintext, no metadata. Recognised as any text
 //! value whose key does not end in a lease ID (those are [`go_zero`](super::go_zero)'s).
 
-use super::{
-    go_zero, Codec, EncodeError, Instance, KeyName, Shape, Skipped, ValueError, ValueFormat,
-};
+use super::{Codec, EncodeError, Instance, KeyName, Shape, Skipped, ValueError, ValueFormat};
 use crate::endpoint::{Endpoint, DEFAULT_WEIGHT};
 
 /// The plain format's codec.
@@ -25,7 +23,7 @@ impl Codec for Plain {
     }
 
     fn recognises(&self, key: &str, value: Shape<'_>) -> bool {
-        matches!(value, Shape::Text(_)) && !go_zero::names_lease(key)
+        matches!(value, Shape::Text(_)) && !super::layout::names_lease(key)
     }
 
     fn decode(

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{duration, text};
-use crate::balance::{BalanceSettings, Policy};
-use crate::health::{ActiveCheck, FailureCodes, HealthSettings};
+use crate::balance::Policy;
+use crate::health::{ActiveCheck, FailureCodes};
 
 /// The balancing policy, slow start and peak-ewma's tuning (`[balance]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -75,26 +75,6 @@ pub struct ServiceSection {
     /// This service's balancing policy.
     #[serde(with = "text")]
     pub policy: Policy,
-}
-
-impl BalanceSection {
-    /// The balancing settings of services with no section of their own.
-    pub fn settings(&self) -> BalanceSettings {
-        BalanceSettings {
-            policy: self.policy,
-            slow_start: (!self.slow_start.is_zero()).then_some(self.slow_start),
-            ewma_decay: self.ewma_decay,
-            default_rtt: self.ewma_default_rtt,
-        }
-    }
-
-    /// The balancing settings of `service`'s own section.
-    pub fn service_settings(&self, section: &ServiceSection) -> BalanceSettings {
-        BalanceSettings {
-            policy: section.policy,
-            ..self.settings()
-        }
-    }
 }
 
 /// Passive outlier ejection (`[ejection]`).
@@ -168,16 +148,4 @@ pub struct HealthCheckSection {
     )]
     #[serde(with = "duration")]
     pub interval: Duration,
-}
-
-/// The health settings these sections give.
-pub fn health_settings(ejection: &EjectionSection, check: &HealthCheckSection) -> HealthSettings {
-    HealthSettings {
-        eject_after: ejection.after,
-        eject_for: ejection.duration,
-        max_ejected_percent: ejection.max_percent,
-        failure_codes: ejection.failure_codes,
-        check: check.kind,
-        check_interval: check.interval,
-    }
 }

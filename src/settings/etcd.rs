@@ -8,6 +8,19 @@ use serde::{Deserialize, Serialize};
 
 use super::duration;
 
+impl EtcdSettings {
+    /// Read at start only (the client is made once); the prefixes apply live.
+    pub const RESTART_ONLY: &'static [&'static str] = &[
+        "etcd.endpoints",
+        "etcd.connect_timeout",
+        "etcd.user",
+        "etcd.password",
+        "etcd.ca",
+        "etcd.cert",
+        "etcd.key",
+    ];
+}
+
 /// Where etcd is and where services live in it (`[etcd]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -74,7 +74,7 @@ pub(crate) fn to_tree<T: Serialize>(value: &T) -> Result<Map<String, Value>, Con
     }
 }
 
-fn internal(message: String) -> ConfigError {
+pub(crate) fn internal(message: String) -> ConfigError {
     ConfigError::Field(FieldError {
         location: None,
         field: String::new(),

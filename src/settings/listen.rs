@@ -87,6 +87,11 @@ impl fmt::Display for AdminListen {
     }
 }
 
+impl AdminSettings {
+    /// Read at start only: the admin listener is bound once.
+    pub const RESTART_ONLY: &'static [&'static str] = &["admin"];
+}
+
 /// The admin listener (`[admin]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -49,18 +49,22 @@ mod etcd;
 mod file;
 mod layer;
 mod listen;
+mod loaded;
 mod log;
 mod proxy;
+mod restart;
 pub mod text;
 mod tls;
 mod validate;
 
-pub use cli::{check, load, parse_file, proxy_command, Loaded, ProxyCommand};
+pub use cli::{check, load, parse_file};
 pub use error::{ConfigError, FieldError, Location};
 pub use etcd::EtcdSettings;
 pub use listen::{AdminListen, AdminSettings, ListenSpec, ListenSpecError};
+pub use loaded::{proxy_command, Loaded, ProxyCommand};
 pub use log::{BadLogLevel, LogFormat, LogLevel, LogSection, LogSettings};
 pub use proxy::{LimitSettings, ProxySettings, TimeoutSettings, MAX_WORKER_THREADS};
+pub use restart::{keep_restart_only, restart_only_keys};
 pub use tls::{ListenerTlsSettings, UpstreamTlsSettings};
 
 /// The built-in defaults of a settings struct, as its flags declare them (the

@@ -104,6 +104,12 @@ impl ProxySettings {
     }
 }
 
+impl TimeoutSettings {
+    /// Read at start only: backend connections and the service table take them once.
+    pub const RESTART_ONLY: &'static [&'static str] =
+        &["timeouts.connect", "timeouts.service_idle"];
+}
+
 /// Timeouts of the proxy (`[timeouts]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +182,11 @@ pub struct TimeoutSettings {
     )]
     #[serde(with = "duration")]
     pub drain: Duration,
+}
+
+impl LimitSettings {
+    /// Read at start only: the runtime is built once.
+    pub const RESTART_ONLY: &'static [&'static str] = &["limits.worker_threads"];
 }
 
 /// Limits of the proxy (`[limits]`).

@@ -42,6 +42,11 @@ impl ListenerTlsSettings {
     }
 }
 
+impl UpstreamTlsSettings {
+    /// Read at start only: backend connections are set up with it.
+    pub const RESTART_ONLY: &'static [&'static str] = &["upstream_tls"];
+}
+
 /// TLS to the backends (`[upstream_tls]`).
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

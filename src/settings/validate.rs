@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::cli::Loaded;
 use super::error::ConfigError;
+use super::loaded::Loaded;
 use super::MAX_WORKER_THREADS;
 
 /// Checks settings that are each valid but do not fit together.

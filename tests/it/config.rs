@@ -192,7 +192,7 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.upstream_tls.sni.as_deref(), Some("backend.internal"));
     assert_eq!(a.balance.policy, switchyard::balance::Policy::PeakEwma);
     assert_eq!(a.balance.slow_start, Duration::from_secs(3));
-    let tuned = a.balance.settings();
+    let tuned = switchyard::proxy::runtime::live_config(a).balance;
     assert_eq!(
         (tuned.ewma_decay, tuned.default_rtt),
         (Duration::from_secs(2), Duration::from_millis(5))

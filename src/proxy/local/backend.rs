@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 
 use super::super::body::H2Body;
-use super::super::forward::set_authority;
+use super::super::grpc::set_authority;
 use super::super::relay::Relay;
 use crate::endpoint::BackendAddr;
 

@@ -2,13 +2,20 @@
 //!
 //! On a listener that routes by path, service `""` is the proxy itself (SERVING, or
 //! NOT_SERVING while it drains); any other name is the service registered in etcd under
-//! that name (or under its route's name): SERVING while it has at least one usable endpoint, NOT_SERVING while its
-//! endpoints are all unreachable, and unknown (Check: NOT_FOUND; Watch: SERVICE_UNKNOWN,
-//! then updates) while no endpoint of that name is registered. On a listener bound to a
-//! service, every name is that service (a client that dialed the listener dialed it), and
-//! no endpoint means NOT_SERVING (with `--forward-health`, a bound listener passes health
-//! calls to the service's backends instead). While the proxy drains, every name is NOT_SERVING, and
-//! watches end after saying so, so that they do not hold the drain up.
+//! that name (or under its route's name):
+//! - SERVING while it has at least one usable endpoint;
+//! - NOT_SERVING while it has endpoints but none usable (unreachable, ejected, failing
+//!   their active checks), and while it has none left after having had some (the last
+//!   node left: the service exists, it is down);
+//! - unknown (Check: NOT_FOUND; Watch: SERVICE_UNKNOWN, then updates) while no endpoint of
+//!   that name was ever registered since the proxy looked it up, as the gRPC health spec
+//!   keeps SERVICE_UNKNOWN for names the server does not know.
+//!
+//! On a listener bound to a service, every name is that service (a client that dialed the
+//! listener dialed it), and no endpoint means NOT_SERVING (with `--forward-health`, a bound
+//! listener passes health calls to the service's backends instead). While the proxy
+//! drains, every name is NOT_SERVING, and watches end after saying so, so that they do not
+//! hold the drain up.
 //!
 //! `Watch` wakes on each endpoint snapshot discovery publishes, and re-checks every
 //! [`RECHECK`] for connection state changes (a backend becoming unreachable), which are
@@ -76,7 +83,7 @@ impl Subject {
                 let set = service.endpoints();
                 Some(if set.iter().any(|b| b.fit() != Fit::No) {
                     ServingStatus::Serving
-                } else if set.is_empty() && !bound {
+                } else if set.is_empty() && !bound && !service.ever_served() {
                     ServingStatus::ServiceUnknown
                 } else {
                     ServingStatus::NotServing
@@ -105,7 +112,11 @@ impl HealthService {
         if validate_service_name(name).is_err() {
             return Ok(Subject::Unknown);
         }
-        match self.ctx.discovery.service(self.ctx.routes.resolve(name)) {
+        let found = {
+            let routing = self.ctx.routing.load();
+            self.ctx.discovery.service(routing.routes.resolve(name))
+        };
+        match found {
             Ok(service) => Ok(Subject::Service {
                 service,
                 bound: false,
@@ -140,7 +151,8 @@ impl Health for HealthService {
         let subject = self.subject(&name)?;
         if let Subject::Service { service, .. } = &subject {
             if !service.is_loaded() {
-                service.wait_loaded(self.ctx.discovery_timeout).await;
+                let wait = self.ctx.routing.load().discovery_timeout;
+                service.wait_loaded(wait).await;
             }
         }
         match subject.status(self.draining()) {

@@ -17,7 +17,6 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -30,8 +29,8 @@ use tonic_reflection::pb::{v1, v1alpha};
 
 use super::body::H2Body;
 use super::relay::{Relay, ResetReason};
+use super::routing::LiveRouting;
 use crate::discovery::{Discovery, Service};
-use crate::route::Routes;
 
 /// What the local services read: the services, etcd (to list them), and whether the
 /// proxy is draining.
@@ -40,20 +39,17 @@ pub struct LocalContext {
     pub discovery: Arc<Discovery>,
     /// The etcd client (reflection lists the registered services with it).
     pub etcd: etcd_client::Client,
-    /// The key prefixes services register under.
-    pub prefixes: Vec<String>,
-    /// gRPC service names and the names they are registered under.
-    pub routes: Arc<Routes>,
+    /// The routes, prefixes and discovery wait in force (shared with the forwarders, and
+    /// swapped by a reload).
+    pub routing: Arc<LiveRouting>,
     /// Turns true when the proxy starts draining.
     pub draining: watch::Receiver<bool>,
-    /// How long a request waits for a service's first endpoint list.
-    pub discovery_timeout: Duration,
 }
 
 impl std::fmt::Debug for LocalContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalContext")
-            .field("prefixes", &self.prefixes)
+            .field("routing", &self.routing)
             .field("draining", &*self.draining.borrow())
             .finish()
     }
@@ -173,7 +169,7 @@ fn claim(path: &str, headers: &HeaderMap, reflection: bool) -> Option<LocalCall>
         return None;
     };
     // Anything but gRPC gets the proxy's usual answer.
-    super::forward::is_grpc(headers).then_some(call)
+    super::grpc::is_grpc(headers).then_some(call)
 }
 
 /// A tonic body that fails (rare: tonic turns a service's errors into trailers) resets the

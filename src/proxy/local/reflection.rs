@@ -35,7 +35,7 @@ use v1::server_reflection_response::MessageResponse;
 use super::backend::BackendChannel;
 use super::LocalContext;
 use crate::balance::Fit;
-use crate::route::{validate_service_name, Routes};
+use crate::route::Routes;
 use crate::upstream::Upstream;
 
 /// Time allowed for a backend's answer to one reflection request.
@@ -211,8 +211,8 @@ impl Session {
                 None => {
                     let msg = format!(
                         "switchyard: symbol '{symbol}' names no service registered under \
-                         prefixes {:?} (nor routed to one)",
-                        self.ctx.prefixes
+                         {} (nor routed to one)",
+                        self.ctx.routing.load().prefixes_text()
                     );
                     return reply(req, error(Code::NotFound, msg));
                 }
@@ -241,14 +241,15 @@ impl Session {
     /// range get per prefix), each under the gRPC service names routed to it, if any.
     async fn registered(&self) -> Result<BTreeSet<String>, String> {
         let mut registered = BTreeSet::new();
-        for prefix in &self.ctx.prefixes {
-            let root = prefix_root(prefix);
+        // Held across the listing: the routes the names are then mapped by are the same.
+        let routing = self.ctx.routing.load_full();
+        for root in &routing.prefixes {
             let mut etcd = self.ctx.etcd.clone();
             let listing = crate::etcd::timed(
                 "list services",
                 ETCD_TIMEOUT,
                 etcd.get(
-                    root.as_str(),
+                    root.root(),
                     Some(GetOptions::new().with_prefix().with_keys_only()),
                 ),
             )
@@ -258,21 +259,22 @@ impl Session {
                 listing
                     .kvs()
                     .iter()
-                    .filter_map(|kv| service_of_key(kv.key(), root.len()))
+                    .filter_map(|kv| root.service_of(kv.key()))
                     .map(str::to_owned),
             );
         }
-        Ok(callable(registered, &self.ctx.routes))
+        Ok(callable(registered, &routing.routes))
     }
 
     /// A backend of `service`: one that is connected if there is one.
     async fn pick(&self, service: &str) -> Result<Asked, String> {
-        let svc = self
-            .ctx
-            .discovery
-            .service(self.ctx.routes.resolve(service))
-            .map_err(|e| format!("switchyard: {e}"))?;
-        if !svc.is_loaded() && !svc.wait_loaded(self.ctx.discovery_timeout).await {
+        let (found, wait) = {
+            let routing = self.ctx.routing.load();
+            let found = self.ctx.discovery.service(routing.routes.resolve(service));
+            (found, routing.discovery_timeout)
+        };
+        let svc = found.map_err(|e| format!("switchyard: {e}"))?;
+        if !svc.is_loaded() && !svc.wait_loaded(wait).await {
             return Err(format!(
                 "switchyard: endpoints of service '{service}' not known yet (etcd unreachable?)"
             ));
@@ -435,23 +437,6 @@ fn callable(registered: BTreeSet<String>, routes: &Routes) -> BTreeSet<String> {
     names
 }
 
-/// The key prefix under which all services register (`<prefix>/`).
-fn prefix_root(prefix: &str) -> String {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        String::new()
-    } else {
-        format!("{prefix}/")
-    }
-}
-
-/// The service of an endpoint key `<root><service>/<endpoint>`.
-fn service_of_key(key: &[u8], root_len: usize) -> Option<&str> {
-    let rest = std::str::from_utf8(key.get(root_len..)?).ok()?;
-    let (service, endpoint) = rest.split_once('/')?;
-    (!endpoint.is_empty() && validate_service_name(service).is_ok()).then_some(service)
-}
-
 /// The answer to `req`.
 fn reply(
     req: v1::ServerReflectionRequest,
@@ -554,21 +539,6 @@ mod tests {
             names,
             ["helloworld.v1.Admin", "helloworld.v1.Greeter", "pkg.Svc"]
         );
-    }
-
-    #[test]
-    fn keys_give_their_service() {
-        let root = prefix_root("services/");
-        assert_eq!(root, "services/");
-        assert_eq!(prefix_root(""), "");
-        assert_eq!(
-            service_of_key(b"services/pkg.Svc/10.0.0.1:80", root.len()),
-            Some("pkg.Svc")
-        );
-        assert_eq!(service_of_key(b"services/pkg.Svc/", root.len()), None);
-        assert_eq!(service_of_key(b"services/bad name/x", root.len()), None);
-        assert_eq!(service_of_key(b"services/", root.len()), None);
-        assert_eq!(service_of_key(b"svc", root.len()), None);
     }
 
     #[test]
