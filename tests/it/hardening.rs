@@ -26,7 +26,8 @@ const WAIT: Duration = Duration::from_secs(20);
 const BURST_CONCURRENCY: usize = 16;
 /// Longest a burst of thousands of calls may take (a bound, not a claim).
 const BURST_LIMIT: Duration = Duration::from_secs(300);
-const NO_ENDPOINTS: &str = "no endpoints registered for service";
+/// How the proxy answers a call for a name nobody registered (UNIMPLEMENTED).
+const NOT_REGISTERED: &str = "is not registered";
 
 /// An Echo backend that serves Echo's methods under any service name (`/<any>/Unary` is
 /// Echo's Unary), so that one backend kind stands for many services.
@@ -102,8 +103,8 @@ async fn burst(ch: &Channel, names: impl Iterator<Item = String>) -> BTreeMap<St
         .map(|name| async move {
             match call(ch, &name).await {
                 Ok(server) => format!("served by {server}"),
-                Err(s) if s.message().contains(NO_ENDPOINTS) => {
-                    format!("{:?}: {NO_ENDPOINTS}", s.code())
+                Err(s) if s.message().contains(NOT_REGISTERED) => {
+                    format!("{:?}: {NOT_REGISTERED}", s.code())
                 }
                 Err(s) => format!("{:?}: {}", s.code(), s.message()),
             }
@@ -123,8 +124,8 @@ fn junk(from: usize, n: usize) -> impl Iterator<Item = String> {
     (from..from + n).map(|i| format!("junk.S{i}"))
 }
 
-fn unavailable(n: usize) -> BTreeMap<String, usize> {
-    BTreeMap::from([(format!("Unavailable: {NO_ENDPOINTS}"), n)])
+fn not_registered(n: usize) -> BTreeMap<String, usize> {
+    BTreeMap::from([(format!("Unimplemented: {NOT_REGISTERED}"), n)])
 }
 
 async fn metrics(admin: SocketAddr) -> String {
@@ -209,7 +210,7 @@ async fn a_burst_of_made_up_names_locks_no_service_out() {
     let stop = Arc::new(AtomicBool::new(false));
     let user = keep_calling(&ch, "used.Svc", "used", &stop);
     // 2,000 names nobody serves, 30 times the table's room: each is told so.
-    assert_eq!(burst(&ch, junk(0, 2000)).await, unavailable(2000));
+    assert_eq!(burst(&ch, junk(0, 2000)).await, not_registered(2000));
 
     // A service registered afterwards is served, on its first call.
     let late = AnyNameBackend::start("late").await;
@@ -255,18 +256,18 @@ async fn a_name_found_empty_and_dropped_is_answered_without_a_look_up_for_a_whil
     let e = etcd.endpoint();
     let proxy = Proxy::start_with(&[e.to_owned()], &[], |a| a.limits.max_services = 1).await;
     let ch = channel(proxy.addr).await;
-    assert_eq!(burst(&ch, junk(0, 1)).await, unavailable(1));
+    assert_eq!(burst(&ch, junk(0, 1)).await, not_registered(1));
     // The next name takes junk.S0's room; junk.S0 is remembered as having no endpoints
     // (from a moment after `before`).
     let before = Instant::now();
-    assert_eq!(burst(&ch, junk(1, 1)).await, unavailable(1));
+    assert_eq!(burst(&ch, junk(1, 1)).await, not_registered(1));
     let backend = AnyNameBackend::start("S0").await;
     let _r = register(e, "junk.S0", backend.addr, 30).await;
     let answer = call(&ch, "junk.S0").await;
     if before.elapsed() < switchyard::discovery::NEGATIVE_TTL {
         let status = answer.unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable);
-        assert!(status.message().contains(NO_ENDPOINTS), "{status:?}");
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert!(status.message().contains(NOT_REGISTERED), "{status:?}");
     }
     // Then it is looked up again, and served.
     eventually(
@@ -358,7 +359,7 @@ async fn a_full_table_of_services_in_use_refuses_and_an_idle_one_makes_room() {
     eventually(WAIT, "junk.X finds room", || async {
         call(&ch, "junk.X")
             .await
-            .is_err_and(|s| s.code() == Code::Unavailable && s.message().contains(NO_ENDPOINTS))
+            .is_err_and(|s| s.code() == Code::Unimplemented && s.message().contains(NOT_REGISTERED))
     })
     .await;
     assert!(used_at.elapsed() >= idle);
@@ -404,9 +405,9 @@ async fn memory_stays_bounded_over_thousands_of_made_up_names() {
     let ch = channel(proxy.addr()).await;
     assert_eq!(call(&ch, "used.Svc").await.unwrap(), "used");
     // The first burst fills the table, the remembered names and the allocator's pools.
-    assert_eq!(burst(&ch, junk(0, 2000)).await, unavailable(2000));
+    assert_eq!(burst(&ch, junk(0, 2000)).await, not_registered(2000));
     let before = rss_kib(proxy.pid());
-    assert_eq!(burst(&ch, junk(2000, 4000)).await, unavailable(4000));
+    assert_eq!(burst(&ch, junk(2000, 4000)).await, not_registered(4000));
     let after = rss_kib(proxy.pid());
     eprintln!("proxy RSS after 2,000 made-up names: {before} KiB; after 4,000 more: {after} KiB");
     assert!(

@@ -417,28 +417,47 @@ async fn services_are_isolated_by_the_trailing_slash_and_bound_listeners_work() 
         assert_eq!(served_by(&mut ca).await.unwrap(), "a-node");
         assert_eq!(served_by(&mut cab).await.unwrap(), "ab-node");
     }
-    // On the unbound listener the path's service (switchyard.echo.v1.Echo) has no nodes.
+    // On the unbound listener the path's service (switchyard.echo.v1.Echo) has no nodes:
+    // it is not a service here.
     let mut c = client(proxy.addr).await;
     let err = served_by(&mut c).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_endpoints_is_unavailable_naming_the_service() {
+async fn a_never_registered_service_is_unimplemented_and_one_whose_nodes_left_unavailable() {
     init_tracing();
     let etcd = EtcdProcess::start().await.unwrap();
     let proxy = Proxy::start(&[etcd.endpoint().to_owned()]).await;
     let mut c = client(proxy.addr).await;
+    // Nothing under any prefix: not a service (retrying cannot help), named with the
+    // prefix looked in.
     let err = c.unary(req("x")).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     assert!(err.message().contains(SVC), "{:?}", err.message());
+    assert!(err.message().contains("services/"), "{:?}", err.message());
     // Once a node registers, the same channel gets served.
     let b = EchoBackend::start("late").await.unwrap();
-    let _r = register(etcd.endpoint(), SVC, b.addr(), 10).await;
+    let r = register(etcd.endpoint(), SVC, b.addr(), 10).await;
     eventually(Duration::from_secs(2), "late endpoint used", || {
         let mut c = c.clone();
         async move { served_by(&mut c).await.is_ok_and(|n| n == "late") }
     })
+    .await;
+    // Its last node leaves: the service exists and is down, for now.
+    delete(etcd.endpoint(), &r.key).await;
+    eventually(
+        Duration::from_secs(2),
+        "UNAVAILABLE once the node left",
+        || {
+            let mut c = c.clone();
+            async move {
+                c.unary(req("x")).await.is_err_and(|e| {
+                    e.code() == Code::Unavailable && e.message().contains("no endpoints registered")
+                })
+            }
+        },
+    )
     .await;
 }
 

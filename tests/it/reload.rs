@@ -311,3 +311,62 @@ async fn active_checks_start_and_stop_on_reload() {
     let tally = calling.finish().await;
     assert_none_failed(&tally);
 }
+
+/// The status `grpc.health.v1.Health/Check` gives for `name` on `ch`.
+async fn health_of(
+    ch: &tonic::transport::Channel,
+    name: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Code> {
+    let mut c = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    c.check(tonic_health::pb::HealthCheckRequest {
+        service: name.into(),
+    })
+    .await
+    .map(|r| r.into_inner().status())
+    .map_err(|s| s.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_route_applies_to_open_connections_and_to_health() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (old, new) = (
+        EchoBackend::start("old").await.unwrap(),
+        EchoBackend::start("new").await.unwrap(),
+    );
+    let old_reg = register(etcd.endpoint(), "old.name", old.addr(), 10).await;
+    let _new_reg = register(etcd.endpoint(), "new.name", new.addr(), 10).await;
+    let route = |to: &str| format!("[[route]]\ngrpc_service = \"{ECHO}\"\nregistered = \"{to}\"\n");
+    let file = ConfigFile::new(&etcd);
+    file.write("", &route("old.name"));
+    let p = proxy(&file, Some("info")).await;
+    // One connection, opened before the reload, kept throughout.
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", file.listen))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = switchyard::echo::echo_client::EchoClient::new(ch.clone());
+    assert_eq!(served_by(&mut c).await.unwrap(), "old");
+    assert_eq!(health_of(&ch, ECHO).await, Ok(ServingStatus::Serving));
+
+    // The old name's node leaves, and the route now leads to the new name.
+    delete(etcd.endpoint(), &old_reg.key).await;
+    drop(old_reg);
+    file.write("", &route("new.name"));
+    signal(p.pid(), "-HUP");
+    wait_logged(&p, &["settings reloaded"]);
+    // The connection opened before the reload follows the new route...
+    for _ in 0..10 {
+        assert_eq!(served_by(&mut c).await.unwrap(), "new");
+    }
+    // ...and so does the proxy's own health answer, on the same connection.
+    assert_eq!(health_of(&ch, ECHO).await, Ok(ServingStatus::Serving));
+    // The old name, asked for directly, was served and has no node left: NOT_SERVING.
+    assert_eq!(
+        health_of(&ch, "old.name").await,
+        Ok(ServingStatus::NotServing)
+    );
+    assert!(!p.logged(&["restart to apply"]), "{}", p.log_text());
+}

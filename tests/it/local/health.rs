@@ -67,13 +67,14 @@ async fn check_and_watch_follow_keys_coming_and_going() {
     assert_eq!(next(&mut watch).await, ServingStatus::Serving, "key added");
     assert_eq!(check(&c, SVC).await, Ok(ServingStatus::Serving));
 
+    // The last endpoint leaves: the service is known, and down.
     delete(etcd.endpoint(), &reg.key).await;
     assert_eq!(
         next(&mut watch).await,
-        ServingStatus::ServiceUnknown,
+        ServingStatus::NotServing,
         "key deleted"
     );
-    assert_eq!(check(&c, SVC).await, Err(Code::NotFound));
+    assert_eq!(check(&c, SVC).await, Ok(ServingStatus::NotServing));
 
     let _reg = register(etcd.endpoint(), SVC, b1.addr(), 5).await;
     assert_eq!(next(&mut watch).await, ServingStatus::Serving, "key back");

@@ -313,3 +313,29 @@ async fn reflection_and_health_follow_routes_and_prefixes() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_prefix_is_listed_too() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b1 = EchoBackend::start("b1").await.unwrap();
+    // With `--prefix /` keys are `/<service>/<address>`.
+    put(
+        etcd.endpoint(),
+        &format!("/{SVC}/{}", b1.addr()),
+        &b1.addr().to_string(),
+    )
+    .await;
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.etcd.prefix = vec!["/".into()];
+    })
+    .await;
+    let mut r = Reflection::open(proxy.addr).await;
+    let listed = services(r.ask(MessageRequest::ListServices(String::new())).await);
+    assert_eq!(listed, ["grpc.health.v1.Health", SVC]);
+    // And its calls are served from there.
+    assert_eq!(
+        served_by(&mut client(proxy.addr).await).await.unwrap(),
+        "b1"
+    );
+    proxy.shutdown().await;
+}
