@@ -34,9 +34,9 @@ pub(crate) struct Serving {
     pub acceptor: Option<TlsAcceptor>,
 }
 
-/// What all listeners share.
+/// What all listeners share: the client connections' tasks and their limit.
 #[derive(Clone)]
-pub(crate) struct Shared {
+pub(crate) struct ClientConnections {
     /// Every connection task, for the drain.
     pub tracker: TaskTracker,
     /// Bounds the number of client connections.
@@ -74,12 +74,12 @@ impl Running {
 /// The running listeners, by address.
 pub(crate) struct Listeners {
     running: BTreeMap<SocketAddr, Running>,
-    shared: Shared,
+    shared: ClientConnections,
 }
 
 impl Listeners {
     /// No listener yet.
-    pub fn new(shared: Shared) -> Self {
+    pub fn new(shared: ClientConnections) -> Self {
         Self {
             running: BTreeMap::new(),
             shared,
@@ -187,7 +187,7 @@ impl Listeners {
 async fn accept_loop(
     listener: TcpListener,
     current: watch::Receiver<Arc<Current>>,
-    shared: Shared,
+    shared: ClientConnections,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -222,7 +222,11 @@ async fn accept_loop(
 /// kernel sends new ones to the other sockets on the port (a new proxy process) once it
 /// is closed, so what is queued at that moment is all that could be lost. Those are
 /// served here, and told to go away at once like every other connection.
-fn take_queued(listener: TcpListener, current: &watch::Receiver<Arc<Current>>, shared: &Shared) {
+fn take_queued(
+    listener: TcpListener,
+    current: &watch::Receiver<Arc<Current>>,
+    shared: &ClientConnections,
+) {
     // Straight `accept` calls until the queue is empty (tokio's own accept would wait
     // for the reactor to report readiness).
     let Ok(socket) = listener.into_std() else {
@@ -246,7 +250,7 @@ fn spawn_conn(
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
     current: &Current,
-    shared: &Shared,
+    shared: &ClientConnections,
 ) {
     let _ = stream.set_nodelay(true);
     let fwd = Arc::clone(&current.serving.forwarder);

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::route::ServiceName;
 use crate::settings::ProxySettings;
 
-use listeners::{Listeners, Serving, Shared};
+use listeners::{ClientConnections, Listeners, Serving};
 use local::LocalContext;
 pub use reload::{LogControl, Reload, Running};
 use routing::LiveRouting;
@@ -250,7 +250,7 @@ async fn serve_with(
     };
     let probe = tokio::spawn(crate::admin::probe_etcd(etcd.clone(), Arc::clone(&admin)));
     let tracker = TaskTracker::new();
-    let shared = Shared {
+    let shared = ClientConnections {
         tracker: tracker.clone(),
         connections: Arc::new(Semaphore::new(args.limits.max_connections)),
     };

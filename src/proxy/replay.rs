@@ -16,7 +16,8 @@ use super::body::H2Body;
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
-struct Shared {
+/// The client's body as read so far, kept for a replay while it is small enough.
+struct Recording {
     /// The client's body.
     inner: H2Body,
     /// Data frames yielded so far, while still replayable.
@@ -33,7 +34,7 @@ struct Shared {
 /// One attempt's view of the request body.
 #[derive(Debug)]
 pub struct ReplayBody {
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Mutex<Recording>>,
     /// Position in `recorded` this attempt has replayed up to.
     pos: usize,
     /// This attempt yielded its trailers or end.
@@ -44,7 +45,7 @@ impl ReplayBody {
     /// Wraps a request body for the first attempt.
     pub fn new(inner: H2Body) -> Self {
         Self {
-            shared: Arc::new(Mutex::new(Shared {
+            shared: Arc::new(Mutex::new(Recording {
                 inner,
                 recorded: Vec::new(),
                 recorded_len: 0,
@@ -57,7 +58,7 @@ impl ReplayBody {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    fn lock(&self) -> MutexGuard<'_, Recording> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
