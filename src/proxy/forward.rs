@@ -285,9 +285,7 @@ impl Forwarder {
             last,
         })
     }
-}
 
-impl Forwarder {
     /// Why a service without endpoints cannot be served: a name never served on a
     /// listener that routes by path is not a service (UNIMPLEMENTED, as for a path no route
     /// matches: retrying cannot help); a service that had endpoints, or that a listener is
