@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
 use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
-use switchyard::discovery::{Discovery, DiscoveryConfig};
+use switchyard::discovery::{Discovery, DiscoveryConfig, LiveConfig, StaticSource};
 use switchyard::endpoint::{BackendAddr, Endpoint};
 use switchyard::health::HealthSettings;
 use switchyard::metrics::{status_slot, Metrics};
@@ -69,22 +69,20 @@ fn bench_route(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let _enter = rt.enter();
-    // The client connects lazily: nothing listens there, and the lookups below never
-    // reach etcd (the watch task started by the first lookup just backs off).
-    let etcd = rt
-        .block_on(etcd_client::Client::connect(["http://127.0.0.1:9"], None))
-        .expect("lazy etcd client");
+    // An in-memory source: the lookups below never reach a registry.
     let discovery = Discovery::new(
-        etcd,
+        Arc::new(StaticSource::new()),
         DiscoveryConfig {
-            prefixes: vec!["services".into()],
-            max_services: 1024,
+            live: LiveConfig {
+                prefixes: vec!["services".into()],
+                max_services: 1024,
+                balance: Default::default(),
+                service_balance: Default::default(),
+                health: Default::default(),
+            },
             service_idle: std::time::Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),
-            balance: Default::default(),
-            service_balance: Default::default(),
-            health: Default::default(),
         },
     );
     // 100 watched services, as on a busy host.

@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
+use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError, EtcdSource};
 use crate::etcd::EtcdError;
 use crate::metrics::Metrics;
 use crate::route::ServiceName;
@@ -230,12 +230,10 @@ async fn serve_with(
     let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
-    let live = reload::discovery_settings(args);
     let discovery = Discovery::new(
-        etcd.clone(),
+        Arc::new(EtcdSource::new(etcd.clone())),
         DiscoveryConfig {
-            prefixes: live.prefixes,
-            max_services: live.max_services,
+            live: reload::discovery_settings(args),
             service_idle: args.timeouts.service_idle,
             upstream: UpstreamConfig {
                 connect_timeout: args.timeouts.connect,
@@ -243,9 +241,6 @@ async fn serve_with(
                 ..UpstreamConfig::default()
             },
             metrics: Arc::clone(&metrics),
-            balance: live.balance,
-            service_balance: live.service_balance,
-            health: live.health,
         },
     );
     let routes = Arc::new(crate::route::Routes::new(&args.route)?);
