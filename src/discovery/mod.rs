@@ -19,6 +19,8 @@ mod keys;
 mod negative;
 mod service;
 mod source;
+#[cfg(test)]
+mod source_tests;
 
 pub use etcd::EtcdSource;
 pub use negative::NEGATIVE_TTL;
