@@ -28,7 +28,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 
 pub use backend::{Backend, CallGuard, Fit, Outcome};
-pub use reconcile::{Reconciler, UpstreamFor};
+pub(crate) use reconcile::{Reconciler, UpstreamFor};
 
 use crate::clock::now_ns;
 use crate::health::{HealthSettings, Member, ServiceHealth};

@@ -14,10 +14,10 @@ use crate::route::ServiceName;
 use crate::upstream::Upstream;
 
 /// The connection of a new backend at an address (started, or shared with others).
-pub type UpstreamFor = Arc<dyn Fn(&BackendAddr) -> Arc<Upstream> + Send + Sync>;
+pub(crate) type UpstreamFor = Arc<dyn Fn(&BackendAddr) -> Arc<Upstream> + Send + Sync>;
 
 /// One watch's backends of one service, kept in step with its listing.
-pub struct Reconciler {
+pub(crate) struct Reconciler {
     service: ServiceName,
     /// TLS to backends is on: endpoints that ask for TLS can be served.
     tls_on: bool,
@@ -130,7 +130,8 @@ impl Reconciler {
     }
 
     /// Listed addresses left out because they ask for TLS and TLS to backends is off.
-    pub fn tls_refused(&self) -> usize {
+    #[cfg(test)]
+    fn tls_refused(&self) -> usize {
         self.tls_refused.len()
     }
 }

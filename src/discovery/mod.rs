@@ -1,10 +1,10 @@
 //! Discovery: one watched endpoint set per service, read from an endpoint source (etcd).
 //!
-//! Services are watched on demand: the first call for a service starts its watch: the
-//! source's stream of updates ([`EndpointSource`]; etcd's is [`EtcdSource`]), reconciled
-//! into backends ([`crate::balance::Reconciler`]) and published as snapshots by the
-//! [`Service`]; later calls read the service's current [`EndpointSet`] snapshot, with no
-//! etcd round trip and no lock shared by all calls.
+//! Services are watched on demand: the first call for a service starts its watch, the
+//! source's stream of updates ([`EndpointSource`]; etcd's is [`EtcdSource`]), which the
+//! [`Service`] reconciles into backends (`balance::Reconciler`) and publishes as
+//! snapshots; later calls read the service's current [`crate::balance::EndpointSet`],
+//! with no etcd round trip and no lock shared by all calls.
 //!
 //! The table of watched services is kept by use, so that names nobody serves (made up by
 //! a client, by mistake or on purpose) cannot take the room of real services: when the
