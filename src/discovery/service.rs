@@ -100,7 +100,7 @@ impl Service {
         &self.balancer
     }
 
-    /// Whether the endpoint list was loaded from etcd at least once.
+    /// Whether the service's first snapshot (its source's first full listing) is out.
     #[inline]
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
@@ -118,7 +118,8 @@ impl Service {
         self.ever_served.load(Ordering::Relaxed)
     }
 
-    /// Waits up to `timeout` for the first endpoint list; returns whether it arrived.
+    /// Waits up to `timeout` for the first snapshot, which itself waits a moment for its
+    /// endpoints' first connect attempts; returns whether it came.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
         let wait = async {
             loop {
