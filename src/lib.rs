@@ -4,8 +4,9 @@
 //! - [`proxy`]: where a call enters (the h2c listener, [`proxy::conn`]), how its service
 //!   is chosen ([`route`]), and how it is forwarded ([`proxy::forward`], frames moved by
 //!   [`proxy::relay`]).
-//! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
-//!   immutable snapshots ([`balance::EndpointSet`]).
+//! - [`discovery`]: one watched endpoint set per service, from an endpoint source (etcd's,
+//!   or an in-memory one for tests and benchmarks), published as immutable snapshots
+//!   ([`balance::EndpointSet`]).
 //! - [`registry`]: registry formats: what an etcd key and its value say about backends
 //!   (one codec per format, shared by discovery, `register` and `endpoints`).
 //! - [`balance`]: how a backend is picked: the service's policy (round-robin,

@@ -255,6 +255,20 @@ impl Upstream {
             .unwrap_or(Err(UpstreamError::Timeout))
     }
 
+    /// Waits until the backend is not connecting: for a new one, until its first
+    /// connect attempt has ended (connected or failed). Not for the call path.
+    pub async fn wait_settled(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state() != State::Connecting {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// The pooled connection if it is up.
     #[inline]
     pub fn ready_connection(&self) -> Option<Arc<Connection>> {

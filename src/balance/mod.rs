@@ -16,6 +16,7 @@ mod backend;
 mod least_request;
 mod p2c;
 mod peak_ewma;
+mod reconcile;
 mod round_robin;
 
 use std::fmt;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 
 pub use backend::{Backend, CallGuard, Fit, Outcome};
+pub(crate) use reconcile::{Reconciler, UpstreamFor};
 
 use crate::clock::now_ns;
 use crate::health::{HealthSettings, Member, ServiceHealth};
