@@ -1,8 +1,8 @@
 //! Micro benchmarks of the per-call hot path (criterion): choosing the service from a
 //! request, picking an endpoint from a snapshot of 3 and of 1,000 endpoints, building the
-//! upstream request, and the per-call metrics; and, off the call path, how long one
-//! endpoint's change takes to reach a new snapshot of a service of 1,000 endpoints
-//! (through the in-memory endpoint source, as etcd's watch would send it).
+//! upstream request, and a call's end (policy state, health, metrics); and, off the call
+//! path, how long one endpoint's change takes to reach a new snapshot of a service of
+//! 1,000 endpoints (through the in-memory endpoint source, as etcd's watch would send it).
 //!
 //! `cargo bench --bench hot_path` (a few seconds per benchmark). The end-to-end
 //! comparison with direct calls, nginx and HAProxy is `benches/e2e/`.
@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
 use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
+use switchyard::call::{Arrival, BackendCall, Outcome};
 use switchyard::discovery::{Discovery, DiscoveryConfig, LiveConfig, StaticSource, Update};
 use switchyard::endpoint::{BackendAddr, Endpoint};
 use switchyard::health::HealthSettings;
@@ -193,19 +194,41 @@ fn bench_build(c: &mut Criterion) {
     });
 }
 
-/// Metrics: what every forwarded call records (timer, in-flight gauges, status counter).
-fn bench_metrics(c: &mut Criterion) {
+/// A call's end: what every forwarded call records, through one guard (arrival, the
+/// attempt on its backend, status, end: the policy's state, health, metrics).
+fn bench_call_end(c: &mut Criterion) {
     let metrics = Metrics::new();
     let service = metrics.service("switchyard.echo.v1.Echo");
-    let endpoint = service.endpoint(&"127.0.0.1:50051".parse().expect("valid address"));
+    let cfg = UpstreamConfig {
+        metrics: Some(Arc::clone(&service)),
+        ..UpstreamConfig::default()
+    };
     let ok = HeaderValue::from_static("0");
-    c.bench_function("metrics/call record (start, upstream, status, end)", |b| {
-        b.iter(|| {
-            let mut rec = service.start().upstream(endpoint.send());
-            rec.status(status_slot(Some(black_box(&ok))));
-            drop(rec);
-        })
-    });
+    for &(name, policy) in Policy::NAMES {
+        let settings = Arc::new(BalanceSettings {
+            policy,
+            ..BalanceSettings::default()
+        });
+        let balancer = Balancer::new("bench", settings, HealthSettings::default());
+        let addr: BackendAddr = "127.0.0.1:50051".parse().expect("valid address");
+        let up = Upstream::new(addr.clone(), &cfg);
+        up.assume_ready();
+        let backend = Backend::new(up, &Endpoint::new(addr), &balancer);
+        let _set = balancer.snapshot(vec![Arc::clone(&backend)]);
+        c.bench_function(
+            &format!("call/end ({name}: arrive, send, answer, status, end)"),
+            |b| {
+                b.iter(|| {
+                    let arrival = Arrival::new(&service);
+                    let mut call = BackendCall::start(black_box(&backend));
+                    call.answered(std::time::Instant::now());
+                    call.carry(arrival);
+                    call.set_outcome(Outcome::Status(status_slot(Some(black_box(&ok))) as u8));
+                    drop(call);
+                })
+            },
+        );
+    }
 }
 
 /// Discovery: one endpoint's new weight, from the source's update to the published
@@ -262,13 +285,12 @@ fn bench_update(c: &mut Criterion) {
         })
     });
 }
-
 criterion_group!(
     benches,
     bench_route,
     bench_pick,
     bench_build,
-    bench_metrics,
+    bench_call_end,
     bench_update
 );
 criterion_main!(benches);

@@ -31,6 +31,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod balance;
+pub mod call;
 pub mod clock;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -13,13 +13,14 @@ use h2::server::SendResponse;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 
-use super::attempt::{try_backend, Attempt, Sent};
+use super::attempt::{try_backend, Attempt};
 use super::body::{H2Body, ResponseBody};
 use super::error::CallError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use super::routing::LiveRouting;
+use crate::call::{Arrival, BackendCall};
 use crate::discovery::{Discovery, DiscoveryError, Service};
 use crate::route::service_from_path;
 use crate::status::http_error;
@@ -176,7 +177,7 @@ impl Forwarder {
         mut respond: SendResponse<Bytes>,
     ) -> Option<Relay<ResponseBody>> {
         let service = Arc::clone(&call.service);
-        let timer = service.metrics().start();
+        let arrival = Arrival::new(service.metrics());
         let mut answer = std::pin::pin!(self.call(call));
         let result = poll_fn(|cx| {
             if let Poll::Ready(r) = answer.as_mut().poll(cx) {
@@ -188,10 +189,10 @@ impl Forwarder {
             }
         })
         .await;
-        let (resp, sent) = match result {
+        let (resp, mut backend_call) = match result {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
-                timer.own(e.code() as u8);
+                arrival.answered_by_proxy(e.code());
                 send_own(&mut respond, Own::Grpc(e.response()));
                 return None;
             }
@@ -201,7 +202,8 @@ impl Forwarder {
             }
         };
         let (parts, inner) = resp.into_parts();
-        let mut body = ResponseBody::new(inner, timer, sent);
+        backend_call.carry(arrival);
+        let mut body = ResponseBody::new(inner, backend_call);
         body.headers(&parts.headers);
         // A trailers-only answer ends with its headers.
         let eos = body.is_end_stream();
@@ -265,7 +267,7 @@ impl Forwarder {
             };
             tried[attempt] = idx;
             match try_backend(name, backend, parts, body).await? {
-                Attempt::Answered(resp, sent) => return Ok((resp, sent)),
+                Attempt::Answered(resp, call) => return Ok((resp, call)),
                 Attempt::NotTaken { body: b, why } => {
                     body = b;
                     last = Some((backend.addr().clone(), why));
@@ -322,7 +324,7 @@ fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
 
 /// What forwarding gives: the backend's response and the call's accounting, or why the
 /// proxy answers itself.
-type Forwarded = Result<(Response<h2::RecvStream>, Sent), CallError>;
+type Forwarded = Result<(Response<h2::RecvStream>, BackendCall), CallError>;
 
 #[cfg(test)]
 mod state_size {
