@@ -163,18 +163,6 @@ impl BackendCall {
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
-
-    /// How the call ends, as noted so far.
-    #[inline]
-    pub fn outcome(&self) -> Outcome {
-        self.outcome
-    }
-
-    /// The backend the call went to.
-    #[inline]
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
-    }
 }
 
 impl Drop for BackendCall {
