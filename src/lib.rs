@@ -11,7 +11,9 @@
 //!   (one codec per format, shared by discovery, `register` and `endpoints`).
 //! - [`balance`]: how a backend is picked: the service's policy (round-robin,
 //!   least-request, peak-EWMA) over its snapshot, through one seam
-//!   ([`balance::Balancer::select_with`]); each call's end is reported back once.
+//!   ([`balance::Balancer::select_with`]); each policy keeps its own state of an endpoint.
+//! - [`call`]: a call's end, reported once (one guard per attempt a backend took) to the
+//!   backend's policy state, its health and the metrics.
 //! - [`health`]: one health state per endpoint (passive ejection with its cap, active
 //!   gRPC checks) that every policy reads.
 //! - [`endpoint`]: what a backend is (address, weight, registry metadata).

@@ -212,11 +212,6 @@ impl EndpointMetrics {
         self.ejections.inc();
     }
 
-    /// Calls in flight on this endpoint.
-    pub fn inflight(&self) -> i64 {
-        self.inflight_gauge.get()
-    }
-
     /// A call was sent to this endpoint: in flight there until [`EndpointMetrics::ended`].
     #[inline]
     pub fn sent(&self) {
