@@ -1,6 +1,8 @@
 //! Micro benchmarks of the per-call hot path (criterion): choosing the service from a
 //! request, picking an endpoint from a snapshot of 3 and of 1,000 endpoints, building the
-//! upstream request, and the per-call metrics.
+//! upstream request, and a call's end (policy state, health, metrics); and, off the call
+//! path, how long one endpoint's change takes to reach a new snapshot of a service of
+//! 1,000 endpoints (through the in-memory endpoint source, as etcd's watch would send it).
 //!
 //! `cargo bench --bench hot_path` (a few seconds per benchmark). The end-to-end
 //! comparison with direct calls, nginx and HAProxy is `benches/e2e/`.
@@ -12,7 +14,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
 use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
-use switchyard::discovery::{Discovery, DiscoveryConfig};
+use switchyard::call::{Arrival, BackendCall, Outcome};
+use switchyard::discovery::{Discovery, DiscoveryConfig, LiveConfig, StaticSource, Update};
 use switchyard::endpoint::{BackendAddr, Endpoint};
 use switchyard::health::HealthSettings;
 use switchyard::metrics::{status_slot, Metrics};
@@ -70,22 +73,20 @@ fn bench_route(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let _enter = rt.enter();
-    // The client connects lazily: nothing listens there, and the lookups below never
-    // reach etcd (the watch task started by the first lookup just backs off).
-    let etcd = rt
-        .block_on(etcd_client::Client::connect(["http://127.0.0.1:9"], None))
-        .expect("lazy etcd client");
+    // An in-memory source: the lookups below never reach a registry.
     let discovery = Discovery::new(
-        etcd,
+        Arc::new(StaticSource::new()),
         DiscoveryConfig {
-            prefixes: vec!["services".into()],
-            max_services: 1024,
+            live: LiveConfig {
+                prefixes: vec!["services".into()],
+                max_services: 1024,
+                balance: Default::default(),
+                service_balance: Default::default(),
+                health: Default::default(),
+            },
             service_idle: std::time::Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
             metrics: Metrics::new(),
-            balance: Default::default(),
-            service_balance: Default::default(),
-            health: Default::default(),
         },
     );
     // 100 watched services, as on a busy host.
@@ -193,20 +194,103 @@ fn bench_build(c: &mut Criterion) {
     });
 }
 
-/// Metrics: what every forwarded call records (timer, in-flight gauges, status counter).
-fn bench_metrics(c: &mut Criterion) {
+/// A call's end: what every forwarded call records, through one guard (arrival, the
+/// attempt on its backend, status, end: the policy's state, health, metrics).
+fn bench_call_end(c: &mut Criterion) {
     let metrics = Metrics::new();
     let service = metrics.service("switchyard.echo.v1.Echo");
-    let endpoint = service.endpoint(&"127.0.0.1:50051".parse().expect("valid address"));
+    let cfg = UpstreamConfig {
+        metrics: Some(Arc::clone(&service)),
+        ..UpstreamConfig::default()
+    };
     let ok = HeaderValue::from_static("0");
-    c.bench_function("metrics/call record (start, upstream, status, end)", |b| {
+    for &(name, policy) in Policy::NAMES {
+        let settings = Arc::new(BalanceSettings {
+            policy,
+            ..BalanceSettings::default()
+        });
+        let balancer = Balancer::new("bench", settings, HealthSettings::default());
+        let addr: BackendAddr = "127.0.0.1:50051".parse().expect("valid address");
+        let up = Upstream::new(addr.clone(), &cfg);
+        up.assume_ready();
+        let backend = Backend::new(up, &Endpoint::new(addr), &balancer);
+        let _set = balancer.snapshot(vec![Arc::clone(&backend)]);
+        c.bench_function(
+            &format!("call/end ({name}: arrive, send, answer, status, end)"),
+            |b| {
+                b.iter(|| {
+                    let arrival = Arrival::new(&service);
+                    let mut call = BackendCall::start(black_box(&backend));
+                    call.answered(std::time::Instant::now());
+                    call.carry(arrival);
+                    call.set_outcome(Outcome::Status(status_slot(Some(black_box(&ok))) as u8));
+                    drop(call);
+                })
+            },
+        );
+    }
+}
+
+/// Discovery: one endpoint's new weight, from the source's update to the published
+/// snapshot (reconciled into the backends, snapshot and rotation rebuilt), for a service
+/// of 1,000 endpoints.
+fn bench_update(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = rt.enter();
+    let source = Arc::new(StaticSource::new());
+    let discovery = Discovery::new(
+        Arc::clone(&source) as _,
+        DiscoveryConfig {
+            live: LiveConfig {
+                prefixes: vec!["services".into()],
+                max_services: 16,
+                balance: Default::default(),
+                service_balance: Default::default(),
+                health: Default::default(),
+            },
+            service_idle: std::time::Duration::from_secs(60),
+            // Documentation addresses (RFC 5737): connects go nowhere, and the first
+            // snapshot's wait for them is kept short.
+            upstream: UpstreamConfig {
+                connect_timeout: std::time::Duration::from_millis(10),
+                ..UpstreamConfig::default()
+            },
+            metrics: Metrics::new(),
+        },
+    );
+    let name = "bench.v1.Service";
+    let service = discovery.service(name).expect("service");
+    let endpoint = |i: usize| {
+        let addr: BackendAddr = format!("192.0.{}.{}:50051", 2 + i / 250, i % 250 + 1)
+            .parse()
+            .expect("valid address");
+        Endpoint::new(addr)
+    };
+    source.push(name, Update::Reset((0..1000).map(endpoint).collect()));
+    let mut changes = service.subscribe();
+    rt.block_on(async {
+        while service.endpoints().len() < 1000 {
+            changes.changed().await.expect("service alive");
+        }
+    });
+    let mut weight = 1;
+    c.bench_function("discovery/one weight change of 1000 endpoints", |b| {
         b.iter(|| {
-            let mut rec = service.start().upstream(endpoint.send());
-            rec.status(status_slot(Some(black_box(&ok))));
-            drop(rec);
+            weight = 3 - weight;
+            source.push(name, Update::Add(vec![endpoint(500).with_weight(weight)]));
+            rt.block_on(changes.changed()).expect("service alive");
         })
     });
 }
-
-criterion_group!(benches, bench_route, bench_pick, bench_build, bench_metrics);
+criterion_group!(
+    benches,
+    bench_route,
+    bench_pick,
+    bench_build,
+    bench_call_end,
+    bench_update
+);
 criterion_main!(benches);

@@ -4,13 +4,16 @@
 //! - [`proxy`]: where a call enters (the h2c listener, [`proxy::conn`]), how its service
 //!   is chosen ([`route`]), and how it is forwarded ([`proxy::forward`], frames moved by
 //!   [`proxy::relay`]).
-//! - [`discovery`]: the etcd side; one watched endpoint set per service, published as
-//!   immutable snapshots ([`balance::EndpointSet`]).
+//! - [`discovery`]: one watched endpoint set per service, from an endpoint source (etcd's,
+//!   or an in-memory one for tests and benchmarks), published as immutable snapshots
+//!   ([`balance::EndpointSet`]).
 //! - [`registry`]: registry formats: what an etcd key and its value say about backends
 //!   (one codec per format, shared by discovery, `register` and `endpoints`).
 //! - [`balance`]: how a backend is picked: the service's policy (round-robin,
 //!   least-request, peak-EWMA) over its snapshot, through one seam
-//!   ([`balance::Balancer::select_with`]); each call's end is reported back once.
+//!   ([`balance::Balancer::select_with`]); each policy keeps its own state of an endpoint.
+//! - [`call`]: a call's end, reported once (one guard per attempt a backend took) to the
+//!   backend's policy state, its health and the metrics.
 //! - [`health`]: one health state per endpoint (passive ejection with its cap, active
 //!   gRPC checks) that every policy reads.
 //! - [`endpoint`]: what a backend is (address, weight, registry metadata).
@@ -30,6 +33,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod balance;
+pub mod call;
 pub mod clock;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -1,25 +1,22 @@
 //! One backend as the balancer sees it: its pooled connection, its weight and registry
-//! metadata, and the per-call signals (calls in flight, latency, how calls end), all in
-//! atomics so that the per-call path takes no lock.
+//! metadata, and the state its policies keep of it (calls in flight, the peak-EWMA
+//! latency estimate, slow start's origin), all in atomics so that the per-call path
+//! takes no lock. How a call's end reaches that state is [`crate::call`]'s.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use super::peak_ewma::LatencyEstimate;
+use super::slow_start::SlowStart;
 use super::{BalanceSettings, Balancer, SharedSettings};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
-use crate::health::{CallResult, Change, EndpointHealth, Member, ServiceHealth};
+use crate::health::{EndpointHealth, Member, ServiceHealth};
+use crate::metrics::EndpointMetrics;
 use crate::upstream::Upstream;
-
-/// Share of its weight an endpoint starts slow start with (Envoy's and HAProxy's 10 %).
-const SLOW_START_FLOOR: f64 = 0.1;
-
-/// Latency a failed call counts as, at least, in the latency estimate: a node that
-/// fails fast must not look fast.
-const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 /// One endpoint of a service, kept across snapshots for as long as it is registered.
 /// In declared order (`repr(C)`): what every pick reads (the connection, then the
@@ -39,13 +36,15 @@ pub struct Backend {
     /// The service's balancing settings (whether latency is tracked, slow start), as
     /// they are now: a reload may change them.
     settings: Arc<SharedSettings>,
-    /// Peak-EWMA latency estimate in nanoseconds (f64 bits), as of `latency_at`.
-    latency_ns: AtomicU64,
-    latency_at: AtomicU64,
-    /// When the endpoint last joined or came back (slow start's origin), from [`now_ns`].
-    since: AtomicU64,
+    /// Peak-EWMA's latency estimate.
+    latency: LatencyEstimate,
+    /// Slow start's origin.
+    slow_start: SlowStart,
     /// The service's health accounting (the cap on ejections spans its endpoints).
     service_health: Arc<ServiceHealth>,
+    /// This endpoint's metric handles in its service, if measured (the upstream is
+    /// shared by every service at the address; these are the service's own).
+    metrics: Option<Arc<EndpointMetrics>>,
 }
 
 impl Backend {
@@ -54,20 +53,27 @@ impl Backend {
     pub fn new(upstream: Arc<Upstream>, endpoint: &Endpoint, balancer: &Balancer) -> Arc<Self> {
         let settings = Arc::clone(balancer.shared_settings());
         let now = now_ns();
-        let initial = settings.load().default_rtt.as_nanos() as f64;
+        let initial = settings.load().default_rtt;
+        let addr = upstream.addr().clone();
         Arc::new(Self {
             health: EndpointHealth::default(),
-            addr: upstream.addr().clone(),
+            metrics: balancer.metrics().map(|m| m.endpoint(&addr)),
+            addr,
             upstream,
             weight: AtomicU32::new(endpoint.weight),
             endpoint: ArcSwap::from_pointee(endpoint.clone()),
             in_flight: AtomicU32::new(0),
             settings,
-            latency_ns: AtomicU64::new(initial.to_bits()),
-            latency_at: AtomicU64::new(now),
-            since: AtomicU64::new(now),
+            latency: LatencyEstimate::new(initial, now),
+            slow_start: SlowStart::new(now),
             service_health: Arc::clone(balancer.health()),
         })
+    }
+
+    /// This endpoint's metric handles in its service, if measured.
+    #[inline]
+    pub fn metrics(&self) -> Option<&Arc<EndpointMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// Its ejection and active-check state.
@@ -147,31 +153,22 @@ impl Backend {
 
     /// Restarts slow start: the endpoint came back from failure.
     pub fn restart_slow_start(&self) {
-        self.since.store(now_ns(), Ordering::Relaxed);
+        self.slow_start.restart(now_ns());
     }
 
     /// The share of its weight the endpoint gets at `now` (from [`now_ns`]): 1 unless it
     /// is within its slow-start window, where it ramps from 10 % to 100 %.
+    #[cfg(test)]
     pub fn ramp(&self, now: u64) -> f64 {
         self.ramp_with(&self.settings.load(), now)
     }
 
-    /// [`Backend::ramp`] with the service's settings as the pick read them.
+    /// The endpoint's slow-start ramp at `now` with the service's settings as the pick
+    /// read them.
     #[inline]
     pub(super) fn ramp_with(&self, settings: &BalanceSettings, now: u64) -> f64 {
-        let Some(window) = settings.slow_start else {
-            return 1.0;
-        };
-        let since = self
-            .since
-            .load(Ordering::Relaxed)
-            .max(self.upstream.recovered_at());
-        let elapsed = now.saturating_sub(since) as f64;
-        let window = window.as_nanos() as f64;
-        if elapsed >= window {
-            return 1.0;
-        }
-        SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * elapsed / window
+        self.slow_start
+            .ramp(settings.slow_start, self.upstream.recovered_at(), now)
     }
 
     /// The weight the policies use at `now`: the registry's, scaled by slow start.
@@ -195,90 +192,29 @@ impl Backend {
     /// [`Backend::latency_estimate`] with the settings as the pick read them.
     #[inline]
     pub(super) fn latency_estimate_with(&self, settings: &BalanceSettings, now: u64) -> f64 {
-        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
-        let at = self.latency_at.load(Ordering::Relaxed);
-        estimate * decay(settings, now.saturating_sub(at))
+        self.latency.get(settings.ewma_decay, now)
     }
 
-    /// Folds one call's latency into the estimate: a slower answer raises it at once
-    /// (the peak), a faster one pulls it down by how old the estimate is.
-    fn observe_latency(&self, settings: &BalanceSettings, rtt: Duration) {
-        let now = now_ns();
-        let rtt = rtt.as_nanos() as f64;
-        let estimate = f64::from_bits(self.latency_ns.load(Ordering::Relaxed));
-        let at = self.latency_at.load(Ordering::Relaxed);
-        let next = if rtt > estimate {
-            rtt
-        } else {
-            let w = decay(settings, now.saturating_sub(at));
-            estimate * w + rtt * (1.0 - w)
-        };
-        // Racing updates may lose one sample: an estimate needs no more.
-        self.latency_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.latency_at.store(now, Ordering::Relaxed);
-    }
-
-    /// Counts a call on this backend from now (it is being sent) until the returned
-    /// guard is dropped, which reports how the call ended.
+    /// The service's health accounting, which the cap on ejections spans.
     #[inline]
-    pub fn start_call(self: &Arc<Self>) -> CallGuard {
+    pub fn service_health(&self) -> &ServiceHealth {
+        &self.service_health
+    }
+
+    /// A call is being sent to this backend: in flight until [`Backend::call_ended`].
+    #[inline]
+    pub fn call_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        CallGuard {
-            backend: Arc::clone(self),
-            to_headers_us: NOT_ANSWERED,
-            outcome: Outcome::Abandoned,
-        }
     }
 
-    /// The one place a call's end is reported: the signal for load-aware policies and
-    /// failure accounting.
+    /// A call sent here ended, answered after `to_headers` (`None`: never answered),
+    /// `failed` by the backend or not: what the policies keep of it.
     #[inline]
-    fn call_ended(&self, to_headers: Option<Duration>, outcome: Outcome) {
+    pub fn call_ended(&self, to_headers: Option<Duration>, failed: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let result = match outcome {
-            Outcome::Status(s) => self.service_health.classify_status(s),
-            Outcome::StreamFailed | Outcome::NotTaken => CallResult::Failure,
-            Outcome::Abandoned => CallResult::Ignored,
-        };
         if self.settings.track_latency() {
-            let settings = self.settings.load();
-            match (to_headers, result) {
-                (_, CallResult::Failure) => self.observe_latency(
-                    &settings,
-                    to_headers.unwrap_or_default().max(FAILURE_PENALTY),
-                ),
-                (Some(rtt), _) => self.observe_latency(&settings, rtt),
-                // Abandoned before an answer: says nothing of the backend's speed.
-                (None, _) => {}
-            }
-        }
-        match self.service_health.report(&self.health, result) {
-            Change::None => {}
-            Change::Ejected(length) => {
-                tracing::info!(
-                    service = %self.service_health.name(),
-                    backend = %self.addr(),
-                    ejected_for = ?length,
-                    last_failure = ?outcome,
-                    "endpoint ejected: it failed calls in a row"
-                );
-                if let Some(m) = self.upstream.metrics() {
-                    m.ejected();
-                }
-            }
-            Change::Capped => tracing::debug!(
-                service = %self.service_health.name(),
-                backend = %self.addr(),
-                "endpoint fails calls, but the ejection cap keeps it in rotation"
-            ),
-            Change::Returned => {
-                self.restart_slow_start();
-                tracing::info!(
-                    service = %self.service_health.name(),
-                    backend = %self.addr(),
-                    "ejected endpoint back in rotation"
-                );
-            }
+            let decay = self.settings.load().ewma_decay;
+            self.latency.observe(decay, to_headers, failed, now_ns());
         }
     }
 }
@@ -287,13 +223,6 @@ impl Member for Backend {
     fn health(&self) -> &EndpointHealth {
         &self.health
     }
-}
-
-/// The weight of a latency estimate `elapsed` nanoseconds old.
-#[inline]
-fn decay(settings: &BalanceSettings, elapsed: u64) -> f64 {
-    let window = settings.ewma_decay.as_nanos() as f64;
-    (-(elapsed as f64) / window.max(1.0)).exp()
 }
 
 /// How well an endpoint fits a call (worst first).
@@ -305,61 +234,4 @@ pub enum Fit {
     Usable,
     /// Connected and trusted.
     Preferred,
-}
-
-/// How a call sent to a backend ended, as far as that backend is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The backend answered with this `grpc-status` (17: none or unreadable).
-    Status(u8),
-    /// The backend's stream or connection failed before the call ended.
-    StreamFailed,
-    /// The backend did not take the call (refused it, or its connection was closed), so
-    /// it was offered elsewhere.
-    NotTaken,
-    /// The client cancelled or its deadline passed first: says nothing of the backend.
-    Abandoned,
-}
-
-/// `CallGuard::to_headers_us` of a call not answered (yet).
-const NOT_ANSWERED: u32 = u32::MAX;
-
-/// A call in flight on one backend; reports the call's end when dropped. Small: every
-/// open stream holds one.
-#[derive(Debug)]
-pub struct CallGuard {
-    backend: Arc<Backend>,
-    /// Time from sending to the response headers, in microseconds.
-    to_headers_us: u32,
-    outcome: Outcome,
-}
-
-impl CallGuard {
-    /// The backend's response headers arrived, for a call sent at `sent`.
-    #[inline]
-    pub fn answered(&mut self, sent: Instant) {
-        let us = sent.elapsed().as_micros();
-        self.to_headers_us = u32::try_from(us).unwrap_or(NOT_ANSWERED - 1);
-    }
-
-    /// Notes how the call ended (the last note counts; none means abandoned).
-    #[inline]
-    pub fn set_outcome(&mut self, outcome: Outcome) {
-        self.outcome = outcome;
-    }
-
-    /// The backend the call went to.
-    #[inline]
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
-    }
-}
-
-impl Drop for CallGuard {
-    #[inline]
-    fn drop(&mut self) {
-        let to_headers = (self.to_headers_us != NOT_ANSWERED)
-            .then(|| Duration::from_micros(u64::from(self.to_headers_us)));
-        self.backend.call_ended(to_headers, self.outcome);
-    }
 }

@@ -5,8 +5,9 @@
 //! [`Balancer::select_with`], passing its own rule for endpoints it will not take (those
 //! it already tried). The balancer never offers an endpoint that cannot be used, and
 //! prefers connected, trusted ones (see [`Backend::fit`]) for every policy.
-//! Each call's end is reported once, through the [`CallGuard`] of the backend that took
-//! it: the signal load-aware policies and failure accounting read.
+//! Each policy keeps its state of an endpoint in its own file (round-robin's cursor,
+//! peak-EWMA's [`peak_ewma`] latency estimate, [`slow_start`]'s origin), held by the
+//! [`Backend`]; a call's end reaches it once, through [`crate::call`].
 //!
 //! Adding a policy: one file here with its `pick`, one variant in [`Policy`] (its name in
 //! [`Policy::NAMES`]) and one arm in [`Balancer::select_with`]; `--balance` and the config
@@ -16,118 +17,23 @@ mod backend;
 mod least_request;
 mod p2c;
 mod peak_ewma;
+mod reconcile;
 mod round_robin;
+mod settings;
+mod slow_start;
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::Guard;
 
-pub use backend::{Backend, CallGuard, Fit, Outcome};
+pub use backend::{Backend, Fit};
+pub(crate) use reconcile::{Reconciler, UpstreamFor};
+pub use settings::{BalanceSettings, Policy, SharedSettings, UnknownPolicy};
 
 use crate::clock::now_ns;
 use crate::health::{HealthSettings, Member, ServiceHealth};
-
-/// The balancing policies, as named in settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Policy {
-    /// Smooth weighted round-robin, per call (weights equal: plain rotation).
-    #[default]
-    RoundRobin,
-    /// Power of two choices over calls in flight per unit of weight.
-    LeastRequest,
-    /// Power of two choices over latency estimate × (calls in flight + 1) per unit of weight.
-    PeakEwma,
-}
-
-impl Policy {
-    /// Every policy with its settings name.
-    pub const NAMES: &'static [(&'static str, Policy)] = &[
-        ("round-robin", Policy::RoundRobin),
-        ("least-request", Policy::LeastRequest),
-        ("peak-ewma", Policy::PeakEwma),
-    ];
-
-    /// The policy's settings name.
-    pub fn name(self) -> &'static str {
-        Self::NAMES
-            .iter()
-            .find(|(_, p)| *p == self)
-            .map_or("?", |(n, _)| n)
-    }
-}
-
-/// A policy name that is not one of [`Policy::NAMES`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown balancing policy {given:?} (choose one of: {choices})")]
-pub struct UnknownPolicy {
-    given: String,
-    choices: String,
-}
-
-impl FromStr for Policy {
-    type Err = UnknownPolicy;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::NAMES
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| UnknownPolicy {
-                given: s.to_owned(),
-                choices: Self::NAMES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How a service's calls are balanced: its policy and the policies' tuning.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BalanceSettings {
-    /// The policy.
-    pub policy: Policy,
-    /// Ramp a new or recovered endpoint's weight from 10 % to 100 % over this window.
-    pub slow_start: Option<Duration>,
-    /// How fast the latency estimate forgets (peak-EWMA's decay window; Linkerd: 10 s).
-    pub ewma_decay: Duration,
-    /// The latency estimate of an endpoint with no call yet (Linkerd: 30 ms).
-    pub default_rtt: Duration,
-}
-
-impl Default for BalanceSettings {
-    fn default() -> Self {
-        Self {
-            policy: Policy::default(),
-            slow_start: None,
-            ewma_decay: Duration::from_secs(10),
-            default_rtt: Duration::from_millis(30),
-        }
-    }
-}
-
-impl BalanceSettings {
-    /// Round-robin without slow start: the pick reads no settings.
-    fn is_plain_round_robin(&self) -> bool {
-        self.policy == Policy::RoundRobin && self.slow_start.is_none()
-    }
-
-    /// Whether calls' latencies are measured (only the latency-aware policy reads them).
-    #[inline]
-    pub fn track_latency(&self) -> bool {
-        self.policy == Policy::PeakEwma
-    }
-}
+use crate::metrics::ServiceMetrics;
 
 /// An immutable snapshot of a service's endpoints, sorted by address, with what the
 /// policies precompute from it.
@@ -165,42 +71,6 @@ impl EndpointSet {
     }
 }
 
-/// A service's balancing settings, swapped whole when a reload changes them and read
-/// without a lock by the picks and the service's backends. Whether latency is tracked,
-/// which every call's end asks, is kept in a flag beside them, so that the default
-/// policy's calls load no settings at all.
-#[derive(Debug)]
-pub struct SharedSettings {
-    current: ArcSwap<BalanceSettings>,
-    track_latency: AtomicBool,
-}
-
-impl SharedSettings {
-    fn new(settings: Arc<BalanceSettings>) -> Self {
-        Self {
-            track_latency: AtomicBool::new(settings.track_latency()),
-            current: ArcSwap::new(settings),
-        }
-    }
-
-    /// The settings in force.
-    pub fn load(&self) -> Guard<Arc<BalanceSettings>> {
-        self.current.load()
-    }
-
-    fn store(&self, settings: BalanceSettings) {
-        let track = settings.track_latency();
-        self.current.store(Arc::new(settings));
-        self.track_latency.store(track, Ordering::Release);
-    }
-
-    /// Whether calls' latencies are measured (peak-ewma only).
-    #[inline]
-    pub(super) fn track_latency(&self) -> bool {
-        self.track_latency.load(Ordering::Acquire)
-    }
-}
-
 /// A service's balancing policy, its settings, and its state across snapshots (e.g.
 /// the rotation's cursor): one per service, shared by all of its calls.
 #[derive(Debug)]
@@ -211,6 +81,8 @@ pub struct Balancer {
     rr: round_robin::RoundRobin,
     settings: Arc<SharedSettings>,
     health: Arc<ServiceHealth>,
+    /// Where its endpoints' calls are counted, if measured.
+    metrics: Option<Arc<ServiceMetrics>>,
 }
 
 impl Default for Balancer {
@@ -232,7 +104,19 @@ impl Balancer {
             rr: round_robin::RoundRobin::default(),
             settings: Arc::new(SharedSettings::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
+            metrics: None,
         }
+    }
+
+    /// The same balancer, its endpoints' calls counted in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ServiceMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Where its endpoints' calls are counted, if measured.
+    pub fn metrics(&self) -> Option<&Arc<ServiceMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// The settings this balancer runs with now.
@@ -343,6 +227,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::endpoint::Endpoint;
     use crate::upstream::{Upstream, UpstreamConfig};
+    use std::time::Duration;
 
     /// `n` backends on ports 1000.., with the given weights (1 where none is given).
     pub(crate) fn set_with(n: usize, weights: &[u32]) -> EndpointSet {
@@ -381,6 +266,28 @@ pub(crate) mod tests {
 
     pub(crate) fn port(b: &Backend) -> usize {
         usize::from(b.addr().port()) - 1000
+    }
+
+    /// A call held in flight on a backend until dropped (ends unanswered).
+    pub(crate) struct Held(Arc<Backend>);
+
+    impl Held {
+        pub(crate) fn on(b: &Arc<Backend>) -> Self {
+            b.call_started();
+            Self(Arc::clone(b))
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.call_ended(None, false);
+        }
+    }
+
+    /// Ends one call on `b` answered after `latency`, `failed` or not.
+    pub(crate) fn finish(b: &Backend, latency: Duration, failed: bool) {
+        b.call_started();
+        b.call_ended(Some(latency), failed);
     }
 
     #[test]
@@ -456,7 +363,7 @@ pub(crate) mod tests {
             HealthSettings::default(),
         );
         // Endpoint 0 is busy: round-robin ignores it, least-request avoids it.
-        let busy: Vec<_> = (0..5).map(|_| s.backends[0].start_call()).collect();
+        let busy: Vec<_> = (0..5).map(|_| Held::on(&s.backends[0])).collect();
         let picks = |b: &Balancer| {
             let mut counts = [0usize; 3];
             for _ in 0..60 {
@@ -476,11 +383,7 @@ pub(crate) mod tests {
 
         // Latency is tracked only while the policy reads it: a 200 ms call counts
         // under peak-ewma (the estimate jumps to it), not under round-robin.
-        let slow_call = || {
-            let mut call = s.backends[1].start_call();
-            call.answered(std::time::Instant::now() - Duration::from_millis(200));
-            call.set_outcome(Outcome::Status(0));
-        };
+        let slow_call = || finish(&s.backends[1], Duration::from_millis(200), false);
         let estimate_ms = || s.backends[1].latency_estimate(now_ns()) / 1e6;
         slow_call();
         assert!(estimate_ms() <= 30.0, "{}", estimate_ms());
@@ -495,9 +398,9 @@ pub(crate) mod tests {
 
 #[cfg(test)]
 mod policy_tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use super::tests::{port, set_for};
+    use super::tests::{finish, port, set_for, Held};
     use super::*;
 
     fn settings(policy: Policy, slow_start: Option<Duration>) -> Arc<BalanceSettings> {
@@ -516,24 +419,17 @@ mod policy_tests {
             let (_, ep) = b.select_with(s, |_| true).unwrap();
             counts[port(ep)] += 1;
             if hold {
-                held.push(ep.start_call());
+                held.push(Held::on(ep));
             }
         }
         counts
-    }
-
-    /// Ends one call on `b` answered after `latency` with `outcome`.
-    fn finish(b: &Arc<Backend>, latency: Duration, outcome: Outcome) {
-        let mut g = b.start_call();
-        g.answered(Instant::now() - latency);
-        g.set_outcome(outcome);
     }
 
     #[test]
     fn least_request_avoids_the_loaded_endpoint() {
         let st = settings(Policy::LeastRequest, None);
         let (b, s) = set_for(3, &[], &st, HealthSettings::default());
-        let busy: Vec<_> = (0..5).map(|_| s.backends[0].start_call()).collect();
+        let busy: Vec<_> = (0..5).map(|_| Held::on(&s.backends[0])).collect();
         let counts = picks(&b, &s, 300, false);
         assert_eq!(counts[0], 0, "{counts:?}");
         assert!(counts[1] > 100 && counts[2] > 100, "{counts:?}");
@@ -554,19 +450,11 @@ mod policy_tests {
         let st = settings(Policy::PeakEwma, None);
         let (bal, s) = set_for(3, &[], &st, HealthSettings::default());
         for b in s.iter() {
-            finish(b, Duration::from_millis(1), Outcome::Status(0));
+            finish(b, Duration::from_millis(1), false);
         }
-        finish(
-            &s.backends[0],
-            Duration::from_millis(100),
-            Outcome::Status(0),
-        );
+        finish(&s.backends[0], Duration::from_millis(100), false);
         // Fails fast: counts as slow all the same.
-        finish(
-            &s.backends[1],
-            Duration::from_micros(50),
-            Outcome::Status(14),
-        );
+        finish(&s.backends[1], Duration::from_micros(50), true);
         let counts = picks(&bal, &s, 300, false);
         // Two random choices: the dearest is never taken, the second only when drawn
         // with the dearest (a third of draws).
@@ -575,33 +463,6 @@ mod policy_tests {
             "the failing endpoint is the dearest: {counts:?}"
         );
         assert!(counts[2] > 170 && counts[0] < 130, "{counts:?}");
-        // An application error is an answer like any other.
-        finish(
-            &s.backends[1],
-            Duration::from_micros(50),
-            Outcome::Status(5),
-        );
-        assert!(s.backends[1].latency_estimate(now_ns()) < 1e9 * 0.3);
-    }
-
-    #[test]
-    fn peak_ewma_estimate_peaks_then_decays() {
-        let st = settings(Policy::PeakEwma, None);
-        let (_, s) = set_for(1, &[], &st, HealthSettings::default());
-        let b = &s.backends[0];
-        let fresh = b.latency_estimate(now_ns());
-        assert!(
-            (fresh - 30e6).abs() < 1e6,
-            "new endpoint: 30 ms, got {fresh}"
-        );
-        finish(b, Duration::from_millis(200), Outcome::Status(0));
-        let peak = b.latency_estimate(now_ns());
-        assert!(peak > 190e6, "{peak}");
-        // Ten seconds later the estimate has lost about 63 % of its weight.
-        assert!(b.latency_estimate(now_ns() + 10_000_000_000) < peak * 0.4);
-        // A call abandoned by its client says nothing of the backend.
-        let _ = b.start_call();
-        assert!(b.latency_estimate(now_ns()) > 190e6 * 0.99);
     }
 
     #[test]
@@ -619,7 +480,7 @@ mod policy_tests {
             (fresh - 5e6).abs() < 0.2e6,
             "new endpoint: 5 ms, got {fresh}"
         );
-        finish(b, Duration::from_millis(200), Outcome::Status(0));
+        finish(b, Duration::from_millis(200), false);
         // One second later (the decay window) about 63 % is forgotten, not 10 %.
         let later = b.latency_estimate(now_ns() + 1_000_000_000);
         assert!((60e6..80e6).contains(&later), "{later}");

@@ -1,8 +1,10 @@
-//! Discovery: one watched endpoint set per service, read from etcd.
+//! Discovery: one watched endpoint set per service, read from an endpoint source (etcd).
 //!
-//! Services are watched on demand: the first call for a service starts its watch task
-//! ([`watch`]); later calls read the service's current [`EndpointSet`] snapshot, with no
-//! etcd round trip and no lock shared by all calls.
+//! Services are watched on demand: the first call for a service starts its watch, the
+//! source's stream of updates ([`EndpointSource`]; etcd's is [`EtcdSource`]), which the
+//! [`Service`] reconciles into backends (`balance::Reconciler`) and publishes as
+//! snapshots; later calls read the service's current [`crate::balance::EndpointSet`],
+//! with no etcd round trip and no lock shared by all calls.
 //!
 //! The table of watched services is kept by use, so that names nobody serves (made up by
 //! a client, by mistake or on purpose) cannot take the room of real services: when the
@@ -12,30 +14,39 @@
 //! make room while etcd listed nothing for it is answered "no endpoints" for a few
 //! seconds without a look-up, so a burst of made-up names costs one look-up per name.
 
+mod etcd;
+mod keys;
+mod negative;
 mod service;
-mod watch;
+mod source;
+#[cfg(test)]
+mod source_tests;
 
+pub use etcd::EtcdSource;
+pub use negative::NEGATIVE_TTL;
 pub use service::Service;
+pub use source::{EndpointSource, StaticSource, Update, Updates};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::task::AbortHandle;
 
-use crate::balance::{BalanceSettings, Balancer};
+use negative::NegativeCache;
+
+use crate::balance::{BalanceSettings, Balancer, Reconciler, UpstreamFor};
 use crate::health::HealthSettings;
 use crate::metrics::Metrics;
 use crate::route::{ServiceName, ServiceNameError};
-use crate::upstream::UpstreamConfig;
+use crate::upstream::{UpstreamConfig, UpstreamPool};
 
-/// How long a name dropped to make room, with nothing registered, is answered "no
-/// endpoints" without a look-up (a service registered meanwhile is found after this).
-pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// Most names remembered as having no endpoints (each at most
-/// [`crate::route::MAX_SERVICE_NAME_LEN`] bytes: under 2 MiB in all).
-const NEGATIVE_CAPACITY: usize = 4096;
+/// Longest a service's first snapshot waits for its endpoints' first connect attempts
+/// (at most the connect timeout), so that its first calls are spread over connected
+/// endpoints rather than sent to the first one up.
+const FIRST_SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
+
 /// Strong references to a [`Service`] that nobody is using: the table's and its watch
 /// task's. Every call holds one more from lookup to end, a bound listener one for good.
 const TABLE_AND_WATCH: usize = 2;
@@ -55,15 +66,11 @@ pub enum DiscoveryError {
     NoEndpoints(ServiceName),
 }
 
-/// Settings of discovery. Those [`LiveConfig`] holds are the start's: a reload
-/// changes them with [`Discovery::reconfigure`].
+/// Settings of discovery.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    /// Key prefixes under which services register: a service's endpoints are those
-    /// found under any of them (`<prefix>/<service>/`), each prefix watched on its own.
-    pub prefixes: Vec<String>,
-    /// Limit on the number of services watched at once.
-    pub max_services: usize,
+    /// The settings at start that a reload may change ([`Discovery::reconfigure`]).
+    pub live: LiveConfig,
     /// A service without endpoints and without calls for this long is dropped from the
     /// table (its watch stopped); one with endpoints may be dropped after this long
     /// without calls when the table is full.
@@ -72,18 +79,13 @@ pub struct DiscoveryConfig {
     pub upstream: UpstreamConfig,
     /// Where calls and endpoints are counted.
     pub metrics: Arc<Metrics>,
-    /// How services' calls are balanced unless overridden below.
-    pub balance: BalanceSettings,
-    /// Per-service balancing, by service name (from the config file).
-    pub service_balance: HashMap<ServiceName, BalanceSettings>,
-    /// Outlier ejection and active health checks.
-    pub health: HealthSettings,
 }
 
 /// The settings of discovery that a reload changes on the running services.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveConfig {
-    /// Key prefixes under which services register, in order.
+    /// Key prefixes under which services register, in order: a service's endpoints are
+    /// those found under any of them (`<prefix>/<service>/`), each prefix watched on its own.
     pub prefixes: Vec<String>,
     /// Limit on the number of services watched at once (a lower one drops no service:
     /// it refuses new ones until the table is under it).
@@ -100,18 +102,6 @@ impl LiveConfig {
     /// The balancing settings of service `name`.
     fn balance_of(&self, name: &str) -> &BalanceSettings {
         self.service_balance.get(name).unwrap_or(&self.balance)
-    }
-}
-
-impl From<&DiscoveryConfig> for LiveConfig {
-    fn from(c: &DiscoveryConfig) -> Self {
-        Self {
-            prefixes: c.prefixes.clone(),
-            max_services: c.max_services,
-            balance: c.balance.clone(),
-            service_balance: c.service_balance.clone(),
-            health: c.health.clone(),
-        }
     }
 }
 
@@ -139,8 +129,11 @@ impl DropReason {
 
 /// The registry of watched services.
 pub struct Discovery {
-    etcd: etcd_client::Client,
-    config: DiscoveryConfig,
+    source: Arc<dyn EndpointSource>,
+    service_idle: Duration,
+    /// The backend connections, one pool per address shared by every service.
+    pool: Arc<UpstreamPool>,
+    metrics: Arc<Metrics>,
     services: ArcSwap<ServiceMap>,
     /// Serialises changes of `services`, and holds what only they use (cold path only).
     changing: Mutex<Changing>,
@@ -161,19 +154,27 @@ struct Changing {
 impl std::fmt::Debug for Discovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Discovery")
-            .field("config", &self.config)
+            .field("source", &self.source)
+            .field("service_idle", &self.service_idle)
             .field("services", &self.services.load().len())
             .finish()
     }
 }
 
 impl Discovery {
-    /// A registry that watches services under `config.prefixes` in `etcd`.
-    pub fn new(etcd: etcd_client::Client, config: DiscoveryConfig) -> Arc<Self> {
-        let live = LiveConfig::from(&config);
+    /// A registry that watches services in `source`, under `config.live.prefixes`.
+    pub fn new(source: Arc<dyn EndpointSource>, config: DiscoveryConfig) -> Arc<Self> {
+        let DiscoveryConfig {
+            live,
+            service_idle,
+            upstream,
+            metrics,
+        } = config;
         Arc::new_cyclic(|me| Self {
-            etcd,
-            config,
+            source,
+            service_idle,
+            pool: UpstreamPool::new(upstream),
+            metrics,
             services: ArcSwap::from_pointee(HashMap::new()),
             changing: Mutex::new(Changing {
                 negative: NegativeCache::default(),
@@ -247,16 +248,14 @@ impl Discovery {
     /// Starts the watch of `service` under `prefixes` (replacing its current one once
     /// the new one has listed every prefix).
     fn start_watch(&self, service: &Arc<Service>, prefixes: &[String]) {
-        let name = service.name().as_str();
-        let upstream_config = UpstreamConfig {
-            metrics: Some(Arc::clone(&service.metrics)),
-            ..self.config.upstream.clone()
-        };
-        let key_prefixes = prefixes
-            .iter()
-            .map(|p| crate::registry::service_prefix(p, name))
-            .collect();
-        service.watch(self.etcd.clone(), key_prefixes, upstream_config);
+        let config = self.pool.config();
+        let tls_on = config.tls.is_some();
+        let settle = config.connect_timeout.min(FIRST_SNAPSHOT_SETTLE);
+        let pool = Arc::clone(&self.pool);
+        let upstream_for: UpstreamFor = Arc::new(move |addr| pool.get(addr));
+        let reconciler = Reconciler::new(service.name().clone(), tls_on, upstream_for);
+        let updates = self.source.watch(service.name(), prefixes);
+        service.watch(updates, reconciler, settle);
     }
 
     /// The service named `name`, starting its watch if it is not watched.
@@ -274,7 +273,7 @@ impl Discovery {
     }
 
     fn idle_ns(&self) -> u64 {
-        u64::try_from(self.config.service_idle.as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.service_idle.as_nanos()).unwrap_or(u64::MAX)
     }
 
     #[cold]
@@ -299,7 +298,7 @@ impl Discovery {
             .cloned()
             .collect();
         if victims.len() < need {
-            self.config.metrics.refused_services_full();
+            self.metrics.refused_services_full();
             return Err(DiscoveryError::TooManyServices(max, name.to_string()));
         }
         let mut next = ServiceMap::clone(&current);
@@ -312,23 +311,21 @@ impl Discovery {
             }
             self.dropped(&v, DropReason::Room, now);
         }
-        let metrics = self.config.metrics.service(name.as_str());
+        let metrics = self.metrics.service(name.as_str());
         let live = &changing.live;
-        let service = Arc::new(Service::new(
-            name.clone(),
-            metrics,
-            Balancer::new(
-                name.as_str(),
-                Arc::new(live.balance_of(name.as_str()).clone()),
-                live.health.clone(),
-            ),
-        ));
+        let balancer = Balancer::new(
+            name.as_str(),
+            Arc::new(live.balance_of(name.as_str()).clone()),
+            live.health.clone(),
+        )
+        .with_metrics(Arc::clone(&metrics));
+        let service = Arc::new(Service::new(name.clone(), metrics, balancer));
         self.start_watch(&service, &live.prefixes);
         next.insert(name.clone(), Arc::clone(&service));
         self.services.store(Arc::new(next));
         if changing.sweep.is_none() {
-            let every = (self.config.service_idle / 2)
-                .clamp(Duration::from_millis(100), Duration::from_secs(10));
+            let every =
+                (self.service_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
             changing.sweep = Some(tokio::spawn(sweep(self.me.clone(), every)).abort_handle());
         }
         tracing::info!(service = %name, "watching service");
@@ -362,7 +359,7 @@ impl Discovery {
     fn dropped(&self, service: &Service, reason: DropReason, now: u64) {
         service.stop();
         service.metrics.forget();
-        self.config.metrics.service_dropped(reason.as_str());
+        self.metrics.service_dropped(reason.as_str());
         tracing::info!(
             service = %service.name,
             reason = reason.as_str(),
@@ -372,9 +369,14 @@ impl Discovery {
         );
     }
 
+    /// The backend connections shared by every service.
+    pub fn pool(&self) -> &Arc<UpstreamPool> {
+        &self.pool
+    }
+
     /// The metrics registry calls are counted in.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.config.metrics
+        &self.metrics
     }
 
     /// All services watched now.
@@ -427,47 +429,6 @@ async fn sweep(discovery: Weak<Discovery>, every: Duration) {
             Some(d) => d.drop_idle(),
             None => return,
         }
-    }
-}
-
-/// Names dropped to make room while etcd listed nothing for them, each remembered for a
-/// while; bounded in count (the oldest are forgotten first).
-#[derive(Debug, Default)]
-struct NegativeCache {
-    /// Name → until when (clock nanoseconds).
-    until: HashMap<ServiceName, u64>,
-    /// The same, in the order added, which is the order they expire in (one TTL for all).
-    order: VecDeque<(ServiceName, u64)>,
-}
-
-impl NegativeCache {
-    /// Whether `name` is remembered as having no endpoints at `now`.
-    fn contains(&self, name: &str, now: u64) -> bool {
-        self.until.get(name).is_some_and(|&until| until > now)
-    }
-
-    /// Remembers `name` from `now` for `ttl`, forgetting the expired and, past the
-    /// capacity, the oldest.
-    fn insert(&mut self, name: ServiceName, now: u64, ttl: Duration) {
-        while self
-            .order
-            .front()
-            .is_some_and(|(_, until)| *until <= now || self.order.len() >= NEGATIVE_CAPACITY)
-        {
-            if let Some((old, until)) = self.order.pop_front() {
-                if self.until.get(old.as_str()) == Some(&until) {
-                    self.until.remove(old.as_str());
-                }
-            }
-        }
-        let until = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
-        self.until.insert(name.clone(), until);
-        self.order.push_back((name, until));
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.until.len()
     }
 }
 
@@ -587,36 +548,5 @@ mod tests {
         assert_eq!(s.last_used(), 10 * S);
         s.touch(11 * S);
         assert_eq!(s.last_used(), 11 * S);
-    }
-
-    #[test]
-    fn names_without_endpoints_are_remembered_for_the_ttl() {
-        let mut n = NegativeCache::default();
-        n.insert(name("junk.A"), 10 * S, NEGATIVE_TTL);
-        assert!(n.contains("junk.A", 10 * S));
-        assert!(n.contains("junk.A", 14 * S));
-        assert!(!n.contains("junk.A", 15 * S));
-        assert!(!n.contains("junk.B", 10 * S));
-        // Expired names are forgotten as others come.
-        n.insert(name("junk.B"), 16 * S, NEGATIVE_TTL);
-        assert_eq!(n.len(), 1);
-        // A name remembered again counts from then.
-        n.insert(name("junk.A"), 17 * S, NEGATIVE_TTL);
-        n.insert(name("junk.A"), 23 * S, NEGATIVE_TTL);
-        assert!(n.contains("junk.A", 27 * S));
-    }
-
-    #[test]
-    fn names_without_endpoints_are_bounded_in_count() {
-        let mut n = NegativeCache::default();
-        for i in 0..NEGATIVE_CAPACITY + 100 {
-            n.insert(name(&format!("junk.S{i}")), S, NEGATIVE_TTL);
-        }
-        assert_eq!(n.len(), NEGATIVE_CAPACITY);
-        assert_eq!(n.order.len(), NEGATIVE_CAPACITY);
-        // The oldest went first.
-        assert!(!n.contains("junk.S99", S));
-        assert!(n.contains("junk.S100", S));
-        assert!(n.contains(&format!("junk.S{}", NEGATIVE_CAPACITY + 99), S));
     }
 }

@@ -1,6 +1,8 @@
 //! One watched service: its current endpoint snapshot, its balancer, whether its first
 //! listing has arrived, and its watch tasks (the one publishing, and a newer one a
-//! reload started, until that one's first snapshot).
+//! reload started, until that one's first snapshot). Each watch task follows one stream
+//! of [`Update`]s from the endpoint source, reconciles them into backends and publishes
+//! the snapshots.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,10 +12,10 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balance::{Backend, Balancer, EndpointSet};
+use super::source::{Update, Updates};
+use crate::balance::{Backend, Balancer, EndpointSet, Reconciler};
 use crate::metrics::ServiceMetrics;
 use crate::route::ServiceName;
-use crate::upstream::UpstreamConfig;
 
 /// A service's last use is written at most this often (nanoseconds): calls of a busy
 /// service then read its timestamp's cache line without writing it.
@@ -26,10 +28,10 @@ pub struct Service {
     pub(super) endpoints: ArcSwap<EndpointSet>,
     pub(super) balancer: Balancer,
     pub(super) loaded: AtomicBool,
-    /// A published snapshot had an endpoint: the name is a service, even while it has none.
-    served: AtomicBool,
     pub(super) loaded_notify: Notify,
     pub(super) etcd_reachable: AtomicBool,
+    /// A published snapshot had an endpoint.
+    ever_served: AtomicBool,
     /// Its watch tasks: the one publishing, and one started by a reload, if any.
     watching: Mutex<Watching>,
     pub(super) metrics: Arc<ServiceMetrics>,
@@ -46,9 +48,9 @@ impl Service {
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             balancer,
             loaded: AtomicBool::new(false),
-            served: AtomicBool::new(false),
             loaded_notify: Notify::new(),
             etcd_reachable: AtomicBool::new(false),
+            ever_served: AtomicBool::new(false),
             watching: Mutex::new(Watching::default()),
             metrics,
             changes: tokio::sync::watch::Sender::new(0),
@@ -98,25 +100,26 @@ impl Service {
         &self.balancer
     }
 
-    /// Whether the endpoint list was loaded from etcd at least once.
+    /// Whether the service's first snapshot (its source's first full listing) is out.
     #[inline]
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
     }
 
-    /// Whether this service ever had an endpoint since it was first looked up (a name
-    /// never served is not a service: its calls are UNIMPLEMENTED, its health unknown).
-    #[inline]
-    pub fn ever_served(&self) -> bool {
-        self.served.load(Ordering::Relaxed)
-    }
-
-    /// Whether the watch is currently connected to etcd.
+    /// Whether the watch currently sees its registry (for etcd: its watches are up).
     pub fn etcd_reachable(&self) -> bool {
         self.etcd_reachable.load(Ordering::Relaxed)
     }
 
-    /// Waits up to `timeout` for the first endpoint list; returns whether it arrived.
+    /// Whether a snapshot of this service with an endpoint was published at some point
+    /// (a service that was served, as opposed to a name nobody registered).
+    #[inline]
+    pub fn ever_served(&self) -> bool {
+        self.ever_served.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` for the first snapshot, which itself waits a moment for its
+    /// endpoints' first connect attempts; returns whether it came.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
         let wait = async {
             loop {
@@ -136,25 +139,27 @@ impl Service {
         self.watching.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts a watch of the service under `key_prefixes`. The watch running now, if
-    /// any, keeps publishing until the new one publishes its first snapshot (every
-    /// prefix listed), then stops: calls are served throughout.
+    /// Starts a watch of the service that follows `updates`, reconciled by
+    /// `reconciler`. The watch running now, if any, keeps publishing until the new one
+    /// publishes its first snapshot (its first full listing), then stops: calls are
+    /// served throughout. The service's first snapshot waits up to `settle` for its
+    /// endpoints' first connect attempts, so that its first calls find them connected.
     pub(super) fn watch(
         self: &Arc<Self>,
-        etcd: etcd_client::Client,
-        key_prefixes: Vec<String>,
-        upstream: UpstreamConfig,
+        updates: Updates,
+        reconciler: Reconciler,
+        settle: Duration,
     ) {
         let mut w = self.watching();
         w.started += 1;
         let generation = w.started;
-        let task = tokio::spawn(super::watch::run(
-            Arc::clone(self),
-            etcd,
-            key_prefixes,
-            upstream,
+        let follow = Follow {
+            service: Arc::clone(self),
             generation,
-        ));
+            reconciler,
+            settle,
+        };
+        let task = tokio::spawn(follow.run(updates));
         // A watch started by an earlier reload that never published is not wanted now.
         if let Some((_, older)) = w.next.replace((generation, task.abort_handle())) {
             older.abort();
@@ -192,8 +197,8 @@ impl Service {
     }
 
     pub(super) fn publish(&self, set: EndpointSet) {
-        if !set.is_empty() {
-            self.served.store(true, Ordering::Relaxed);
+        if !set.is_empty() && !self.ever_served.load(Ordering::Relaxed) {
+            self.ever_served.store(true, Ordering::Relaxed);
         }
         self.endpoints.store(Arc::new(set));
         if !self.loaded.swap(true, Ordering::AcqRel) {
@@ -229,4 +234,59 @@ pub(super) struct Watching {
     pub(super) task: Option<AbortHandle>,
     /// A newer watch, until its first snapshot.
     pub(super) next: Option<(u64, AbortHandle)>,
+}
+
+/// One watch of a service: follows its source's updates and publishes what they make.
+struct Follow {
+    service: Arc<Service>,
+    /// Which of the service's watches this is (a reload starts a new one).
+    generation: u64,
+    reconciler: Reconciler,
+    /// How long the service's first snapshot may wait for its endpoints' connections.
+    settle: Duration,
+}
+
+impl Follow {
+    /// Applies `updates` until they end (or the task is aborted); publishes a snapshot
+    /// after each change from the first full listing on, and sets the service's
+    /// reachability while this watch is the one publishing.
+    async fn run(mut self, mut updates: Updates) {
+        let (mut listed, mut published, mut reachable) = (false, false, false);
+        while let Some(update) = updates.recv().await {
+            let balancer = &self.service.balancer;
+            let changed = !matches!(update, Update::Reachable(_));
+            match update {
+                Update::Reset(endpoints) => {
+                    if !published {
+                        // A watch replacing another takes over the backends it still
+                        // lists, with their connections and state.
+                        self.reconciler.adopt(self.service.endpoints().iter());
+                    }
+                    self.reconciler.reset(balancer, &endpoints);
+                    listed = true;
+                }
+                Update::Add(endpoints) => self.reconciler.add(balancer, &endpoints),
+                Update::Remove(addrs) => self.reconciler.remove(&addrs),
+                Update::Reachable(r) => reachable = r,
+            }
+            if listed && changed {
+                let backends = self.reconciler.backends();
+                if !self.service.is_loaded() {
+                    settle(&backends, self.settle).await;
+                }
+                published |= self.service.publish_from(self.generation, backends);
+            }
+            if published && self.service.is_current(self.generation) {
+                self.service
+                    .etcd_reachable
+                    .store(reachable, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Waits until every backend's connect attempt has ended, or `bound`, whichever first.
+async fn settle(backends: &[Arc<Backend>], bound: Duration) {
+    let all = futures_util::future::join_all(backends.iter().map(|b| b.upstream().wait_settled()));
+    let _ = tokio::time::timeout(bound, all).await;
 }

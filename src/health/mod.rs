@@ -4,8 +4,6 @@
 //! The connection-level "suspect, then probe" state of a frozen backend stays with its
 //! connection ([`crate::upstream`]); the balancer reads both.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -13,90 +11,14 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 
 pub mod active;
+mod ejection;
+mod settings;
+
+pub use ejection::MAX_EJECTION;
+pub use settings::{ActiveCheck, BadFailureCode, FailureCodes, HealthSettings};
 
 use crate::clock::now_ns;
 use crate::endpoint::BackendAddr;
-
-/// A set of gRPC status codes (0-16) that count as the backend failing the call.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct FailureCodes(u32);
-
-impl FailureCodes {
-    /// No code counts.
-    pub const NONE: Self = Self(0);
-
-    /// The default: UNAVAILABLE (14) only, the status of a node that cannot serve.
-    pub const DEFAULT: Self = Self(1 << 14);
-
-    /// Whether `code` (a `grpc-status` value) is in the set.
-    #[inline]
-    pub fn contains(self, code: u8) -> bool {
-        code < 17 && self.0 & (1 << code) != 0
-    }
-
-    /// The codes in the set, lowest first.
-    pub fn iter(self) -> impl Iterator<Item = u8> {
-        (0..17u8).filter(move |c| self.contains(*c))
-    }
-}
-
-impl Default for FailureCodes {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-/// A failure-code list that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a gRPC status code (0-16); give a comma-separated list such as \"14\" or \"13,14\"")]
-pub struct BadFailureCode(String);
-
-impl FromStr for FailureCodes {
-    type Err = BadFailureCode;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut set = 0u32;
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<u8>() {
-                Ok(c) if c < 17 => set |= 1 << c,
-                _ => return Err(BadFailureCode(part.to_owned())),
-            }
-        }
-        Ok(Self(set))
-    }
-}
-
-impl fmt::Display for FailureCodes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let codes: Vec<String> = self.iter().map(|c| c.to_string()).collect();
-        f.write_str(&codes.join(","))
-    }
-}
-
-impl fmt::Debug for FailureCodes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "FailureCodes({self})")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_codes_parse() {
-        let c: FailureCodes = "14".parse().unwrap();
-        assert!(c.contains(14) && !c.contains(13) && !c.contains(17));
-        let c: FailureCodes = " 13, 14 ,2".parse().unwrap();
-        assert_eq!(c.to_string(), "2,13,14");
-        assert_eq!("".parse::<FailureCodes>().unwrap(), FailureCodes::NONE);
-        assert!("17".parse::<FailureCodes>().is_err());
-        assert!("x"
-            .parse::<FailureCodes>()
-            .unwrap_err()
-            .to_string()
-            .contains("\"x\""));
-    }
-}
 
 /// How calls ending on an endpoint count for its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,71 +29,6 @@ pub enum CallResult {
     Failure,
     /// Says nothing of the backend (the client cancelled, or its deadline passed).
     Ignored,
-}
-
-/// Longest an endpoint stays ejected, however often it was ejected in a row.
-pub const MAX_EJECTION: Duration = Duration::from_secs(300);
-
-/// Whether the proxy checks endpoints' health itself, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ActiveCheck {
-    /// No active checks: only calls' outcomes tell.
-    #[default]
-    None,
-    /// `grpc.health.v1.Health` Watch (or Check every interval) for the endpoint's service.
-    Grpc,
-}
-
-impl FromStr for ActiveCheck {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Self::None),
-            "grpc" => Ok(Self::Grpc),
-            _ => Err(format!(
-                "{s:?} is not a health check (choose one of: none, grpc)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for ActiveCheck {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::None => "none",
-            Self::Grpc => "grpc",
-        })
-    }
-}
-
-/// Settings of passive outlier ejection and active health checks.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthSettings {
-    /// Failures in a row that eject an endpoint (0: never eject).
-    pub eject_after: u32,
-    /// How long the first ejection lasts; doubled for each ejection in a row.
-    pub eject_for: Duration,
-    /// Most of a service's endpoints ejected (or unhealthy) at once, in percent.
-    pub max_ejected_percent: u8,
-    /// Statuses that count as the backend failing the call.
-    pub failure_codes: FailureCodes,
-    /// Active health checks.
-    pub check: ActiveCheck,
-    /// Interval of health Check calls when the backend does not implement Watch.
-    pub check_interval: Duration,
-}
-
-impl Default for HealthSettings {
-    fn default() -> Self {
-        Self {
-            eject_after: 5,
-            eject_for: Duration::from_secs(30),
-            max_ejected_percent: 50,
-            failure_codes: FailureCodes::DEFAULT,
-            check: ActiveCheck::None,
-            check_interval: Duration::from_secs(5),
-        }
-    }
 }
 
 /// What an active check last said of an endpoint.
@@ -229,6 +86,7 @@ impl EndpointHealth {
     }
 
     /// What the active check last said.
+    #[cfg(test)]
     pub fn check_state(&self) -> CheckState {
         match self.check.load(Ordering::Relaxed) {
             1 => CheckState::Serving,
@@ -245,12 +103,6 @@ impl EndpointHealth {
     /// When it was last ejected or found unhealthy ([`now_ns`]), if ever.
     pub fn last_failure_at(&self) -> Option<u64> {
         let at = self.last_failure_at.load(Ordering::Relaxed);
-        (at != 0).then_some(at)
-    }
-
-    /// When it last came back from an ejection, if ever.
-    pub fn returned_at(&self) -> Option<u64> {
-        let at = self.returned_at.load(Ordering::Relaxed);
         (at != 0).then_some(at)
     }
 
@@ -417,84 +269,9 @@ impl ServiceHealth {
         }
     }
 
-    /// Whether one more endpoint may be taken out of rotation now.
-    fn may_take_out(&self, now: u64, max_percent: u8) -> bool {
-        let members = self.members.load();
-        // Endpoints gone since the last snapshot count neither way.
-        let (n, out) = members
-            .iter()
-            .filter_map(|(m, _)| m.upgrade())
-            .fold((0usize, 0usize), |(n, out), m| {
-                (n + 1, out + usize::from(m.health().out_at(now)))
-            });
-        let allowed = (n * usize::from(max_percent) / 100).min(n.saturating_sub(1));
-        out < allowed
-    }
-
-    /// Accounts one call's end on `ep`; says what changed.
-    pub fn report(&self, ep: &EndpointHealth, result: CallResult) -> Change {
-        let settings = self.settings.load();
-        if settings.eject_after == 0 {
-            return Change::None;
-        }
-        let now = now_ns();
-        let mut change = Change::None;
-        // Coming back: the first call after an ejection ended.
-        let until = ep.ejected_until.load(Ordering::Relaxed);
-        if until != 0
-            && now >= until
-            && ep
-                .ejected_until
-                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            ep.returned_at.store(now, Ordering::Relaxed);
-            change = Change::Returned;
-        }
-        match result {
-            CallResult::Ignored => change,
-            CallResult::Success => {
-                ep.failures.store(0, Ordering::Relaxed);
-                // Serving well for a base ejection time since coming back: forgiven.
-                let back = ep.returned_at.load(Ordering::Relaxed);
-                if back != 0 && now.saturating_sub(back) >= settings.eject_for.as_nanos() as u64 {
-                    ep.times_ejected.store(0, Ordering::Relaxed);
-                    ep.returned_at.store(0, Ordering::Relaxed);
-                }
-                change
-            }
-            CallResult::Failure => {
-                let failures = ep.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                // Right after coming back, one failure is enough.
-                let on_probation = ep.returned_at.load(Ordering::Relaxed) != 0
-                    && ep.times_ejected.load(Ordering::Relaxed) > 0;
-                if failures < settings.eject_after && !on_probation {
-                    return change;
-                }
-                if ep.ejected_until(now).is_some() {
-                    return change;
-                }
-                let _guard = self.deciding();
-                if !self.may_take_out(now, settings.max_ejected_percent) {
-                    return Change::Capped;
-                }
-                let times = ep.times_ejected.fetch_add(1, Ordering::Relaxed).min(16);
-                let length = settings
-                    .eject_for
-                    .saturating_mul(1 << times)
-                    .min(MAX_EJECTION.max(settings.eject_for));
-                ep.ejected_until
-                    .store(now + length.as_nanos() as u64, Ordering::Relaxed);
-                ep.failures.store(0, Ordering::Relaxed);
-                ep.returned_at.store(0, Ordering::Relaxed);
-                ep.last_failure_at.store(now, Ordering::Relaxed);
-                Change::Ejected(length)
-            }
-        }
-    }
-
     /// Takes what an active check said of `ep`; returns whether the endpoint is now out
     /// of rotation by it.
+    #[cfg(test)]
     pub fn checked(&self, ep: &EndpointHealth, state: CheckState) -> bool {
         let generation = *self.checks.borrow();
         self.checked_by(generation, ep, state)
@@ -522,163 +299,5 @@ impl ServiceHealth {
             ep.last_failure_at.store(now, Ordering::Relaxed);
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod ejection_tests {
-    use super::*;
-
-    fn service(
-        n: usize,
-        settings: HealthSettings,
-    ) -> (Arc<ServiceHealth>, Vec<Arc<EndpointHealth>>) {
-        let s = Arc::new(ServiceHealth::new("svc", settings));
-        let eps: Vec<_> = (0..n)
-            .map(|_| Arc::new(EndpointHealth::default()))
-            .collect();
-        s.set_members(
-            eps.iter()
-                .enumerate()
-                .map(|(i, ep)| {
-                    (
-                        Arc::downgrade(ep) as Weak<dyn Member>,
-                        format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                    )
-                })
-                .collect(),
-        );
-        (s, eps)
-    }
-
-    fn fail(s: &ServiceHealth, ep: &EndpointHealth, times: usize) -> Change {
-        (0..times).fold(Change::None, |_, _| s.report(ep, CallResult::Failure))
-    }
-
-    #[test]
-    fn failures_in_a_row_eject_and_successes_reset() {
-        let (s, eps) = service(3, HealthSettings::default());
-        assert_eq!(fail(&s, &eps[0], 4), Change::None);
-        s.report(&eps[0], CallResult::Success);
-        assert_eq!(fail(&s, &eps[0], 4), Change::None);
-        // Cancelled calls neither count nor reset.
-        s.report(&eps[0], CallResult::Ignored);
-        assert_eq!(
-            s.report(&eps[0], CallResult::Failure),
-            Change::Ejected(Duration::from_secs(30))
-        );
-        assert!(eps[0].is_out(now_ns));
-        assert!(!eps[1].is_out(now_ns));
-    }
-
-    #[test]
-    fn the_cap_keeps_half_and_never_the_last() {
-        let (s, eps) = service(3, HealthSettings::default());
-        assert!(matches!(fail(&s, &eps[0], 5), Change::Ejected(_)));
-        // 50 % of 3: one endpoint at most.
-        assert_eq!(fail(&s, &eps[1], 5), Change::Capped);
-        assert!(!eps[1].is_out(now_ns));
-        let (s, eps) = service(1, HealthSettings::default());
-        assert_eq!(fail(&s, &eps[0], 5), Change::Capped);
-        let all = HealthSettings {
-            max_ejected_percent: 100,
-            ..HealthSettings::default()
-        };
-        let (s, eps) = service(2, all);
-        assert!(matches!(fail(&s, &eps[0], 5), Change::Ejected(_)));
-        assert_eq!(fail(&s, &eps[1], 5), Change::Capped, "never the last one");
-    }
-
-    #[test]
-    fn a_returning_endpoint_is_ejected_again_for_twice_as_long() {
-        let settings = HealthSettings {
-            eject_for: Duration::from_millis(50),
-            ..HealthSettings::default()
-        };
-        let (s, eps) = service(3, settings);
-        assert_eq!(
-            fail(&s, &eps[0], 5),
-            Change::Ejected(Duration::from_millis(50))
-        );
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(!eps[0].is_out(now_ns), "back after its time");
-        // The first call back fails: out again at once, for twice as long.
-        assert_eq!(
-            s.report(&eps[0], CallResult::Failure),
-            Change::Ejected(Duration::from_millis(100))
-        );
-        std::thread::sleep(Duration::from_millis(110));
-        assert_eq!(s.report(&eps[0], CallResult::Success), Change::Returned);
-        // Serving well for a while: forgiven, five failures again before the next.
-        std::thread::sleep(Duration::from_millis(60));
-        s.report(&eps[0], CallResult::Success);
-        assert_eq!(fail(&s, &eps[0], 4), Change::None);
-        assert_eq!(
-            s.report(&eps[0], CallResult::Failure),
-            Change::Ejected(Duration::from_millis(50))
-        );
-    }
-
-    #[test]
-    fn zero_turns_ejection_off() {
-        let (s, eps) = service(
-            3,
-            HealthSettings {
-                eject_after: 0,
-                ..HealthSettings::default()
-            },
-        );
-        assert_eq!(fail(&s, &eps[0], 50), Change::None);
-        assert!(!eps[0].is_out(now_ns));
-    }
-
-    #[test]
-    fn settings_swap_live_and_endpoints_keep_their_state() {
-        let off = HealthSettings {
-            eject_after: 0,
-            max_ejected_percent: 100,
-            ..HealthSettings::default()
-        };
-        let (s, eps) = service(3, off.clone());
-        assert_eq!(fail(&s, &eps[0], 10), Change::None);
-        assert!(s.checked(&eps[1], CheckState::NotServing));
-        // Ejection on: the next failures count.
-        assert!(s.set_settings(HealthSettings {
-            eject_after: 2,
-            ..off.clone()
-        }));
-        assert!(!s.set_settings(HealthSettings {
-            eject_after: 2,
-            ..off.clone()
-        }));
-        assert_eq!(fail(&s, &eps[0], 1), Change::None);
-        assert!(matches!(fail(&s, &eps[0], 1), Change::Ejected(_)));
-        // The check's settings changed (checks stay off): what they said is forgotten,
-        // and a checker of the old generation is not heard any more.
-        assert!(eps[1].is_out(now_ns));
-        assert!(s.set_settings(HealthSettings {
-            eject_after: 2,
-            check_interval: Duration::from_secs(1),
-            ..off
-        }));
-        assert!(!eps[1].is_out(now_ns));
-        assert_eq!(eps[1].check_state(), CheckState::Unknown);
-        assert!(!s.checked_by(1, &eps[1], CheckState::NotServing));
-        assert!(!eps[1].is_out(now_ns));
-        // The ejection made before stays.
-        assert!(eps[0].is_out(now_ns));
-    }
-
-    #[test]
-    fn active_checks_take_out_within_the_cap() {
-        let (s, eps) = service(2, HealthSettings::default());
-        assert!(s.checked(&eps[0], CheckState::NotServing));
-        assert!(eps[0].is_out(now_ns));
-        assert!(
-            !s.checked(&eps[1], CheckState::NotServing),
-            "never the last one"
-        );
-        assert!(!s.checked(&eps[0], CheckState::Serving));
-        assert!(!eps[0].is_out(now_ns));
     }
 }

@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use super::grpc::set_authority;
 use super::relay::Relay;
 use super::replay::ReplayBody;
-use crate::balance::{Backend, CallGuard, Outcome};
+use crate::balance::Backend;
+use crate::call::{BackendCall, Outcome};
 use crate::endpoint::BackendAddr;
-use crate::metrics::EndpointCall;
 use crate::route::ServiceName;
 use crate::upstream::{Connection, Upstream};
 
@@ -25,19 +25,11 @@ use crate::upstream::{Connection, Upstream};
 /// response headers makes the proxy probe that backend's connection.
 pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
 
-/// A call a backend answered: counted in flight there until its response ends.
-#[derive(Debug)]
-pub struct Sent {
-    /// The call's count in the endpoint's metrics, if measured.
-    pub metrics: Option<EndpointCall>,
-    /// Reports the call's end to the balancer and health accounting.
-    pub guard: CallGuard,
-}
-
 /// What one attempt on one backend came to.
 pub(super) enum Attempt {
-    /// The backend answered with response headers: the call is its.
-    Answered(Response<h2::RecvStream>, Sent),
+    /// The backend answered with response headers: the call is its, in flight there
+    /// until its response ends.
+    Answered(Response<h2::RecvStream>, BackendCall),
     /// The backend never got the call (connection not to be had or closed, stream
     /// refused): the body comes back, to be offered to another backend.
     NotTaken {
@@ -45,6 +37,10 @@ pub(super) enum Attempt {
         body: ReplayBody,
         /// Why, for the error if no backend takes the call.
         why: String,
+        /// The backend refused the stream (REFUSED_STREAM, or a GOAWAY that did not
+        /// cover it): sent again, after a pause if every endpoint refused, for as long
+        /// as the call's deadline allows.
+        refused: bool,
     },
     /// The backend may have processed the call before its stream failed: not safe to
     /// send elsewhere.
@@ -58,7 +54,7 @@ pub(super) async fn try_backend(
     parts: &Parts,
     body: ReplayBody,
 ) -> Result<Attempt, http::Error> {
-    let mut guard = backend.start_call();
+    let mut call = BackendCall::start(backend);
     let sent_at = Instant::now();
     let upstream = backend.upstream();
     let conn = match upstream.ready_connection() {
@@ -67,9 +63,13 @@ pub(super) async fn try_backend(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(service = %service, backend = %upstream.addr(), error = %e, "backend not usable; trying next");
-                guard.set_outcome(Outcome::NotTaken);
+                call.set_outcome(Outcome::NotTaken);
                 let why = e.to_string();
-                return Ok(Attempt::NotTaken { body, why });
+                return Ok(Attempt::NotTaken {
+                    body,
+                    why,
+                    refused: false,
+                });
             }
         },
     };
@@ -79,14 +79,16 @@ pub(super) async fn try_backend(
             // The request never left: offer it to the next backend as it is.
             upstream.report_closed(&conn);
             tracing::debug!(service = %service, backend = %upstream.addr(), error = %e, "backend connection closed; trying next");
-            guard.set_outcome(Outcome::NotTaken);
+            call.set_outcome(Outcome::NotTaken);
             let why = e.to_string();
-            return Ok(Attempt::NotTaken { body, why });
+            return Ok(Attempt::NotTaken {
+                body,
+                why,
+                refused: false,
+            });
         }
     };
     let retry_body = body.try_clone();
-    // In flight on this endpoint from now until the response ends.
-    let metrics = upstream.metrics().map(|m| m.send());
     let pump = Pump::start(body, send_body);
     let waiting = HeaderWait::new(upstream);
     let result = response.await;
@@ -97,19 +99,28 @@ pub(super) async fn try_backend(
             if let Some(b) = &retry_body {
                 b.commit();
             }
-            guard.answered(sent_at);
-            Ok(Attempt::Answered(resp, Sent { metrics, guard }))
+            call.answered(sent_at);
+            // The stream is on this connection until the response ends.
+            call.hold(conn);
+            Ok(Attempt::Answered(resp, call))
         }
         // Refused before the backend processed it: replay elsewhere.
         Err(err) => match retry_body {
             Some(body) if never_processed(&err) => {
                 tracing::debug!(service = %service, backend = %upstream.addr(), error = %err, "call not taken by backend; retrying on next");
-                guard.set_outcome(Outcome::NotTaken);
+                if err.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    upstream.report_refused(&conn);
+                }
+                call.set_outcome(Outcome::NotTaken);
                 let why = err.to_string();
-                Ok(Attempt::NotTaken { body, why })
+                Ok(Attempt::NotTaken {
+                    body,
+                    why,
+                    refused: true,
+                })
             }
             _ => {
-                guard.set_outcome(Outcome::StreamFailed);
+                call.set_outcome(Outcome::StreamFailed);
                 Ok(Attempt::Failed(err))
             }
         },

@@ -9,33 +9,29 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
 
-use super::attempt::Sent;
-use crate::balance::{CallGuard, Outcome};
-use crate::metrics::{status_slot, CallRecord, CallTimer};
+use crate::call::{BackendCall, Outcome};
+use crate::metrics::status_slot;
 use crate::status::{code_header, encode_message, Code, GRPC_STATUS};
 pub use crate::stream::H2Body;
 
 /// A backend's response body, streamed back unchanged; its call's end is reported
-/// (metrics, balancer) when it ends or is dropped. A backend stream that breaks mid-way
-/// ends with UNAVAILABLE trailers of the proxy's own.
+/// (through [`BackendCall`]) when it ends or is dropped. A backend stream that breaks
+/// mid-way ends with UNAVAILABLE trailers of the proxy's own.
 #[derive(Debug)]
 pub struct ResponseBody {
     /// The backend's stream; `None` once the body has ended.
     inner: Option<H2Body>,
-    /// The call's metrics record, if measured.
-    record: Option<CallRecord>,
-    /// Tells the backend's balancer state how the call ended.
-    guard: CallGuard,
+    /// The call, in flight on the backend that answered until the body ends.
+    call: BackendCall,
 }
 
 impl ResponseBody {
-    /// A backend's response stream, passed through; `timer` has timed the call since it
-    /// arrived, `sent` counts it on the backend that answered.
-    pub fn new(inner: h2::RecvStream, timer: CallTimer, sent: Sent) -> Self {
+    /// A backend's response stream, passed through; `call` is the call on the backend
+    /// that answered, carrying the call's arrival.
+    pub fn new(inner: h2::RecvStream, call: BackendCall) -> Self {
         Self {
             inner: Some(H2Body::new(inner)),
-            record: sent.metrics.map(|m| timer.upstream(m)),
-            guard: sent.guard,
+            call,
         }
     }
 
@@ -48,11 +44,7 @@ impl ResponseBody {
 
     /// Notes the call's `grpc-status` (none: the stream ended without one).
     fn status(&mut self, v: Option<&http::HeaderValue>) {
-        let slot = status_slot(v);
-        if let Some(r) = self.record.as_mut() {
-            r.status(slot);
-        }
-        self.guard.set_outcome(Outcome::Status(slot as u8));
+        self.call.set_outcome(Outcome::Status(status_slot(v) as u8));
     }
 }
 
@@ -66,9 +58,7 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {
             // Dropped before its end: the client went away (reset its stream).
-            if let Some(r) = self.record.as_mut() {
-                r.status(usize::from(Code::Cancelled as u8));
-            }
+            self.call.set_outcome(Outcome::Abandoned);
         }
     }
 }
@@ -107,14 +97,13 @@ impl Body for ResponseBody {
                 if cancelled_by_client(&e) {
                     // The proxy reset the backend stream because the client cancelled
                     // its request: what the client got is a cancel, not a failure.
-                    this.status(Some(&code_header(Code::Cancelled)));
-                    this.guard.set_outcome(Outcome::Abandoned);
+                    this.call.set_outcome(Outcome::Abandoned);
                     return Poll::Ready(None);
                 }
                 tracing::debug!(error = %e, "backend response stream failed");
                 let trailers = broken_stream_trailers(&e);
-                this.status(trailers.get(&GRPC_STATUS));
-                this.guard.set_outcome(Outcome::StreamFailed);
+                // Counted as the UNAVAILABLE the client gets.
+                this.call.set_outcome(Outcome::StreamFailed);
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
         };

@@ -13,13 +13,14 @@ use h2::server::SendResponse;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 
-use super::attempt::{try_backend, Attempt, Sent};
+use super::attempt::{try_backend, Attempt};
 use super::body::{H2Body, ResponseBody};
 use super::error::CallError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
 use super::routing::LiveRouting;
+use crate::call::{Arrival, BackendCall};
 use crate::discovery::{Discovery, DiscoveryError, Service};
 use crate::route::service_from_path;
 use crate::status::http_error;
@@ -176,7 +177,7 @@ impl Forwarder {
         mut respond: SendResponse<Bytes>,
     ) -> Option<Relay<ResponseBody>> {
         let service = Arc::clone(&call.service);
-        let timer = service.metrics().start();
+        let arrival = Arrival::new(service.metrics());
         let mut answer = std::pin::pin!(self.call(call));
         let result = poll_fn(|cx| {
             if let Poll::Ready(r) = answer.as_mut().poll(cx) {
@@ -188,10 +189,10 @@ impl Forwarder {
             }
         })
         .await;
-        let (resp, sent) = match result {
+        let (resp, mut backend_call) = match result {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
-                timer.own(e.code() as u8);
+                arrival.answered_by_proxy(e.code());
                 send_own(&mut respond, Own::Grpc(e.response()));
                 return None;
             }
@@ -201,7 +202,8 @@ impl Forwarder {
             }
         };
         let (parts, inner) = resp.into_parts();
-        let mut body = ResponseBody::new(inner, timer, sent);
+        backend_call.carry(arrival);
+        let mut body = ResponseBody::new(inner, backend_call);
         body.headers(&parts.headers);
         // A trailers-only answer ends with its headers.
         let eos = body.is_end_stream();
@@ -254,30 +256,46 @@ impl Forwarder {
             return Err(self.no_endpoints(service));
         }
         let mut body = ReplayBody::new(body);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last = None;
-        for attempt in 0..set.len().min(MAX_ATTEMPTS) {
-            let Some((idx, backend)) = service
-                .balancer()
-                .select_with(&set, |i| !tried.contains(&i))
-            else {
-                break;
-            };
-            tried[attempt] = idx;
-            match try_backend(name, backend, parts, body).await? {
-                Attempt::Answered(resp, sent) => return Ok((resp, sent)),
-                Attempt::NotTaken { body: b, why } => {
-                    body = b;
-                    last = Some((backend.addr().clone(), why));
-                }
-                Attempt::Failed(error) => {
-                    return Err(CallError::BackendFailed {
-                        service: name.clone(),
-                        backend: backend.addr().clone(),
-                        error,
-                    })
+        let mut pauses = 0;
+        loop {
+            let mut tried = [usize::MAX; MAX_ATTEMPTS];
+            let mut refused = false;
+            for attempt in 0..set.len().min(MAX_ATTEMPTS) {
+                let Some((idx, backend)) = service
+                    .balancer()
+                    .select_with(&set, |i| !tried.contains(&i))
+                else {
+                    break;
+                };
+                tried[attempt] = idx;
+                match try_backend(name, backend, parts, body).await? {
+                    Attempt::Answered(resp, call) => return Ok((resp, call)),
+                    Attempt::NotTaken {
+                        body: b,
+                        why,
+                        refused: r,
+                    } => {
+                        body = b;
+                        refused |= r;
+                        last = Some((backend.addr().clone(), why));
+                    }
+                    Attempt::Failed(error) => {
+                        return Err(CallError::BackendFailed {
+                            service: name.clone(),
+                            backend: backend.addr().clone(),
+                            error,
+                        })
+                    }
                 }
             }
+            // A refused stream was never processed: it is sent again, after a pause,
+            // for as long as the call's deadline (which bounds this future) allows.
+            if !refused || pauses >= MAX_REFUSAL_PAUSES {
+                break;
+            }
+            pauses += 1;
+            Box::pin(refusal_pause(pauses)).await;
         }
         Err(CallError::Unreachable {
             service: name.clone(),
@@ -285,9 +303,7 @@ impl Forwarder {
             last,
         })
     }
-}
 
-impl Forwarder {
     /// Why a service without endpoints cannot be served: a name never served on a
     /// listener that routes by path is not a service (UNIMPLEMENTED, as for a path no route
     /// matches: retrying cannot help); a service that had endpoints, or that a listener is
@@ -304,6 +320,19 @@ impl Forwarder {
             CallError::NoEndpoints(name)
         }
     }
+}
+
+/// Most pauses a call makes after every endpoint it was offered to refused it (about 5 s
+/// in all; a call's deadline ends it sooner).
+const MAX_REFUSAL_PAUSES: u32 = 30;
+
+/// The pause after the `n`th round of refusals: random in [d/2, d), d doubling from
+/// 5 ms to 200 ms, so that callers refused together do not come back together.
+#[cold]
+async fn refusal_pause(n: u32) {
+    let d = (5u64 << n.min(6)).min(200);
+    let us = fastrand::u64(d * 500..d * 1000);
+    tokio::time::sleep(Duration::from_micros(us)).await;
 }
 
 /// Sends an answer of the proxy's own on the client's stream.
@@ -324,7 +353,7 @@ fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
 
 /// What forwarding gives: the backend's response and the call's accounting, or why the
 /// proxy answers itself.
-type Forwarded = Result<(Response<h2::RecvStream>, Sent), CallError>;
+type Forwarded = Result<(Response<h2::RecvStream>, BackendCall), CallError>;
 
 #[cfg(test)]
 mod state_size {

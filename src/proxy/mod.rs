@@ -28,7 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminState;
-use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError};
+use crate::discovery::{Discovery, DiscoveryConfig, DiscoveryError, EtcdSource};
 use crate::etcd::EtcdError;
 use crate::metrics::Metrics;
 use crate::route::ServiceName;
@@ -211,16 +211,12 @@ async fn serve_with(
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
     let discovery = Discovery::new(
-        etcd.clone(),
+        Arc::new(EtcdSource::new(etcd.clone())),
         DiscoveryConfig {
-            prefixes: built.live.prefixes,
-            max_services: built.live.max_services,
+            live: built.live,
             service_idle: args.timeouts.service_idle,
             upstream: runtime::upstream_config(args)?,
             metrics: Arc::clone(&metrics),
-            balance: built.live.balance,
-            service_balance: built.live.service_balance,
-            health: built.live.health,
         },
     );
     let routing = LiveRouting::new(built.routing);

@@ -179,12 +179,14 @@ async fn path_that_is_not_service_method_gets_unimplemented() {
         let msg = r.headers.get("grpc-message").expect("grpc-message");
         assert!(msg.to_str().unwrap().contains("service"), "{msg:?}");
     }
-    // A well-formed path of a service nobody registered is not UNIMPLEMENTED but
-    // UNAVAILABLE (no endpoints).
+    // A well-formed path of a service nobody registered is UNIMPLEMENTED too, naming
+    // the service as not registered (not a malformed path).
     let r = h2_request(&send, "/nobody.Home/M", &GRPC, unary_body(0))
         .await
         .unwrap();
-    assert_eq!(r.grpc_status().as_deref(), Some("14"), "{r:?}");
+    assert_eq!(r.grpc_status().as_deref(), Some("12"), "{r:?}");
+    let msg = r.grpc_message().unwrap_or_default();
+    assert!(msg.contains("'nobody.Home' is not registered"), "{msg}");
     let r = h2_request(&send, UNARY, &GRPC, unary_body(0))
         .await
         .unwrap();

@@ -224,3 +224,17 @@ async fn bad_balancing_and_ejection_values_name_their_flag() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_s_first_calls_go_round_robin() {
+    // No warm-up: the service's first call starts its watch, whose first snapshot waits
+    // for the three connections, so the rotation is exact from call 0 (the demo's case).
+    let (etcd, _backends, _regs) = echo_backends(3).await;
+    let proxy = Proxy::start(&[etcd.endpoint().to_owned()]).await;
+    let calls = sequence(proxy.addr, 12).await;
+    let first: std::collections::BTreeSet<_> = calls[..3].iter().collect();
+    assert_eq!(first.len(), 3, "calls 0, 1, 2 on three backends: {calls:?}");
+    for w in calls.windows(4) {
+        assert_eq!(w[0], w[3], "period 3: {calls:?}");
+    }
+}

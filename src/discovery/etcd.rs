@@ -1,0 +1,456 @@
+//! The etcd endpoint source: for each key prefix a service is looked up under, range get,
+//! then watch from the get's revision + 1; on cancel, compaction or a lost connection:
+//! back off, re-list, re-watch. While etcd is unreachable nothing is sent, so the last
+//! listing keeps serving.
+//!
+//! A service's endpoints are the union of what its prefixes list (a fleet moving from one
+//! registry to another is served from both), sent as one [`Update::Reset`] once every
+//! prefix has been listed at least once, then as changes to that union. An address
+//! listed more than once is the first prefix's, then the first key's, listing of it; one
+//! without TLS before one with (only that one can be served with TLS to backends off).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+use super::keys::Keys;
+use super::source::{EndpointSource, Update, Updates};
+use crate::backoff::Backoff;
+use crate::endpoint::{BackendAddr, Endpoint};
+use crate::etcd::{timed, RequestError};
+use crate::route::ServiceName;
+
+/// Time allowed for one etcd request (range get, watch creation).
+const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// First pause before re-listing after the watch ended.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between attempts while etcd is unreachable.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Services' endpoints as the registries in etcd list them.
+#[derive(Clone)]
+pub struct EtcdSource {
+    client: Client,
+}
+
+impl std::fmt::Debug for EtcdSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdSource")
+    }
+}
+
+impl EtcdSource {
+    /// A source reading the registries in `client`'s etcd.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+impl EndpointSource for EtcdSource {
+    fn watch(&self, service: &ServiceName, prefixes: &[String]) -> Updates {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let key_prefixes: Vec<String> = prefixes
+            .iter()
+            .map(|p| crate::registry::service_prefix(p, service.as_str()))
+            .collect();
+        let state = WatchState::new(service.clone(), key_prefixes.len(), tx.clone());
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tx.closed() => {}
+                () = run(state, client, key_prefixes) => {}
+            }
+        });
+        rx
+    }
+}
+
+/// Why a list-and-watch round ended.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("etcd watch: {0}")]
+    Watch(#[from] etcd_client::Error),
+    #[error("watch cancelled by etcd: {0}")]
+    Cancelled(String),
+    #[error("watch compacted at revision {0}; re-listing")]
+    Compacted(i64),
+    #[error("watch stream ended")]
+    Ended,
+}
+
+/// One key prefix of the service: its keys, and where its watch stands.
+#[derive(Debug, Default)]
+struct PrefixState {
+    keys: Keys,
+    /// Listed from etcd at least once.
+    listed: bool,
+    /// Its watch is up.
+    reachable: bool,
+}
+
+/// One watch of one service, shared by its prefixes' watches: their keys, and what was
+/// sent of their union.
+#[derive(Debug)]
+struct WatchState {
+    service: ServiceName,
+    /// One per key prefix, in the order the prefixes are given.
+    prefixes: Vec<PrefixState>,
+    /// The union as last sent (empty until the first [`Update::Reset`]).
+    sent: HashMap<BackendAddr, Endpoint>,
+    /// The first [`Update::Reset`] was sent.
+    reset_sent: bool,
+    /// Every prefix's watch up, as last sent.
+    reachable: bool,
+    tx: UnboundedSender<Update>,
+}
+
+impl WatchState {
+    fn new(service: ServiceName, prefixes: usize, tx: UnboundedSender<Update>) -> Self {
+        Self {
+            service,
+            prefixes: (0..prefixes).map(|_| PrefixState::default()).collect(),
+            sent: HashMap::new(),
+            reset_sent: false,
+            reachable: false,
+            tx,
+        }
+    }
+
+    /// One endpoint per distinct address over all prefixes (see the module doc).
+    fn union(&self) -> HashMap<BackendAddr, Endpoint> {
+        let mut union: HashMap<BackendAddr, Endpoint> = HashMap::new();
+        for ep in self.prefixes.iter().flat_map(|p| p.keys.endpoints()) {
+            match union.get_mut(&ep.addr) {
+                None => {
+                    union.insert(ep.addr.clone(), ep.clone());
+                }
+                Some(first) if first.tls && !ep.tls => *first = ep.clone(),
+                Some(_) => {}
+            }
+        }
+        union
+    }
+
+    /// Sends what changed in the union since it was last sent; nothing until every prefix
+    /// has been listed once (a half-listed service would look smaller than it is), then
+    /// the whole listing first.
+    fn send_changes(&mut self) {
+        if !self.prefixes.iter().all(|p| p.listed) {
+            return;
+        }
+        let union = self.union();
+        if !self.reset_sent {
+            self.reset_sent = true;
+            self.send(Update::Reset(union.values().cloned().collect()));
+        } else {
+            let removed: Vec<BackendAddr> = self
+                .sent
+                .keys()
+                .filter(|a| !union.contains_key(*a))
+                .cloned()
+                .collect();
+            let added: Vec<Endpoint> = union
+                .iter()
+                .filter(|(a, ep)| self.sent.get(*a) != Some(*ep))
+                .map(|(_, ep)| ep.clone())
+                .collect();
+            if !removed.is_empty() {
+                self.send(Update::Remove(removed));
+            }
+            if !added.is_empty() {
+                self.send(Update::Add(added));
+            }
+        }
+        self.sent = union;
+    }
+
+    fn send(&self, update: Update) {
+        // A closed channel ends the watch task (see `EtcdSource::watch`).
+        let _ = self.tx.send(update);
+    }
+
+    /// Notes that prefix `index`'s watch is up (listed at `revision`) or lost (`error`),
+    /// logs the change, and sends the service's reachability when it changes: up while
+    /// every prefix's is.
+    fn set_reachable(&mut self, index: usize, key_prefix: &str, up: Result<i64, &SyncError>) {
+        let name = &self.service;
+        let was = std::mem::replace(&mut self.prefixes[index].reachable, up.is_ok());
+        let endpoints = self.sent.len();
+        match up {
+            Ok(revision) if !was => tracing::info!(
+                service = %name,
+                prefix = key_prefix,
+                revision,
+                endpoints,
+                "endpoints listed from etcd; watching"
+            ),
+            Err(error) if was => tracing::warn!(
+                service = %name,
+                prefix = key_prefix,
+                error = %error,
+                endpoints,
+                "etcd watch lost; keeping last known endpoints"
+            ),
+            Err(error) => {
+                tracing::debug!(service = %name, prefix = key_prefix, error = %error, "etcd still unreachable")
+            }
+            Ok(_) => {}
+        }
+        let all = self.prefixes.iter().all(|p| p.reachable);
+        if all != self.reachable {
+            self.reachable = all;
+            self.send(Update::Reachable(all));
+        }
+    }
+}
+
+/// The state, whoever panicked while holding it (its data stays consistent: every
+/// update is applied whole before the next).
+fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs the watches of one service, one per key prefix, forever.
+async fn run(state: WatchState, client: Client, key_prefixes: Vec<String>) {
+    let state = Mutex::new(state);
+    let watches = key_prefixes
+        .iter()
+        .enumerate()
+        .map(|(index, prefix)| watch_prefix(&state, index, client.clone(), prefix));
+    futures_util::future::join_all(watches).await;
+}
+
+/// Keeps prefix `index` of the service listed and watched.
+async fn watch_prefix(
+    state: &Mutex<WatchState>,
+    index: usize,
+    mut client: Client,
+    key_prefix: &str,
+) {
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    loop {
+        let err = sync(&mut client, key_prefix, state, index, &mut backoff).await;
+        lock(state).set_reachable(index, key_prefix, Err(&err));
+        backoff.sleep().await;
+    }
+}
+
+/// One round for one prefix: list, send, then watch until something ends the watch.
+async fn sync(
+    client: &mut Client,
+    key_prefix: &str,
+    state: &Mutex<WatchState>,
+    index: usize,
+    backoff: &mut Backoff,
+) -> SyncError {
+    let listing = match timed(
+        "get",
+        ETCD_REQUEST_TIMEOUT,
+        client.get(key_prefix, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => return e.into(),
+    };
+    let revision = listing.header().map_or(0, |h| h.revision());
+    {
+        let mut st = lock(state);
+        let st = &mut *st;
+        let prefix = &mut st.prefixes[index];
+        prefix.keys.replace(
+            &st.service,
+            listing
+                .kvs()
+                .iter()
+                .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
+        );
+        prefix.listed = true;
+        st.send_changes();
+        st.set_reachable(index, key_prefix, Ok(revision));
+    }
+    backoff.reset();
+
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = match timed(
+        "watch",
+        ETCD_REQUEST_TIMEOUT,
+        client.watch(key_prefix, Some(options)),
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err(e) => return e.into(),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return SyncError::Ended,
+            Err(e) => return SyncError::Watch(e),
+        };
+        if resp.compact_revision() > 0 {
+            return SyncError::Compacted(resp.compact_revision());
+        }
+        if resp.canceled() {
+            return SyncError::Cancelled(resp.cancel_reason().to_owned());
+        }
+        let mut st = lock(state);
+        let st = &mut *st;
+        let keys = &mut st.prefixes[index].keys;
+        let mut changed = false;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            changed |= match event.event_type() {
+                EventType::Put => keys.put(&st.service, kv.key(), kv.value(), kv.mod_revision()),
+                EventType::Delete => keys.delete(kv.key()),
+            };
+        }
+        if changed {
+            st.send_changes();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name() -> ServiceName {
+        ServiceName::new("svc").unwrap()
+    }
+
+    fn state(prefixes: usize) -> (WatchState, Updates) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (WatchState::new(name(), prefixes, tx), rx)
+    }
+
+    /// Lists `(key, value)` as prefix `index`'s keys, and sends the changes.
+    fn list(w: &mut WatchState, index: usize, kvs: &[(&str, &str)]) {
+        let s = name();
+        w.prefixes[index]
+            .keys
+            .replace(&s, kvs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes(), 1)));
+        w.prefixes[index].listed = true;
+        w.send_changes();
+    }
+
+    /// The updates sent so far, each as its kind and its addresses (sorted).
+    fn sent(rx: &mut Updates) -> Vec<(&'static str, Vec<String>)> {
+        let mut v = Vec::new();
+        while let Ok(u) = rx.try_recv() {
+            let (kind, mut addrs): (_, Vec<String>) = match u {
+                Update::Reset(e) => ("reset", e.iter().map(|e| e.addr.to_string()).collect()),
+                Update::Add(e) => ("add", e.iter().map(|e| e.addr.to_string()).collect()),
+                Update::Remove(a) => ("remove", a.iter().map(ToString::to_string).collect()),
+                Update::Reachable(r) => ("reachable", vec![r.to_string()]),
+            };
+            addrs.sort();
+            v.push((kind, addrs));
+        }
+        v
+    }
+
+    fn addrs(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn prefixes_are_sent_together_as_one_union() {
+        let (mut w, mut rx) = state(2);
+        list(
+            &mut w,
+            0,
+            &[
+                ("services/svc/127.0.0.1:1", "127.0.0.1:1"),
+                ("services/svc/127.0.0.1:2", "127.0.0.1:2"),
+            ],
+        );
+        // The second prefix is not listed yet: nothing is sent.
+        assert!(sent(&mut rx).is_empty());
+        list(
+            &mut w,
+            1,
+            &[
+                ("svc/7587869470812345", "127.0.0.1:2"),
+                ("svc/7587869470812346", "127.0.0.1:3"),
+            ],
+        );
+        assert_eq!(
+            sent(&mut rx),
+            [(
+                "reset",
+                addrs(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+            )]
+        );
+        // A key gone from one prefix leaves what the other still lists.
+        w.prefixes[0].keys.delete(b"services/svc/127.0.0.1:2");
+        w.send_changes();
+        assert!(sent(&mut rx).is_empty());
+        w.prefixes[1].keys.delete(b"svc/7587869470812345");
+        w.send_changes();
+        assert_eq!(sent(&mut rx), [("remove", addrs(&["127.0.0.1:2"]))]);
+        // A weight change is sent as an add of the address with its new weight.
+        let s = name();
+        w.prefixes[0].keys.put(
+            &s,
+            b"services/svc/127.0.0.1:1",
+            br#"{"Addr":"127.0.0.1:1","Metadata":{"weight":3}}"#,
+            5,
+        );
+        w.prefixes[0]
+            .keys
+            .put(&s, b"services/svc/127.0.0.1:4", b"127.0.0.1:4", 5);
+        w.send_changes();
+        assert_eq!(
+            sent(&mut rx),
+            [("add", addrs(&["127.0.0.1:1", "127.0.0.1:4"]))]
+        );
+        assert_eq!(w.sent[&"127.0.0.1:1".parse().unwrap()].weight, 3);
+        // A re-list that finds the same keys sends nothing.
+        list(&mut w, 1, &[("svc/7587869470812346", "127.0.0.1:3")]);
+        assert!(sent(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_empty_listing_is_a_reset_to_nothing() {
+        let (mut w, mut rx) = state(1);
+        list(&mut w, 0, &[]);
+        assert_eq!(sent(&mut rx), [("reset", vec![])]);
+    }
+
+    #[tokio::test]
+    async fn reachability_is_sent_when_every_prefix_agrees() {
+        let (mut w, mut rx) = state(2);
+        w.set_reachable(0, "a/svc/", Ok(1));
+        assert!(sent(&mut rx).is_empty());
+        w.set_reachable(1, "b/svc/", Ok(1));
+        assert_eq!(sent(&mut rx), [("reachable", addrs(&["true"]))]);
+        w.set_reachable(1, "b/svc/", Err(&SyncError::Ended));
+        w.set_reachable(0, "a/svc/", Err(&SyncError::Ended));
+        assert_eq!(sent(&mut rx), [("reachable", addrs(&["false"]))]);
+    }
+
+    #[tokio::test]
+    async fn an_address_listed_plain_and_with_tls_is_the_plain_listing() {
+        let grpcs = r#"{"id":"i","name":"svc","version":"","metadata":null,"endpoints":["grpcs://127.0.0.1:4"]}"#;
+        let (mut w, _rx) = state(1);
+        list(
+            &mut w,
+            0,
+            &[
+                ("/microservices/svc/a", grpcs),
+                ("/microservices/svc/b", "127.0.0.1:4"),
+            ],
+        );
+        let union = w.union();
+        assert_eq!(union.len(), 1);
+        assert!(union.values().all(|e| !e.tls));
+    }
+}
