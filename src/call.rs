@@ -260,15 +260,13 @@ mod tests {
         fn new() -> Self {
             let metrics = Metrics::new();
             let service = metrics.service("svc");
-            let cfg = UpstreamConfig {
-                metrics: Some(Arc::clone(&service)),
-                ..UpstreamConfig::default()
-            };
+            let cfg = UpstreamConfig::default();
             let settings = BalanceSettings {
                 policy: Policy::PeakEwma,
                 ..BalanceSettings::default()
             };
-            let balancer = Balancer::new("svc", Arc::new(settings), HealthSettings::default());
+            let balancer = Balancer::new("svc", Arc::new(settings), HealthSettings::default())
+                .with_metrics(Arc::clone(&service));
             let set = balancer.snapshot(
                 (0..3)
                     .map(|i| {

@@ -194,7 +194,8 @@ async fn serve(
                 let Some(up) = this.upgrade() else { break Ended::Unused };
                 let Some(c) = conn.upgrade() else { break Ended::Lost("dropped".into()) };
                 c.refresh_room();
-                let busy = c.streams() > 0 || (first && up.used.swap(false, Ordering::Relaxed));
+                // Streams besides the pool's reference and this one.
+                let busy = Arc::strong_count(&c) > 2 || (first && up.used.swap(false, Ordering::Relaxed));
                 unused_for = if busy { Duration::ZERO } else { unused_for + LOOK_EVERY };
                 if idle_after.is_some_and(|t| unused_for >= t) {
                     break Ended::Idle;
