@@ -199,17 +199,15 @@ fn bench_build(c: &mut Criterion) {
 fn bench_call_end(c: &mut Criterion) {
     let metrics = Metrics::new();
     let service = metrics.service("switchyard.echo.v1.Echo");
-    let cfg = UpstreamConfig {
-        metrics: Some(Arc::clone(&service)),
-        ..UpstreamConfig::default()
-    };
+    let cfg = UpstreamConfig::default();
     let ok = HeaderValue::from_static("0");
     for &(name, policy) in Policy::NAMES {
         let settings = Arc::new(BalanceSettings {
             policy,
             ..BalanceSettings::default()
         });
-        let balancer = Balancer::new("bench", settings, HealthSettings::default());
+        let balancer = Balancer::new("bench", settings, HealthSettings::default())
+            .with_metrics(Arc::clone(&service));
         let addr: BackendAddr = "127.0.0.1:50051".parse().expect("valid address");
         let up = Upstream::new(addr.clone(), &cfg);
         up.assume_ready();

@@ -54,6 +54,7 @@ impl AdminState {
     /// Updates the gauges that are computed from discovery state.
     fn refresh_gauges(&self) {
         let m = self.discovery.metrics();
+        m.upstream.update(self.discovery.pool().stats());
         m.endpoints.reset();
         m.watch_up.reset();
         // Reset so that endpoints gone from the registry leave the exposition.
@@ -94,6 +95,10 @@ struct EndpointJson<'a> {
     address: &'a str,
     state: &'static str,
     inflight: i64,
+    /// HTTP/2 connections open to its address (shared with every service at it).
+    connections: usize,
+    /// Streams open on them (every service's).
+    streams: u32,
     /// The registry's weight.
     weight: u32,
     /// The weight the policies use now (lower during slow start).
@@ -131,26 +136,31 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
             loaded: svc.is_loaded(),
             endpoints: snap
                 .iter()
-                .map(|ep| EndpointJson {
-                    address: ep.addr().as_str(),
-                    state: ep.state_name(now),
-                    ejected_for_ms: ep
-                        .health()
-                        .ejected_until(now)
-                        .map(|until| (until - now) / 1_000_000),
-                    failures_in_a_row: ep.health().failures(),
-                    last_failure_ago_ms: ep
-                        .health()
-                        .last_failure_at()
-                        .map(|at| now.saturating_sub(at) / 1_000_000),
-                    inflight: i64::from(ep.in_flight()),
-                    weight: ep.weight(),
-                    effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
-                    latency_estimate_ms: svc
-                        .balancer()
-                        .settings()
-                        .track_latency()
-                        .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
+                .map(|ep| {
+                    let (connections, streams) = ep.upstream().load();
+                    EndpointJson {
+                        address: ep.addr().as_str(),
+                        connections,
+                        streams,
+                        state: ep.state_name(now),
+                        ejected_for_ms: ep
+                            .health()
+                            .ejected_until(now)
+                            .map(|until| (until - now) / 1_000_000),
+                        failures_in_a_row: ep.health().failures(),
+                        last_failure_ago_ms: ep
+                            .health()
+                            .last_failure_at()
+                            .map(|at| now.saturating_sub(at) / 1_000_000),
+                        inflight: i64::from(ep.in_flight()),
+                        weight: ep.weight(),
+                        effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
+                        latency_estimate_ms: svc
+                            .balancer()
+                            .settings()
+                            .track_latency()
+                            .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
+                    }
                 })
                 .collect(),
         })

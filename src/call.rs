@@ -20,6 +20,7 @@ use crate::balance::Backend;
 use crate::health::{CallResult, Change};
 use crate::metrics::{ServiceMetrics, STATUS_SLOTS};
 use crate::status::Code;
+use crate::upstream::Connection;
 
 /// How a call sent to a backend ended, as far as that backend is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +128,9 @@ pub struct BackendCall {
     /// Time from sending to the response headers, in microseconds.
     to_headers_us: u32,
     outcome: Outcome,
+    /// The connection its stream is on, once answered: held until the stream ends,
+    /// which is how the connection counts its streams.
+    conn: Option<Arc<Connection>>,
 }
 
 impl BackendCall {
@@ -134,7 +138,7 @@ impl BackendCall {
     #[inline]
     pub fn start(backend: &Arc<Backend>) -> Self {
         backend.call_started();
-        if let Some(m) = backend.upstream().metrics() {
+        if let Some(m) = backend.metrics() {
             m.sent();
         }
         Self {
@@ -142,7 +146,14 @@ impl BackendCall {
             arrival: Arrival(None),
             to_headers_us: NOT_ANSWERED,
             outcome: Outcome::Abandoned,
+            conn: None,
         }
+    }
+
+    /// The call's stream is on `conn` until it ends.
+    #[inline]
+    pub fn hold(&mut self, conn: Arc<Connection>) {
+        self.conn = Some(conn);
     }
 
     /// The backend's response headers arrived, for a call sent at `sent`.
@@ -190,7 +201,7 @@ fn ended(backend: &Backend, end: &CallEnd) {
         Outcome::Abandoned => CallResult::Ignored,
     };
     backend.call_ended(end.to_headers, result == CallResult::Failure);
-    let metrics = backend.upstream().metrics();
+    let metrics = backend.metrics();
     if let Some(m) = metrics {
         m.ended();
         if let Some(elapsed) = end.elapsed {
@@ -249,15 +260,13 @@ mod tests {
         fn new() -> Self {
             let metrics = Metrics::new();
             let service = metrics.service("svc");
-            let cfg = UpstreamConfig {
-                metrics: Some(Arc::clone(&service)),
-                ..UpstreamConfig::default()
-            };
+            let cfg = UpstreamConfig::default();
             let settings = BalanceSettings {
                 policy: Policy::PeakEwma,
                 ..BalanceSettings::default()
             };
-            let balancer = Balancer::new("svc", Arc::new(settings), HealthSettings::default());
+            let balancer = Balancer::new("svc", Arc::new(settings), HealthSettings::default())
+                .with_metrics(Arc::clone(&service));
             let set = balancer.snapshot(
                 (0..3)
                     .map(|i| {

@@ -48,6 +48,7 @@ pub mod registry;
 pub mod route;
 pub mod settings;
 pub mod status;
+pub mod stream;
 #[cfg(feature = "demo")]
 pub mod testkit;
 pub mod tls;

@@ -15,6 +15,7 @@ use super::{BalanceSettings, Balancer, SharedSettings};
 use crate::clock::now_ns;
 use crate::endpoint::{BackendAddr, Endpoint, Weight};
 use crate::health::{EndpointHealth, Member, ServiceHealth};
+use crate::metrics::EndpointMetrics;
 use crate::upstream::Upstream;
 
 /// One endpoint of a service, kept across snapshots for as long as it is registered.
@@ -41,6 +42,9 @@ pub struct Backend {
     slow_start: SlowStart,
     /// The service's health accounting (the cap on ejections spans its endpoints).
     service_health: Arc<ServiceHealth>,
+    /// This endpoint's metric handles in its service, if measured (the upstream is
+    /// shared by every service at the address; these are the service's own).
+    metrics: Option<Arc<EndpointMetrics>>,
 }
 
 impl Backend {
@@ -50,9 +54,11 @@ impl Backend {
         let settings = Arc::clone(balancer.shared_settings());
         let now = now_ns();
         let initial = settings.load().default_rtt;
+        let addr = upstream.addr().clone();
         Arc::new(Self {
             health: EndpointHealth::default(),
-            addr: upstream.addr().clone(),
+            metrics: balancer.metrics().map(|m| m.endpoint(&addr)),
+            addr,
             upstream,
             weight: AtomicU32::new(endpoint.weight),
             endpoint: ArcSwap::from_pointee(endpoint.clone()),
@@ -62,6 +68,12 @@ impl Backend {
             slow_start: SlowStart::new(now),
             service_health: Arc::clone(balancer.health()),
         })
+    }
+
+    /// This endpoint's metric handles in its service, if measured.
+    #[inline]
+    pub fn metrics(&self) -> Option<&Arc<EndpointMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// Its ejection and active-check state.

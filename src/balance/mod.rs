@@ -33,6 +33,7 @@ pub use settings::{BalanceSettings, Policy, SharedSettings, UnknownPolicy};
 
 use crate::clock::now_ns;
 use crate::health::{HealthSettings, Member, ServiceHealth};
+use crate::metrics::ServiceMetrics;
 
 /// An immutable snapshot of a service's endpoints, sorted by address, with what the
 /// policies precompute from it.
@@ -80,6 +81,8 @@ pub struct Balancer {
     rr: round_robin::RoundRobin,
     settings: Arc<SharedSettings>,
     health: Arc<ServiceHealth>,
+    /// Where its endpoints' calls are counted, if measured.
+    metrics: Option<Arc<ServiceMetrics>>,
 }
 
 impl Default for Balancer {
@@ -101,7 +104,19 @@ impl Balancer {
             rr: round_robin::RoundRobin::default(),
             settings: Arc::new(SharedSettings::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
+            metrics: None,
         }
+    }
+
+    /// The same balancer, its endpoints' calls counted in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ServiceMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Where its endpoints' calls are counted, if measured.
+    pub fn metrics(&self) -> Option<&Arc<ServiceMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// The settings this balancer runs with now.

@@ -40,7 +40,7 @@ use crate::balance::{BalanceSettings, Balancer, Reconciler, UpstreamFor};
 use crate::health::HealthSettings;
 use crate::metrics::Metrics;
 use crate::route::{ServiceName, ServiceNameError};
-use crate::upstream::{Upstream, UpstreamConfig};
+use crate::upstream::{UpstreamConfig, UpstreamPool};
 
 /// Longest a service's first snapshot waits for its endpoints' first connect attempts
 /// (at most the connect timeout), so that its first calls are spread over connected
@@ -131,7 +131,8 @@ impl DropReason {
 pub struct Discovery {
     source: Arc<dyn EndpointSource>,
     service_idle: Duration,
-    upstream: UpstreamConfig,
+    /// The backend connections, one pool per address shared by every service.
+    pool: Arc<UpstreamPool>,
     metrics: Arc<Metrics>,
     services: ArcSwap<ServiceMap>,
     /// Serialises changes of `services`, and holds what only they use (cold path only).
@@ -172,7 +173,7 @@ impl Discovery {
         Arc::new_cyclic(|me| Self {
             source,
             service_idle,
-            upstream,
+            pool: UpstreamPool::new(upstream),
             metrics,
             services: ArcSwap::from_pointee(HashMap::new()),
             changing: Mutex::new(Changing {
@@ -247,17 +248,11 @@ impl Discovery {
     /// Starts the watch of `service` under `prefixes` (replacing its current one once
     /// the new one has listed every prefix).
     fn start_watch(&self, service: &Arc<Service>, prefixes: &[String]) {
-        let config = UpstreamConfig {
-            metrics: Some(Arc::clone(&service.metrics)),
-            ..self.upstream.clone()
-        };
+        let config = self.pool.config();
         let tls_on = config.tls.is_some();
         let settle = config.connect_timeout.min(FIRST_SNAPSHOT_SETTLE);
-        let upstream_for: UpstreamFor = Arc::new(move |addr| {
-            let up = Upstream::new(addr.clone(), &config);
-            up.start(config.clone());
-            up
-        });
+        let pool = Arc::clone(&self.pool);
+        let upstream_for: UpstreamFor = Arc::new(move |addr| pool.get(addr));
         let reconciler = Reconciler::new(service.name().clone(), tls_on, upstream_for);
         let updates = self.source.watch(service.name(), prefixes);
         service.watch(updates, reconciler, settle);
@@ -318,15 +313,13 @@ impl Discovery {
         }
         let metrics = self.metrics.service(name.as_str());
         let live = &changing.live;
-        let service = Arc::new(Service::new(
-            name.clone(),
-            metrics,
-            Balancer::new(
-                name.as_str(),
-                Arc::new(live.balance_of(name.as_str()).clone()),
-                live.health.clone(),
-            ),
-        ));
+        let balancer = Balancer::new(
+            name.as_str(),
+            Arc::new(live.balance_of(name.as_str()).clone()),
+            live.health.clone(),
+        )
+        .with_metrics(Arc::clone(&metrics));
+        let service = Arc::new(Service::new(name.clone(), metrics, balancer));
         self.start_watch(&service, &live.prefixes);
         next.insert(name.clone(), Arc::clone(&service));
         self.services.store(Arc::new(next));
@@ -374,6 +367,11 @@ impl Discovery {
             unused_for_s = now.saturating_sub(service.last_used()) / 1_000_000_000,
             "service dropped from the table; its watch is stopped until its next call"
         );
+    }
+
+    /// The backend connections shared by every service.
+    pub fn pool(&self) -> &Arc<UpstreamPool> {
+        &self.pool
     }
 
     /// The metrics registry calls are counted in.

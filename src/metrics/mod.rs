@@ -8,6 +8,7 @@
 mod calls;
 mod export;
 mod registration;
+mod upstream;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opt
 pub use calls::{status_slot, EndpointMetrics, ServiceMetrics, STATUS_SLOTS};
 pub use export::{process_registry, render};
 pub use registration::{RegistrationEvent, RegistrationMetrics};
+pub use upstream::UpstreamMetrics;
 
 use calls::CallFamilies;
 use export::register;
@@ -24,6 +26,8 @@ use export::register;
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The backend connection pool's (set at scrape time).
+    pub upstream: UpstreamMetrics,
     calls: Arc<CallFamilies>,
     /// Endpoints per service and state (set at scrape time).
     pub endpoints: IntGaugeVec,
@@ -124,6 +128,7 @@ impl Metrics {
             services_dropped.with_label_values(&[reason]);
         }
         let metrics = Arc::new(Self {
+            upstream: UpstreamMetrics::new(&registry),
             calls,
             endpoints: register(&registry, endpoints),
             watch_up: register(&registry, watch_up),

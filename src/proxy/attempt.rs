@@ -37,6 +37,10 @@ pub(super) enum Attempt {
         body: ReplayBody,
         /// Why, for the error if no backend takes the call.
         why: String,
+        /// The backend refused the stream (REFUSED_STREAM, or a GOAWAY that did not
+        /// cover it): sent again, after a pause if every endpoint refused, for as long
+        /// as the call's deadline allows.
+        refused: bool,
     },
     /// The backend may have processed the call before its stream failed: not safe to
     /// send elsewhere.
@@ -61,7 +65,11 @@ pub(super) async fn try_backend(
                 tracing::debug!(service = %service, backend = %upstream.addr(), error = %e, "backend not usable; trying next");
                 call.set_outcome(Outcome::NotTaken);
                 let why = e.to_string();
-                return Ok(Attempt::NotTaken { body, why });
+                return Ok(Attempt::NotTaken {
+                    body,
+                    why,
+                    refused: false,
+                });
             }
         },
     };
@@ -73,7 +81,11 @@ pub(super) async fn try_backend(
             tracing::debug!(service = %service, backend = %upstream.addr(), error = %e, "backend connection closed; trying next");
             call.set_outcome(Outcome::NotTaken);
             let why = e.to_string();
-            return Ok(Attempt::NotTaken { body, why });
+            return Ok(Attempt::NotTaken {
+                body,
+                why,
+                refused: false,
+            });
         }
     };
     let retry_body = body.try_clone();
@@ -88,15 +100,24 @@ pub(super) async fn try_backend(
                 b.commit();
             }
             call.answered(sent_at);
+            // The stream is on this connection until the response ends.
+            call.hold(conn);
             Ok(Attempt::Answered(resp, call))
         }
         // Refused before the backend processed it: replay elsewhere.
         Err(err) => match retry_body {
             Some(body) if never_processed(&err) => {
                 tracing::debug!(service = %service, backend = %upstream.addr(), error = %err, "call not taken by backend; retrying on next");
+                if err.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    upstream.report_refused(&conn);
+                }
                 call.set_outcome(Outcome::NotTaken);
                 let why = err.to_string();
-                Ok(Attempt::NotTaken { body, why })
+                Ok(Attempt::NotTaken {
+                    body,
+                    why,
+                    refused: true,
+                })
             }
             _ => {
                 call.set_outcome(Outcome::StreamFailed);

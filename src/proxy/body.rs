@@ -12,62 +12,7 @@ use http_body::{Body, Frame};
 use crate::call::{BackendCall, Outcome};
 use crate::metrics::status_slot;
 use crate::status::{code_header, encode_message, Code, GRPC_STATUS};
-
-/// An HTTP/2 stream's incoming body (a client's request or a backend's response):
-/// DATA frames, then trailers. Window capacity is given back as each frame is taken, so
-/// the peer may send more; empty DATA frames carry nothing and are dropped (passed on,
-/// they would spend the next peer's small-frame budget: h2 answers a flood of them with
-/// ENHANCE_YOUR_CALM).
-#[derive(Debug)]
-pub struct H2Body {
-    inner: h2::RecvStream,
-    data_done: bool,
-}
-
-impl H2Body {
-    /// The body of a received stream.
-    pub fn new(inner: h2::RecvStream) -> Self {
-        Self {
-            inner,
-            data_done: false,
-        }
-    }
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        while !this.data_done {
-            match this.inner.poll_data(cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = this.inner.flow_control().release_capacity(data.len());
-                    if !data.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => this.data_done = true,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match this.inner.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-}
+pub use crate::stream::H2Body;
 
 /// A backend's response body, streamed back unchanged; its call's end is reported
 /// (through [`BackendCall`]) when it ends or is dropped. A backend stream that breaks

@@ -256,30 +256,46 @@ impl Forwarder {
             return Err(self.no_endpoints(service));
         }
         let mut body = ReplayBody::new(body);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
         let mut last = None;
-        for attempt in 0..set.len().min(MAX_ATTEMPTS) {
-            let Some((idx, backend)) = service
-                .balancer()
-                .select_with(&set, |i| !tried.contains(&i))
-            else {
-                break;
-            };
-            tried[attempt] = idx;
-            match try_backend(name, backend, parts, body).await? {
-                Attempt::Answered(resp, call) => return Ok((resp, call)),
-                Attempt::NotTaken { body: b, why } => {
-                    body = b;
-                    last = Some((backend.addr().clone(), why));
-                }
-                Attempt::Failed(error) => {
-                    return Err(CallError::BackendFailed {
-                        service: name.clone(),
-                        backend: backend.addr().clone(),
-                        error,
-                    })
+        let mut pauses = 0;
+        loop {
+            let mut tried = [usize::MAX; MAX_ATTEMPTS];
+            let mut refused = false;
+            for attempt in 0..set.len().min(MAX_ATTEMPTS) {
+                let Some((idx, backend)) = service
+                    .balancer()
+                    .select_with(&set, |i| !tried.contains(&i))
+                else {
+                    break;
+                };
+                tried[attempt] = idx;
+                match try_backend(name, backend, parts, body).await? {
+                    Attempt::Answered(resp, call) => return Ok((resp, call)),
+                    Attempt::NotTaken {
+                        body: b,
+                        why,
+                        refused: r,
+                    } => {
+                        body = b;
+                        refused |= r;
+                        last = Some((backend.addr().clone(), why));
+                    }
+                    Attempt::Failed(error) => {
+                        return Err(CallError::BackendFailed {
+                            service: name.clone(),
+                            backend: backend.addr().clone(),
+                            error,
+                        })
+                    }
                 }
             }
+            // A refused stream was never processed: it is sent again, after a pause,
+            // for as long as the call's deadline (which bounds this future) allows.
+            if !refused || pauses >= MAX_REFUSAL_PAUSES {
+                break;
+            }
+            pauses += 1;
+            Box::pin(refusal_pause(pauses)).await;
         }
         Err(CallError::Unreachable {
             service: name.clone(),
@@ -304,6 +320,19 @@ impl Forwarder {
             CallError::NoEndpoints(name)
         }
     }
+}
+
+/// Most pauses a call makes after every endpoint it was offered to refused it (about 5 s
+/// in all; a call's deadline ends it sooner).
+const MAX_REFUSAL_PAUSES: u32 = 30;
+
+/// The pause after the `n`th round of refusals: random in [d/2, d), d doubling from
+/// 5 ms to 200 ms, so that callers refused together do not come back together.
+#[cold]
+async fn refusal_pause(n: u32) {
+    let d = (5u64 << n.min(6)).min(200);
+    let us = fastrand::u64(d * 500..d * 1000);
+    tokio::time::sleep(Duration::from_micros(us)).await;
 }
 
 /// Sends an answer of the proxy's own on the client's stream.

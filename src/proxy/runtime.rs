@@ -97,6 +97,8 @@ pub fn upstream_config(args: &ProxySettings) -> Result<UpstreamConfig, ProxyErro
     Ok(UpstreamConfig {
         connect_timeout: args.timeouts.connect,
         tls: args.upstream_tls.client_config()?,
+        max_connections: args.upstream.max_connections,
+        idle_timeout: args.upstream.idle_timeout.0,
         ..UpstreamConfig::default()
     })
 }

@@ -55,6 +55,7 @@ mod proxy;
 mod restart;
 pub mod text;
 mod tls;
+mod upstream;
 mod validate;
 
 pub use cli::{check, load, parse_file};
@@ -66,6 +67,7 @@ pub use log::{BadLogLevel, LogFormat, LogLevel, LogSection, LogSettings};
 pub use proxy::{LimitSettings, ProxySettings, TimeoutSettings, MAX_WORKER_THREADS};
 pub use restart::{keep_restart_only, restart_only_keys};
 pub use tls::{ListenerTlsSettings, UpstreamTlsSettings};
+pub use upstream::{IdleTimeout, UpstreamSettings};
 
 /// The built-in defaults of a settings struct, as its flags declare them (the
 /// environment is not read).

@@ -69,6 +69,9 @@ pub struct ProxySettings {
     /// TLS to the backends.
     #[command(flatten)]
     pub upstream_tls: UpstreamTlsSettings,
+    /// Backend connections.
+    #[command(flatten)]
+    pub upstream: super::UpstreamSettings,
     /// How calls are balanced.
     #[command(flatten)]
     pub balance: BalanceSection,

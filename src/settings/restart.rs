@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{AdminSettings, UpstreamTlsSettings};
+use super::{AdminSettings, UpstreamSettings, UpstreamTlsSettings};
 use super::{ConfigError, EtcdSettings, LimitSettings, ProxySettings, TimeoutSettings};
 
 /// Every restart-only setting of the proxy, by file key (a key may name a whole section).
@@ -13,6 +13,7 @@ pub fn restart_only_keys() -> impl Iterator<Item = &'static str> {
     [
         EtcdSettings::RESTART_ONLY,
         UpstreamTlsSettings::RESTART_ONLY,
+        UpstreamSettings::RESTART_ONLY,
         AdminSettings::RESTART_ONLY,
         TimeoutSettings::RESTART_ONLY,
         LimitSettings::RESTART_ONLY,

@@ -136,6 +136,7 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
             l.max_concurrent_streams == 0,
         ),
         ("limits.max_header_list_size", l.max_header_list_size == 0),
+        ("upstream.max_connections", a.upstream.max_connections == 0),
         ("timeouts.connect", to.connect.is_zero()),
         ("timeouts.discovery", to.discovery.is_zero()),
         ("etcd.connect_timeout", e.connect_timeout.is_zero()),

@@ -22,3 +22,4 @@ mod resilience;
 mod restart;
 mod sidecar_admin;
 mod tls;
+mod upstream;
