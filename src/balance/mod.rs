@@ -9,9 +9,10 @@
 //! peak-EWMA's [`peak_ewma`] latency estimate, [`slow_start`]'s origin), held by the
 //! [`Backend`]; a call's end reaches it once, through [`crate::call`].
 //!
-//! Adding a policy: one file here with its `pick`, one variant in [`Policy`] (its name in
-//! [`Policy::NAMES`]) and one arm in [`Balancer::select_with`]; `--balance` and the config
-//! file take it by that name.
+//! Adding a policy: one file here with its `pick` (or, like peak-EWMA, whose state the
+//! backend holds, its cost for the two random choices of `p2c.rs`), one variant in
+//! [`Policy`] (its name in [`Policy::NAMES`]) and one arm in [`Balancer::select_with`];
+//! `--balance` and the config file take it by that name.
 
 mod backend;
 mod least_request;
@@ -202,7 +203,16 @@ impl Balancer {
                 })
             }
             Policy::LeastRequest => least_request::pick(set, fit, now_ns(), &settings),
-            Policy::PeakEwma => peak_ewma::pick(set, fit, now_ns(), &settings),
+            Policy::PeakEwma => {
+                let now = now_ns();
+                p2c::pick(set, fit, |b| {
+                    peak_ewma::cost(
+                        b.latency_estimate_with(&settings, now),
+                        b.in_flight(),
+                        b.effective_weight_with(&settings, now),
+                    )
+                })
+            }
         }
     }
 }

@@ -2,30 +2,24 @@
 //! divided by weight (Linkerd's balancer). Each endpoint's [`LatencyEstimate`] is fed
 //! with every call's time to response headers: it jumps up at once on a slow answer,
 //! decays over time, and counts a failed call as slow.
+//!
+//! The estimate is part of the backend ([`super::Backend`] holds one), so this file
+//! depends on no other of the module: the pick ([`super::Balancer::select_with`])
+//! draws two endpoints and compares their [`cost`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-
-use super::{p2c, Backend, BalanceSettings, EndpointSet, Fit};
 
 /// Latency a failed call counts as, at least: a node that fails fast must not look fast.
 const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
-/// Picks the cheaper of two random endpoints at `now`, with the service's `settings`.
+/// What a call costs an endpoint whose latency estimate is `estimate_ns`, with
+/// `in_flight` calls on it and `weight` (effective): the two random choices take the
+/// cheaper.
 #[inline]
-pub(super) fn pick<'s>(
-    set: &'s EndpointSet,
-    fit: impl Fn(usize, &Backend) -> Fit,
-    now: u64,
-    settings: &BalanceSettings,
-) -> Option<(usize, &'s Arc<Backend>)> {
-    p2c::pick(set, fit, |b| {
-        // +1 ns: an estimate decayed to zero still ranks by load.
-        (b.latency_estimate_with(settings, now) + 1.0) * f64::from(b.in_flight() + 1)
-            / b.effective_weight_with(settings, now)
-                .max(f64::MIN_POSITIVE)
-    })
+pub(super) fn cost(estimate_ns: f64, in_flight: u32, weight: f64) -> f64 {
+    // +1 ns: an estimate decayed to zero still ranks by load.
+    (estimate_ns + 1.0) * f64::from(in_flight + 1) / weight.max(f64::MIN_POSITIVE)
 }
 
 /// One endpoint's estimate of its time to response headers: an exponentially weighted
