@@ -12,6 +12,7 @@ use http_body::{Body, Frame};
 use super::attempt::Sent;
 use crate::balance::{CallGuard, Outcome};
 use crate::metrics::{status_slot, CallRecord, CallTimer};
+use crate::observe::CallObs;
 use crate::status::{code_header, encode_message, Code, GRPC_STATUS};
 
 /// An HTTP/2 stream's incoming body (a client's request or a backend's response):
@@ -81,16 +82,24 @@ pub struct ResponseBody {
     record: Option<CallRecord>,
     /// Tells the backend's balancer state how the call ended.
     guard: CallGuard,
+    /// The call's access-log record and span, when either is on.
+    obs: Option<Box<CallObs>>,
 }
 
 impl ResponseBody {
     /// A backend's response stream, passed through; `timer` has timed the call since it
-    /// arrived, `sent` counts it on the backend that answered.
-    pub fn new(inner: h2::RecvStream, timer: CallTimer, sent: Sent) -> Self {
+    /// arrived, `sent` counts it on the backend that answered, `obs` sees it to its end.
+    pub fn new(
+        inner: h2::RecvStream,
+        timer: CallTimer,
+        sent: Sent,
+        obs: Option<Box<CallObs>>,
+    ) -> Self {
         Self {
             inner: Some(H2Body::new(inner)),
             record: sent.metrics.map(|m| timer.upstream(m)),
             guard: sent.guard,
+            obs,
         }
     }
 
@@ -98,6 +107,9 @@ impl ResponseBody {
     pub fn headers(&mut self, headers: &HeaderMap) {
         if let Some(v) = headers.get(&GRPC_STATUS) {
             self.status(Some(v));
+            if let Some(o) = self.obs.as_mut() {
+                o.headers(headers);
+            }
         }
     }
 
@@ -106,6 +118,9 @@ impl ResponseBody {
         let slot = status_slot(v);
         if let Some(r) = self.record.as_mut() {
             r.status(slot);
+        }
+        if let Some(o) = self.obs.as_mut() {
+            o.status(slot);
         }
         self.guard.set_outcome(Outcome::Status(slot as u8));
     }
@@ -124,6 +139,12 @@ impl Drop for ResponseBody {
             if let Some(r) = self.record.as_mut() {
                 r.status(usize::from(Code::Cancelled as u8));
             }
+            if let Some(o) = self.obs.as_mut() {
+                o.status(usize::from(Code::Cancelled as u8));
+            }
+        }
+        if let Some(o) = self.obs.take() {
+            o.finish();
         }
     }
 }
@@ -169,10 +190,16 @@ impl Body for ResponseBody {
                 tracing::debug!(error = %e, "backend response stream failed");
                 let trailers = broken_stream_trailers(&e);
                 this.status(trailers.get(&GRPC_STATUS));
+                if let Some(o) = this.obs.as_mut() {
+                    o.headers(&trailers);
+                }
                 this.guard.set_outcome(Outcome::StreamFailed);
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
         };
+        if let Some(o) = this.obs.as_mut() {
+            o.frame(&frame);
+        }
         if let Some(trailers) = frame.trailers_ref() {
             let status = trailers.get(&GRPC_STATUS);
             this.status(status);

@@ -79,6 +79,9 @@ pub enum ProxyError {
     /// The routes do not fit together.
     #[error("--route: {0}")]
     Route(#[from] crate::route::RouteError),
+    /// The access log or the trace exporter cannot start.
+    #[error(transparent)]
+    Observe(#[from] crate::observe::ObserveError),
 }
 
 /// Which setting gave a listener its address (named when it cannot be bound).
@@ -230,6 +233,7 @@ async fn serve_with(
     let acceptor = args.tls.server_config()?.map(TlsAcceptor::from);
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
+    let observer = crate::observe::Observer::new(&args.observe, metrics.registry())?;
     let live = reload::discovery_settings(args);
     let discovery = Discovery::new(
         etcd.clone(),
@@ -264,8 +268,9 @@ async fn serve_with(
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
         let addr = bound.listener.local_addr().map_err(ProxyError::Socket)?;
-        let forwarder = forwarder(&discovery, bound.service.as_ref(), args, &local)?;
-        serving.push((addr, bound, forwarder));
+        let forwarder = forwarder(&discovery, bound.service.as_ref(), args, &local)?
+            .with_observer(observer.clone(), addr);
+        serving.push((addr, bound, Arc::new(forwarder)));
     }
     let admin_listener = match args.admin.listen.0 {
         Some(addr) => Some(sockets.listen(addr).map_err(|source| ProxyError::Bind {
@@ -322,6 +327,7 @@ async fn serve_with(
         local,
         metrics,
         listeners: open,
+        observer,
     };
     let mut hangups = reload::Hangups::new(reload.is_some());
     tokio::pin!(shutdown);
@@ -355,6 +361,9 @@ async fn serve_with(
             "drain timeout reached; closing remaining connections"
         ),
     }
+    if let Some(observer) = live.observer {
+        observer.shutdown().await;
+    }
     Ok(())
 }
 
@@ -366,7 +375,7 @@ fn forwarder(
     service: Option<&ServiceName>,
     args: &ProxySettings,
     local: &Arc<LocalContext>,
-) -> Result<Arc<Forwarder>, ProxyError> {
+) -> Result<Forwarder, ProxyError> {
     let target = match service {
         Some(name) => Target::Bound(discovery.service(name.as_str())?),
         None => Target::ByPath,
@@ -382,7 +391,7 @@ fn forwarder(
     if let Some(own) = own {
         forwarder = forwarder.with_local(own);
     }
-    Ok(Arc::new(forwarder))
+    Ok(forwarder)
 }
 
 /// A listener as `--listen` spells it: `ADDR`, or `ADDR=SERVICE` when bound.

@@ -17,6 +17,8 @@
 //! - `limits.max_services`: a lower limit drops no service in use, it refuses new ones
 //!   while the table is over it.
 //! - `log.level`, through the binary's [`LogControl`] (`tracing_subscriber::reload`).
+//! - The access log's file is reopened (for logrotate); the `[observe]` settings
+//!   themselves are read at start only.
 //!
 //! The settings in `keep_restart_only` are read at start only: a change to them is logged,
 //! by file key, as needing a restart, and the running values stay. A file with an error is
@@ -150,6 +152,16 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
         running.log_format.is_some() && running.log_format != new.log_format,
     );
     note("log.level", running.log_control.is_none() && r.log != n.log);
+    let (ro, no) = (&r.observe, &n.observe);
+    note("observe.access_log", ro.access_log != no.access_log);
+    note(
+        "observe.otlp_endpoint",
+        ro.otlp_endpoint != no.otlp_endpoint,
+    );
+    note(
+        "observe.trace_sample_rate",
+        ro.trace_sample_rate != no.trace_sample_rate,
+    );
     n.etcd = crate::settings::EtcdSettings {
         prefix: std::mem::take(&mut n.etcd.prefix),
         ..r.etcd.clone()
@@ -159,6 +171,7 @@ fn keep_restart_only(running: &Running, new: &mut Running) -> Vec<&'static str> 
     n.timeouts.connect = r.timeouts.connect;
     n.timeouts.service_idle = r.timeouts.service_idle;
     n.limits.worker_threads = r.limits.worker_threads;
+    n.observe = r.observe.clone();
     if running.log_control.is_none() {
         n.log = r.log.clone();
     }
@@ -180,6 +193,8 @@ pub(crate) struct Live {
     pub metrics: Arc<Metrics>,
     /// The running listeners.
     pub listeners: Listeners,
+    /// The access log and tracer, if either is on.
+    pub observer: Option<Arc<crate::observe::Observer>>,
 }
 
 impl Live {
@@ -229,8 +244,10 @@ impl Live {
         let mut starting = Vec::new();
         let mut updating = Vec::new();
         for spec in &args.listeners {
+            let forwarder = forwarder(&self.discovery, spec.service.as_ref(), args, &self.local)?
+                .with_observer(self.observer.clone(), spec.addr);
             let serving = Serving {
-                forwarder: forwarder(&self.discovery, spec.service.as_ref(), args, &self.local)?,
+                forwarder: Arc::new(forwarder),
                 settings: Arc::clone(&server),
                 acceptor: acceptor.clone(),
             };
@@ -271,6 +288,9 @@ impl Live {
         );
         self.listeners.resize_connections(old, now);
         let mut live = self.discovery.reconfigure(discovery_settings(args));
+        if let Some(o) = &self.observer {
+            o.reopen();
+        }
         if args.log != self.running.settings.log {
             if let Some(control) = &new.log_control {
                 match control(&args.log.level) {

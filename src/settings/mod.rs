@@ -3,7 +3,7 @@
 //! config file key), and layered flag > environment > file > built-in default.
 //!
 //! The structs follow the config file: [`ProxySettings`] is its top, each section
-//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`) is a struct of
+//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`, `[observe]`) is a struct of
 //! its own, flattened into it with `#[command(flatten)]`. The library takes these structs;
 //! only [`load`] (at the binary's edge) sees clap's parse.
 //!
@@ -50,6 +50,7 @@ mod file;
 mod layer;
 mod listen;
 mod log;
+pub mod observe;
 mod proxy;
 pub mod text;
 mod tls;
