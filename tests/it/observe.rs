@@ -365,3 +365,36 @@ async fn a_writer_that_cannot_keep_up_costs_lines_not_calls() {
     assert!(dropped <= calls as f64, "{dropped}");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_access_log_for_logrotate() {
+    let (etcd, _backends, _regs) = echo_backends(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let p = SwitchyardProcess::proxy(
+        &[etcd.endpoint().to_owned()],
+        "info",
+        &["--access-log", path.to_str().unwrap()],
+    )
+    .await;
+    let mut c = client(p.addr()).await;
+    c.unary(req("before")).await.unwrap();
+    eventually(Duration::from_secs(10), "the first line", || {
+        let n = lines(&path).len();
+        async move { n == 1 }
+    })
+    .await;
+    // What logrotate does: move the file, then tell the process.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    crate::restart::signal(p.pid(), "-HUP");
+    crate::restart::wait_logged(&p, &["settings reloaded"]);
+    c.unary(req("after")).await.unwrap();
+    eventually(Duration::from_secs(10), "a line in the new file", || {
+        let n = lines(&path).len();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(lines(&rotated).len(), 1, "the old file keeps its line");
+    assert!(p.logged(&["access log reopened"]), "{}", p.log_text());
+}
