@@ -161,7 +161,7 @@ impl Forwarder {
                     })
                     .and_then(|name| {
                         let registered = self.routes.resolve(name);
-                        routed = registered != name;
+                        routed = obs.is_some() && registered != name;
                         Ok(self.discovery.service(registered)?)
                     });
                 match found {

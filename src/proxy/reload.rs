@@ -386,6 +386,20 @@ mod tests {
     }
 
     #[test]
+    fn the_observe_settings_need_a_restart() {
+        let running = Running::new(ProxySettings::default());
+        let mut new = running.clone();
+        new.settings.observe.access_log =
+            crate::settings::observe::AccessLogTarget::File("/tmp/a.log".into());
+        new.settings.observe.trace_sample_rate = 0.5;
+        assert_eq!(
+            keep_restart_only(&running, &mut new),
+            ["observe.access_log", "observe.trace_sample_rate"]
+        );
+        assert_eq!(new.settings.observe, running.settings.observe);
+    }
+
+    #[test]
     fn the_log_level_needs_a_restart_where_the_proxy_does_not_own_logging() {
         let running = Running::new(ProxySettings::default());
         let mut new = running.clone();
