@@ -21,6 +21,7 @@
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`settings`]: every setting declared once (flag, environment variable, config file
 //!   key, default), layered flag > environment > file > default.
+//! - [`observe`]: the access log and OpenTelemetry traces of every call.
 //! - [`status`]: gRPC errors produced by the proxy itself.
 //! - [`backoff`]: the delays between retries, for every loop that waits on etcd or a backend.
 //! - [`etcd`]: the etcd client, timed requests, and the lease-guarded delete.
@@ -42,6 +43,7 @@ pub mod endpoint;
 pub mod etcd;
 pub mod health;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod registration;
 pub mod registry;

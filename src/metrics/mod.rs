@@ -150,6 +150,11 @@ impl Metrics {
         metrics
     }
 
+    /// The registry the metrics are in (for other concerns' own counters).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of all metrics.
     pub fn render(&self) -> Vec<u8> {
         render(&self.registry)

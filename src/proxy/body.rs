@@ -11,6 +11,7 @@ use http_body::{Body, Frame};
 
 use crate::call::{BackendCall, Outcome};
 use crate::metrics::status_slot;
+use crate::observe::CallObs;
 use crate::status::{code_header, encode_message, Code, GRPC_STATUS};
 pub use crate::stream::H2Body;
 
@@ -23,15 +24,18 @@ pub struct ResponseBody {
     inner: Option<H2Body>,
     /// The call, in flight on the backend that answered until the body ends.
     call: BackendCall,
+    /// The call's access-log record and span, when either is on.
+    obs: Option<Box<CallObs>>,
 }
 
 impl ResponseBody {
     /// A backend's response stream, passed through; `call` is the call on the backend
-    /// that answered, carrying the call's arrival.
-    pub fn new(inner: h2::RecvStream, call: BackendCall) -> Self {
+    /// that answered, carrying the call's arrival; `obs` sees it to its end.
+    pub fn new(inner: h2::RecvStream, call: BackendCall, obs: Option<Box<CallObs>>) -> Self {
         Self {
             inner: Some(H2Body::new(inner)),
             call,
+            obs,
         }
     }
 
@@ -39,12 +43,19 @@ impl ResponseBody {
     pub fn headers(&mut self, headers: &HeaderMap) {
         if let Some(v) = headers.get(&GRPC_STATUS) {
             self.status(Some(v));
+            if let Some(o) = self.obs.as_mut() {
+                o.headers(headers);
+            }
         }
     }
 
     /// Notes the call's `grpc-status` (none: the stream ended without one).
     fn status(&mut self, v: Option<&http::HeaderValue>) {
-        self.call.set_outcome(Outcome::Status(status_slot(v) as u8));
+        let slot = status_slot(v);
+        if let Some(o) = self.obs.as_mut() {
+            o.status(slot);
+        }
+        self.call.set_outcome(Outcome::Status(slot as u8));
     }
 }
 
@@ -59,6 +70,12 @@ impl Drop for ResponseBody {
         if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {
             // Dropped before its end: the client went away (reset its stream).
             self.call.set_outcome(Outcome::Abandoned);
+            if let Some(o) = self.obs.as_mut() {
+                o.status(usize::from(Code::Cancelled as u8));
+            }
+        }
+        if let Some(o) = self.obs.take() {
+            o.finish();
         }
     }
 }
@@ -98,15 +115,24 @@ impl Body for ResponseBody {
                     // The proxy reset the backend stream because the client cancelled
                     // its request: what the client got is a cancel, not a failure.
                     this.call.set_outcome(Outcome::Abandoned);
+                    if let Some(o) = this.obs.as_mut() {
+                        o.status(usize::from(Code::Cancelled as u8));
+                    }
                     return Poll::Ready(None);
                 }
                 tracing::debug!(error = %e, "backend response stream failed");
                 let trailers = broken_stream_trailers(&e);
+                if let Some(o) = this.obs.as_mut() {
+                    o.headers(&trailers);
+                }
                 // Counted as the UNAVAILABLE the client gets.
                 this.call.set_outcome(Outcome::StreamFailed);
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
         };
+        if let Some(o) = this.obs.as_mut() {
+            o.frame(&frame);
+        }
         if let Some(trailers) = frame.trailers_ref() {
             let status = trailers.get(&GRPC_STATUS);
             this.status(status);

@@ -167,7 +167,7 @@ async fn serve_h2<I>(
     tokio::pin!(keepalive);
     // The connection's streams, each a future polled by this task (no task per stream).
     let mut streams = FuturesUnordered::new();
-    let start = |req, respond| forwarder.serve_stream(req, respond);
+    let start = |req, respond| forwarder.serve_stream(req, respond, peer);
     // Whether a stream was ever served, and when the last one ended (idle timeout).
     let mut used = false;
     let mut last_end = started;

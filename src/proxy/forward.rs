@@ -2,6 +2,7 @@
 //! with the service's balancer, and send the stream there, retrying calls that never reached a backend.
 
 use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use super::replay::ReplayBody;
 use super::routing::LiveRouting;
 use crate::call::{Arrival, BackendCall};
 use crate::discovery::{Discovery, DiscoveryError, Service};
+use crate::observe::{CallObs, Observer};
 use crate::route::service_from_path;
 use crate::status::http_error;
 use http_body::Body as _;
@@ -35,6 +37,8 @@ struct Call {
     parts: Box<Parts>,
     body: H2Body,
     timeout: Option<Duration>,
+    /// The call's access-log record and span, when either is on.
+    obs: Option<Box<CallObs>>,
 }
 
 /// An answer the proxy gives without a backend.
@@ -66,6 +70,8 @@ pub struct Forwarder {
     local: Option<Arc<Local>>,
     /// The routes and prefixes in force (a reload changes them under open connections).
     routing: Arc<LiveRouting>,
+    /// The access log and tracer, with this listener's address, when either is on.
+    observe: Option<(Arc<Observer>, SocketAddr)>,
 }
 
 impl Forwarder {
@@ -76,7 +82,15 @@ impl Forwarder {
             target,
             local: None,
             routing,
+            observe: None,
         }
+    }
+
+    /// The same forwarder, with its calls seen by `observer` (access log, traces) as
+    /// calls of the listener at `listener`.
+    pub fn with_observer(mut self, observer: Option<Arc<Observer>>, listener: SocketAddr) -> Self {
+        self.observe = observer.map(|o| (o, listener));
+        self
     }
 
     /// Answers health (and reflection) calls with `local` instead of forwarding them.
@@ -95,16 +109,21 @@ impl Forwarder {
         self: &Arc<Self>,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
+        peer: SocketAddr,
     ) -> Either<impl Future<Output = ()> + Send + 'static, Answer> {
         if let Some(local) = &self.local {
             if let Some(call) = local.claims(req.uri().path(), req.headers()) {
                 return Either::Right(local.serve(call, req, respond));
             }
         }
-        match self.route(req) {
+        let mut obs = self
+            .observe
+            .as_ref()
+            .map(|(o, listener)| o.start(req.headers(), req.uri(), peer, *listener));
+        match self.route(req, &mut obs) {
             Ok(call) => Either::Left(Arc::clone(self).proxy(call, respond)),
             Err(own) => {
-                send_own(&mut respond, own);
+                send_own(&mut respond, own, obs);
                 Either::Right(Answer::done())
             }
         }
@@ -114,7 +133,11 @@ impl Forwarder {
     /// gets its answer at once.
     // The error is the answer itself, sent at once: no point boxing it.
     #[allow(clippy::result_large_err)]
-    fn route(&self, req: Request<h2::RecvStream>) -> Result<Call, Own> {
+    fn route(
+        &self,
+        req: Request<h2::RecvStream>,
+        obs: &mut Option<Box<CallObs>>,
+    ) -> Result<Call, Own> {
         if !is_grpc(req.headers()) {
             return Err(Own::Http(http_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -129,12 +152,24 @@ impl Forwarder {
             },
         };
         let timeout = grpc_timeout(req.headers());
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if let Some(o) = obs.as_mut() {
+            // Routed: the service found is not the one the path names.
+            let routed = matches!(self.target, Target::ByPath)
+                && service_from_path(parts.uri.path()).is_ok_and(|n| n != service.name().as_str());
+            o.service(service.name(), routed);
+            if let Some(tp) = o.traceparent() {
+                parts
+                    .headers
+                    .insert(&crate::observe::trace::TRACEPARENT, tp);
+            }
+        }
         Ok(Call {
             service,
             parts: Box::new(parts),
             body: H2Body::new(body),
             timeout,
+            obs: obs.take(),
         })
     }
 
@@ -173,37 +208,44 @@ impl Forwarder {
     /// resets its stream meanwhile abandons the call (and the backend's stream).
     async fn start_response(
         &self,
-        call: Call,
+        mut call: Call,
         mut respond: SendResponse<Bytes>,
     ) -> Option<Relay<ResponseBody>> {
         let service = Arc::clone(&call.service);
         let arrival = Arrival::new(service.metrics());
-        let mut answer = std::pin::pin!(self.call(call));
-        let result = poll_fn(|cx| {
-            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            match respond.poll_reset(cx) {
-                Poll::Ready(_) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
+        let mut obs = call.obs.take();
+        let result = {
+            let mut answer = std::pin::pin!(self.call(call, &mut obs));
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                match respond.poll_reset(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
         let (resp, mut backend_call) = match result {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 arrival.answered_by_proxy(e.code());
-                send_own(&mut respond, Own::Grpc(e.response()));
+                send_own(&mut respond, Own::Grpc(e.response()), obs);
                 return None;
             }
             None => {
                 tracing::debug!(service = %service.name(), "client reset the stream before the response");
+                if let Some(mut o) = obs {
+                    o.status(usize::from(crate::status::Code::Cancelled as u8));
+                    o.finish();
+                }
                 return None;
             }
         };
         let (parts, inner) = resp.into_parts();
         backend_call.carry(arrival);
-        let mut body = ResponseBody::new(inner, backend_call);
+        let mut body = ResponseBody::new(inner, backend_call, obs);
         body.headers(&parts.headers);
         // A trailers-only answer ends with its headers.
         let eos = body.is_end_stream();
@@ -219,14 +261,15 @@ impl Forwarder {
 
     /// Forwards the call within its deadline; returns the backend's response, or the
     /// proxy's error.
-    async fn call(&self, call: Call) -> Forwarded {
+    async fn call(&self, call: Call, obs: &mut Option<Box<CallObs>>) -> Forwarded {
         let Call {
             service,
             parts,
             body,
             timeout,
+            obs: _,
         } = call;
-        let forwarded = self.forward(&service, &parts, body);
+        let forwarded = self.forward(&service, &parts, body, obs);
         match timeout {
             Some(timeout) => {
                 // Boxed: only calls with a deadline pay for the timer.
@@ -243,7 +286,13 @@ impl Forwarder {
 
     /// Offers the call to the service's backends, as its balancer picks them, until one
     /// takes it; returns that backend's response headers.
-    async fn forward(&self, service: &Service, parts: &Parts, body: H2Body) -> Forwarded {
+    async fn forward(
+        &self,
+        service: &Service,
+        parts: &Parts,
+        body: H2Body,
+        obs: &mut Option<Box<CallObs>>,
+    ) -> Forwarded {
         let name = service.name();
         if !service.is_loaded() {
             let wait = self.routing.load().discovery_timeout;
@@ -255,7 +304,8 @@ impl Forwarder {
         if set.is_empty() {
             return Err(self.no_endpoints(service));
         }
-        let mut body = ReplayBody::new(body);
+        let counter = obs.as_ref().and_then(|o| o.request_counter());
+        let mut body = ReplayBody::counted(body, counter);
         let mut last = None;
         let mut pauses = 0;
         loop {
@@ -269,6 +319,9 @@ impl Forwarder {
                     break;
                 };
                 tried[attempt] = idx;
+                if let Some(o) = obs.as_mut() {
+                    o.attempt(backend.addr());
+                }
                 match try_backend(name, backend, parts, body).await? {
                     Attempt::Answered(resp, call) => return Ok((resp, call)),
                     Attempt::NotTaken {
@@ -335,8 +388,15 @@ async fn refusal_pause(n: u32) {
     tokio::time::sleep(Duration::from_micros(us)).await;
 }
 
-/// Sends an answer of the proxy's own on the client's stream.
-fn send_own(respond: &mut SendResponse<Bytes>, own: Own) {
+/// Sends an answer of the proxy's own on the client's stream (and finishes its
+/// access-log record and span).
+fn send_own(respond: &mut SendResponse<Bytes>, own: Own, obs: Option<Box<CallObs>>) {
+    if let Some(o) = obs {
+        match &own {
+            Own::Grpc(r) => o.own(r.status().as_u16(), r.headers()),
+            Own::Http(r) => o.own(r.status().as_u16(), r.headers()),
+        }
+    }
     let sent = match own {
         Own::Grpc(resp) => respond.send_response(resp, true).map(drop),
         Own::Http(resp) => {
@@ -362,7 +422,7 @@ mod state_size {
     /// The size of what `f` returns, without calling it.
     fn returned_size<F, R>(_f: F) -> usize
     where
-        F: Fn(&Arc<Forwarder>, Request<h2::RecvStream>, SendResponse<Bytes>) -> R,
+        F: Fn(&Arc<Forwarder>, Request<h2::RecvStream>, SendResponse<Bytes>, SocketAddr) -> R,
     {
         std::mem::size_of::<R>()
     }
@@ -372,7 +432,7 @@ mod state_size {
     /// response starts, so what stays is little more than the response relay.
     #[test]
     fn an_open_stream_holds_little_state() {
-        let stream = returned_size(|f, req, respond| f.serve_stream(req, respond));
+        let stream = returned_size(|f, req, respond, peer| f.serve_stream(req, respond, peer));
         let relay = std::mem::size_of::<Relay<ResponseBody>>();
         assert!(relay <= 160, "response relay: {relay} bytes");
         assert!(stream <= 320, "stream future: {stream} bytes");

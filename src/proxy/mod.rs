@@ -79,6 +79,9 @@ pub enum ProxyError {
     /// The routes do not fit together.
     #[error("--route: {0}")]
     Route(#[from] crate::route::RouteError),
+    /// The access log or the trace exporter cannot start.
+    #[error(transparent)]
+    Observe(#[from] crate::observe::ObserveError),
     /// The settings could not be applied.
     #[error(transparent)]
     Settings(#[from] crate::settings::ConfigError),
@@ -210,6 +213,7 @@ async fn serve_with(
     let built = Built::new(args)?;
     let etcd = crate::etcd::connect(&args.etcd).await?;
     let metrics = Metrics::new();
+    let observer = crate::observe::Observer::new(&args.observe, metrics.registry())?;
     let discovery = Discovery::new(
         Arc::new(EtcdSource::new(etcd.clone())),
         DiscoveryConfig {
@@ -233,7 +237,13 @@ async fn serve_with(
     let mut serving = Vec::with_capacity(listeners.len());
     for bound in listeners {
         let addr = bound.listener.local_addr().map_err(ProxyError::Socket)?;
-        let forwarder = runtime::forwarder(&discovery, bound.service.as_ref(), args, &local)?;
+        let forwarder = runtime::forwarder(
+            &discovery,
+            bound.service.as_ref(),
+            args,
+            &local,
+            (observer.clone(), addr),
+        )?;
         serving.push((addr, bound, forwarder));
     }
     let admin_listener = match args.admin.listen.0 {
@@ -291,6 +301,7 @@ async fn serve_with(
         local,
         metrics,
         listeners: open,
+        observer,
     };
     let mut hangups = reload::Hangups::new(reload.is_some());
     tokio::pin!(shutdown);
@@ -323,6 +334,9 @@ async fn serve_with(
             open = tracker.len(),
             "drain timeout reached; closing remaining connections"
         ),
+    }
+    if let Some(observer) = live.observer {
+        observer.shutdown().await;
     }
     Ok(())
 }

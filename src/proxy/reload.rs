@@ -20,6 +20,8 @@
 //! - `limits.max_services`: a lower limit drops no service in use, it refuses new ones
 //!   while the table is over it.
 //! - `log.level`, through the binary's [`LogControl`] (`tracing_subscriber::reload`).
+//! - The access log's file is reopened (for logrotate); the `[observe]` settings
+//!   themselves are read at start only.
 //!
 //! Settings read at start only are declared so beside their fields (`RESTART_ONLY`, see
 //! [`crate::settings::restart_only_keys`]): a change to them is logged, by file key, as
@@ -127,6 +129,8 @@ pub(crate) struct Live {
     pub metrics: Arc<Metrics>,
     /// The running listeners.
     pub listeners: Listeners,
+    /// The access log and tracer, if either is on.
+    pub observer: Option<Arc<crate::observe::Observer>>,
 }
 
 impl Live {
@@ -164,7 +168,13 @@ impl Live {
         let mut updating = Vec::new();
         for spec in &args.listeners {
             let serving = Serving {
-                forwarder: forwarder(&self.discovery, spec.service.as_ref(), args, &self.local)?,
+                forwarder: forwarder(
+                    &self.discovery,
+                    spec.service.as_ref(),
+                    args,
+                    &self.local,
+                    (self.observer.clone(), spec.addr),
+                )?,
                 settings: Arc::clone(&built.server),
                 acceptor: built.acceptor.clone(),
             };
@@ -222,6 +232,9 @@ impl Live {
             changed = live.join(", "),
             "settings reloaded"
         );
+        if let Some(o) = &self.observer {
+            o.reopen();
+        }
         self.running = new;
         Ok(())
     }
@@ -311,5 +324,16 @@ mod tests {
             ["log.level"]
         );
         assert_eq!(new.settings.log.level.as_str(), "info");
+    }
+
+    #[test]
+    fn the_observe_settings_need_a_restart() {
+        let running = Running::new(ProxySettings::default());
+        let mut new = running.clone();
+        new.settings.observe.access_log =
+            crate::settings::observe::AccessLogTarget::File("/tmp/a.log".into());
+        new.settings.observe.trace_sample_rate = 0.5;
+        assert_eq!(keep_restart_only(&running, &mut new).unwrap(), ["observe"]);
+        assert_eq!(new.settings.observe, running.settings.observe);
     }
 }

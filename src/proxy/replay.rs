@@ -3,6 +3,7 @@
 //! backend (REFUSED_STREAM, GOAWAY above its stream id) can be replayed on the next one.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -29,6 +30,8 @@ struct Recording {
     done: bool,
     /// Recording stopped: too large, or the call was committed to a backend.
     committed: bool,
+    /// Adds up the DATA bytes taken from the client, when the access log is on.
+    counted: Option<Arc<AtomicU64>>,
 }
 
 /// One attempt's view of the request body.
@@ -44,6 +47,11 @@ pub struct ReplayBody {
 impl ReplayBody {
     /// Wraps a request body for the first attempt.
     pub fn new(inner: H2Body) -> Self {
+        Self::counted(inner, None)
+    }
+
+    /// The same, adding the DATA bytes taken from the client to `counter`, if any.
+    pub fn counted(inner: H2Body, counter: Option<Arc<AtomicU64>>) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Recording {
                 inner,
@@ -52,6 +60,7 @@ impl ReplayBody {
                 trailers: None,
                 done: false,
                 committed: false,
+                counted: counter,
             })),
             pos: 0,
             finished: false,
@@ -113,6 +122,9 @@ impl Body for ReplayBody {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    if let Some(c) = &s.counted {
+                        c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                     if !s.committed {
                         s.recorded_len += data.len();
                         if s.recorded_len > MAX_REPLAY_BYTES {

@@ -20,6 +20,7 @@ use super::ProxyError;
 use crate::balance::BalanceSettings;
 use crate::discovery::{Discovery, LiveConfig};
 use crate::health::HealthSettings;
+use crate::observe::Observer;
 use crate::route::ServiceName;
 use crate::settings::ProxySettings;
 use crate::upstream::UpstreamConfig;
@@ -131,6 +132,7 @@ pub(crate) fn forwarder(
     service: Option<&ServiceName>,
     args: &ProxySettings,
     local: &Arc<LocalContext>,
+    (observer, listener): (Option<Arc<Observer>>, std::net::SocketAddr),
 ) -> Result<Arc<Forwarder>, ProxyError> {
     let target = match service {
         Some(name) => Target::Bound(discovery.service(name.as_str())?),
@@ -142,7 +144,8 @@ pub(crate) fn forwarder(
         Target::ByPath => Some(Local::new(Arc::clone(local), None)),
     };
     let routing: Arc<LiveRouting> = Arc::clone(&local.routing);
-    let mut forwarder = Forwarder::new(Arc::clone(discovery), target, routing);
+    let mut forwarder =
+        Forwarder::new(Arc::clone(discovery), target, routing).with_observer(observer, listener);
     if let Some(own) = own {
         forwarder = forwarder.with_local(own);
     }

@@ -3,7 +3,7 @@
 //! config file key), and layered flag > environment > file > built-in default.
 //!
 //! The structs follow the config file: [`ProxySettings`] is its top, each section
-//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`) is a struct of
+//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`, `[observe]`) is a struct of
 //! its own, flattened into it with `#[command(flatten)]`. The library takes these structs;
 //! only [`load`] (at the binary's edge) sees clap's parse.
 //!
@@ -51,6 +51,7 @@ mod layer;
 mod listen;
 mod loaded;
 mod log;
+pub mod observe;
 mod proxy;
 mod restart;
 pub mod text;

@@ -84,6 +84,9 @@ pub struct ProxySettings {
     /// Which log lines are written.
     #[command(flatten)]
     pub log: LogSection,
+    /// The access log and tracing.
+    #[command(flatten)]
+    pub observe: super::observe::ObserveSection,
 }
 
 impl Default for ProxySettings {

@@ -5,6 +5,7 @@
 
 use serde_json::{Map, Value};
 
+use super::observe::ObserveSection;
 use super::{AdminSettings, UpstreamSettings, UpstreamTlsSettings};
 use super::{ConfigError, EtcdSettings, LimitSettings, ProxySettings, TimeoutSettings};
 
@@ -14,6 +15,7 @@ pub fn restart_only_keys() -> impl Iterator<Item = &'static str> {
         EtcdSettings::RESTART_ONLY,
         UpstreamTlsSettings::RESTART_ONLY,
         UpstreamSettings::RESTART_ONLY,
+        ObserveSection::RESTART_ONLY,
         AdminSettings::RESTART_ONLY,
         TimeoutSettings::RESTART_ONLY,
         LimitSettings::RESTART_ONLY,

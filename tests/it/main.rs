@@ -13,6 +13,7 @@ mod config;
 mod ejection;
 mod hardening;
 mod local;
+mod observe;
 mod proxy;
 mod refused;
 mod registration;
