@@ -105,6 +105,15 @@ cert = "client.pem"
 key = "client-key.pem"
 sni = "backend.internal"
 
+[upstream]
+max_connections = 2
+idle_timeout = "off"
+
+[observe]
+access_log = "stdout"
+otlp_endpoint = "http://127.0.0.1:4317"
+trace_sample_rate = 0.25
+
 [balance]
 policy = "peak-ewma"
 slow_start = "3s"
@@ -190,6 +199,16 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
         Some(dir.join("client.pem").as_path())
     );
     assert_eq!(a.upstream_tls.sni.as_deref(), Some("backend.internal"));
+    assert_eq!(a.upstream.max_connections, 2);
+    assert_eq!(
+        a.observe.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4317")
+    );
+    assert_eq!(a.observe.trace_sample_rate, 0.25);
+    assert_eq!(
+        a.upstream.idle_timeout,
+        switchyard::settings::IdleTimeout(None)
+    );
     assert_eq!(a.balance.policy, switchyard::balance::Policy::PeakEwma);
     assert_eq!(a.balance.slow_start, Duration::from_secs(3));
     let tuned = switchyard::proxy::runtime::live_config(a).balance;

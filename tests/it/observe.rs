@@ -266,7 +266,7 @@ async fn every_call_has_its_access_log_line() {
         grpc_frame(&req("x")),
     )
     .await;
-    assert_eq!(own.grpc_status().as_deref(), Some("14"));
+    assert_eq!(own.grpc_status().as_deref(), Some("12"));
 
     eventually(Duration::from_secs(10), "three access-log lines", || {
         let n = lines(&path).len();
@@ -302,7 +302,7 @@ async fn every_call_has_its_access_log_line() {
     assert!(app.get("trace_id").is_none(), "{app}");
 
     let mine = &l[2];
-    assert_eq!(mine["grpc_status"], 14);
+    assert_eq!(mine["grpc_status"], 12);
     assert_eq!(mine["service"], "nobody.Registered");
     assert!(mine["backend"].is_null(), "{mine}");
     assert_eq!(mine["attempts"], 0);
