@@ -1,6 +1,6 @@
 """Checks the monitoring files: the Grafana dashboard parses and every query in it and in
 the alerting rules names only metrics the proxy exports (the names declared in
-src/metrics.rs, and the process metrics it registers); with --schema, the rules' shape
+src/metrics/ and src/observe/, and the process metrics registered there); with --schema, the rules' shape
 too (for machines where promtool cannot be installed).
 
 Usage: python3 deploy/monitoring/check.py [--schema]   (needs PyYAML)
@@ -16,7 +16,7 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 
-# The prometheus crate's process collector, registered by src/metrics.rs (Linux).
+# The prometheus crate's process collector, registered in src/metrics/ (Linux).
 PROCESS_METRICS = {
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -33,7 +33,11 @@ KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
 
 def exported() -> set:
     """The metric names the proxy exports, as the exposition spells them."""
-    src = (ROOT / "src" / "metrics.rs").read_text()
+    # Metrics are declared in src/metrics/ and, for the access log and traces, src/observe/.
+    files = sorted((ROOT / "src" / "metrics").glob("*.rs")) + sorted(
+        (ROOT / "src" / "observe").glob("*.rs")
+    )
+    src = "\n".join(f.read_text() for f in files)
     names = set(re.findall(r'"(switchyard_[a-z0-9_]+)"', src))
     for hist in re.findall(r'HistogramOpts::new\(\s*"(switchyard_[a-z0-9_]+)"', src):
         names |= {hist + "_bucket", hist + "_sum", hist + "_count"}

@@ -9,7 +9,6 @@
 //! from the client's h2 stream (its body read as an [`H2Body`], its response sent back by a
 //! [`Relay`]), inside the connection's task like any other stream.
 
-mod backend;
 pub mod health;
 pub mod reflection;
 

@@ -32,11 +32,10 @@ use tonic_reflection::pb::{v1, v1alpha};
 use v1::server_reflection_request::MessageRequest;
 use v1::server_reflection_response::MessageResponse;
 
-use super::backend::BackendChannel;
 use super::LocalContext;
 use crate::balance::Fit;
 use crate::route::Routes;
-use crate::upstream::Upstream;
+use crate::upstream::{BackendChannel, Upstream};
 
 /// Time allowed for a backend's answer to one reflection request.
 pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -300,14 +299,12 @@ impl Session {
     ) -> v1::ServerReflectionResponse {
         let addr = backend.upstream.addr().clone();
         let service = backend.service.clone();
-        let conn = match backend.upstream.connection().await {
-            Ok(c) => c,
-            Err(e) => {
-                let msg = format!("switchyard: backend {addr} of service '{service}': {e}");
-                return reply(req, error(Code::Unavailable, msg));
-            }
-        };
-        let channel = BackendChannel::new(conn.send.clone(), addr.clone());
+        if let Err(e) = backend.upstream.connection().await {
+            let msg = format!("switchyard: backend {addr} of service '{service}': {e}");
+            return reply(req, error(Code::Unavailable, msg));
+        }
+        // Over the pooled connections, as forwarded calls go.
+        let channel = BackendChannel::new(Arc::clone(&backend.upstream));
         let mut answer = Err(Status::unimplemented(""));
         if !backend.alpha {
             answer = ask_backend(channel.clone(), METHOD_V1, req.clone()).await;
