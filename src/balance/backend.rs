@@ -223,6 +223,10 @@ impl Member for Backend {
     fn health(&self) -> &EndpointHealth {
         &self.health
     }
+
+    fn upstream(&self) -> Option<Arc<Upstream>> {
+        Some(Arc::clone(&self.upstream))
+    }
 }
 
 /// How well an endpoint fits a call (worst first).

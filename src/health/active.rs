@@ -5,13 +5,13 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::{CheckState, Member, ServiceHealth};
 use crate::endpoint::BackendAddr;
+use crate::upstream::BackendChannel;
 
 /// Starts checking `ep` (at `addr`, for `service`) until it is dropped or `checks`
 /// moves on to another generation (the checks were restarted or turned off).
@@ -50,18 +50,13 @@ struct Checker {
 impl Checker {
     async fn run(mut self) {
         let interval = self.service_health.settings().check_interval;
-        let channel = match Endpoint::from_shared(format!("http://{}", self.addr)) {
-            Ok(e) => e
-                .connect_timeout(interval)
-                .http2_keep_alive_interval(interval)
-                .keep_alive_timeout(interval)
-                .connect_lazy(),
-            Err(e) => {
-                tracing::warn!(backend = %self.addr, error = %e, "cannot health-check this endpoint");
-                return;
-            }
+        // On the endpoint's pooled connections, with their TLS and settings: a check is
+        // one more stream on them (and keeps them from closing for idleness).
+        let Some(upstream) = self.ep.upgrade().and_then(|ep| ep.upstream()) else {
+            tracing::debug!(backend = %self.addr, "endpoint without connections: not checked");
+            return;
         };
-        let mut client = HealthClient::new(channel);
+        let mut client = HealthClient::new(BackendChannel::new(upstream));
         let mut watch = true;
         while self.ep.strong_count() > 0 {
             if watch {
@@ -86,7 +81,11 @@ impl Checker {
 
     /// Follows the endpoint's Watch until it ends; returns false if the backend does
     /// not implement Watch (then Check is polled instead).
-    async fn watch(&mut self, client: &mut HealthClient<Channel>, interval: Duration) -> bool {
+    async fn watch(
+        &mut self,
+        client: &mut HealthClient<BackendChannel>,
+        interval: Duration,
+    ) -> bool {
         let stream = match tokio::time::timeout(interval, client.watch(self.request())).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => return false,

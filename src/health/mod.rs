@@ -125,6 +125,11 @@ impl EndpointHealth {
 pub trait Member: Send + Sync + 'static {
     /// The endpoint's health state.
     fn health(&self) -> &EndpointHealth;
+
+    /// The endpoint's pooled connections, which active checks use (`None`: not checked).
+    fn upstream(&self) -> Option<std::sync::Arc<crate::upstream::Upstream>> {
+        None
+    }
 }
 
 /// Lets the unit tests here account bare endpoint states.
