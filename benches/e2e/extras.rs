@@ -301,7 +301,7 @@ pub async fn startup(
         Ok(s) => writeln!(
             extras,
             "- start-up with 1,000 services × 10 endpoints in etcd: listening after {:.0} ms, \
-             every service answered (1,000 calls, 10,000 backend connections) after {:.2} s; \
+             every service answered (1,000 calls; 10 backend addresses) after {:.2} s; \
              RSS then {:.1} MiB, CPU {:.2} s",
             s.listening.as_secs_f64() * 1000.0,
             s.ready.as_secs_f64(),

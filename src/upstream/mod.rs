@@ -383,7 +383,11 @@ impl Upstream {
     pub fn ready_connection(&self) -> Option<Arc<Connection>> {
         let conns = self.conns.load();
         let first = conns.first()?;
-        self.used.store(true, Ordering::Relaxed);
+        // Written only when the connection task has cleared it (once a second), so a
+        // busy upstream's calls do not write its cache line.
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
         if first.has_room() {
             return Some(Arc::clone(first));
         }
