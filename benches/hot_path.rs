@@ -13,6 +13,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
+use strum::IntoEnumIterator as _;
 use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
 use switchyard::call::{Arrival, BackendCall, Outcome};
 use switchyard::discovery::{Discovery, DiscoveryConfig, LiveConfig, StaticSource, Update};
@@ -116,7 +117,8 @@ fn bench_route(c: &mut Criterion) {
 /// Pick: each policy over a snapshot, as `forward` does it (with its tried-set check).
 fn bench_pick(c: &mut Criterion) {
     for n in [3usize, 1000] {
-        for &(name, policy) in Policy::NAMES {
+        for policy in Policy::iter() {
+            let name = policy.name();
             let settings = Arc::new(BalanceSettings {
                 policy,
                 ..BalanceSettings::default()
@@ -201,7 +203,8 @@ fn bench_call_end(c: &mut Criterion) {
     let service = metrics.service("switchyard.echo.v1.Echo");
     let cfg = UpstreamConfig::default();
     let ok = HeaderValue::from_static("0");
-    for &(name, policy) in Policy::NAMES {
+    for policy in Policy::iter() {
+        let name = policy.name();
         let settings = Arc::new(BalanceSettings {
             policy,
             ..BalanceSettings::default()

@@ -17,7 +17,8 @@
 //! - [`health`]: one health state per endpoint (passive ejection with its cap, active
 //!   gRPC checks) that every policy reads.
 //! - [`endpoint`]: what a backend is (address, weight, registry metadata).
-//! - [`upstream`]: where a call leaves: one pooled, multiplexed HTTP/2 connection per backend.
+//! - [`upstream`]: where a call leaves: one pool of multiplexed HTTP/2 connections per
+//!   backend address, shared by every service naming it, grown at the backend's stream limit.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
 //! - [`settings`]: every setting declared once (flag, environment variable, config file
 //!   key, default), layered flag > environment > file > default.
@@ -30,6 +31,8 @@
 //!   and the benchmarks; not part of the proxy's own builds.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Items only the crate uses say so (`pub(crate)`): what is `pub` is the library's API.
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod backoff;

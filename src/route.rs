@@ -160,11 +160,11 @@ mod as_text {
     use super::ServiceName;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(name: &ServiceName, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(name: &ServiceName, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(name.as_str())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceName, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceName, D::Error> {
         let text = String::deserialize(d)?;
         ServiceName::new(&text).map_err(serde::de::Error::custom)
     }

@@ -11,7 +11,7 @@
 //!
 //! Adding a policy: one file here with its `pick` (or, like peak-EWMA, whose state the
 //! backend holds, its cost for the two random choices of `p2c.rs`), one variant in
-//! [`Policy`] (its name in [`Policy::NAMES`]) and one arm in [`Balancer::select_with`];
+//! [`Policy`] (its name derived from the variant) and one arm in [`Balancer::select_with`];
 //! `--balance` and the config file take it by that name.
 
 mod backend;

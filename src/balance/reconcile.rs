@@ -43,7 +43,7 @@ impl std::fmt::Debug for Reconciler {
 impl Reconciler {
     /// The backends of `service`, none yet; new ones connect through `upstream_for`, and
     /// endpoints asking for TLS are served only if `tls_on`.
-    pub fn new(service: ServiceName, tls_on: bool, upstream_for: UpstreamFor) -> Self {
+    pub(crate) fn new(service: ServiceName, tls_on: bool, upstream_for: UpstreamFor) -> Self {
         Self {
             service,
             tls_on,
@@ -55,7 +55,7 @@ impl Reconciler {
 
     /// Takes over `backends` (another watch's, which this one replaces): those the next
     /// listing still has are kept, with their connections and state.
-    pub fn adopt<'a>(&mut self, backends: impl IntoIterator<Item = &'a Arc<Backend>>) {
+    pub(crate) fn adopt<'a>(&mut self, backends: impl IntoIterator<Item = &'a Arc<Backend>>) {
         for b in backends {
             self.backends
                 .entry(b.addr().clone())
@@ -64,7 +64,7 @@ impl Reconciler {
     }
 
     /// Replaces the listing with `endpoints` (at most one per address).
-    pub fn reset(&mut self, balancer: &Balancer, endpoints: &[Endpoint]) {
+    pub(crate) fn reset(&mut self, balancer: &Balancer, endpoints: &[Endpoint]) {
         let listed: HashSet<&BackendAddr> = endpoints.iter().map(|e| &e.addr).collect();
         let gone: Vec<BackendAddr> = self
             .backends
@@ -79,14 +79,14 @@ impl Reconciler {
 
     /// Adds `endpoints`, or takes their new attributes (weight, metadata) where their
     /// address is listed already.
-    pub fn add(&mut self, balancer: &Balancer, endpoints: &[Endpoint]) {
+    pub(crate) fn add(&mut self, balancer: &Balancer, endpoints: &[Endpoint]) {
         for ep in endpoints {
             self.add_one(balancer, ep);
         }
     }
 
     /// Removes the endpoints at `addrs`.
-    pub fn remove(&mut self, addrs: &[BackendAddr]) {
+    pub(crate) fn remove(&mut self, addrs: &[BackendAddr]) {
         for addr in addrs {
             self.tls_refused.remove(addr);
             if self.backends.remove(addr).is_some() {
@@ -125,7 +125,7 @@ impl Reconciler {
     }
 
     /// The backends now, one per address served (for the next snapshot).
-    pub fn backends(&self) -> Vec<Arc<Backend>> {
+    pub(crate) fn backends(&self) -> Vec<Arc<Backend>> {
         self.backends.values().cloned().collect()
     }
 

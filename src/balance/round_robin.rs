@@ -60,7 +60,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// The rotation's cursor, shared by all calls of one service.
 #[derive(Debug, Default)]
-pub struct RoundRobin {
+pub(super) struct RoundRobin {
     cursor: AtomicUsize,
 }
 

@@ -1,8 +1,6 @@
 //! The balancing settings of a service: its policy (by name in settings) and the
 //! policies' tuning, and how a reload swaps them under running picks.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +8,24 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 
 /// The balancing policies, as named in settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumIter,
+)]
+#[strum(
+    serialize_all = "kebab-case",
+    parse_err_ty = UnknownPolicy,
+    parse_err_fn = UnknownPolicy::new
+)]
 pub enum Policy {
     /// Smooth weighted round-robin, per call (weights equal: plain rotation).
     #[default]
@@ -22,51 +37,24 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// Every policy with its settings name.
-    pub const NAMES: &'static [(&'static str, Policy)] = &[
-        ("round-robin", Policy::RoundRobin),
-        ("least-request", Policy::LeastRequest),
-        ("peak-ewma", Policy::PeakEwma),
-    ];
-
     /// The policy's settings name.
     pub fn name(self) -> &'static str {
-        Self::NAMES
-            .iter()
-            .find(|(_, p)| *p == self)
-            .map_or("?", |(n, _)| n)
+        self.into()
     }
 }
 
-/// A policy name that is not one of [`Policy::NAMES`].
+/// A policy name that is not one of the policies' names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown balancing policy {given:?} (choose one of: {choices})")]
+#[error("unknown balancing policy {given:?} (choose one of: {})", <Policy as strum::VariantNames>::VARIANTS.join(", "))]
 pub struct UnknownPolicy {
     given: String,
-    choices: String,
 }
 
-impl FromStr for Policy {
-    type Err = UnknownPolicy;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::NAMES
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| UnknownPolicy {
-                given: s.to_owned(),
-                choices: Self::NAMES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+impl UnknownPolicy {
+    fn new(given: &str) -> Self {
+        Self {
+            given: given.to_owned(),
+        }
     }
 }
 

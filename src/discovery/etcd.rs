@@ -9,8 +9,8 @@
 //! listed more than once is the first prefix's, then the first key's, listing of it; one
 //! without TLS before one with (only that one can be served with TLS to backends off).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
@@ -212,7 +212,7 @@ impl WatchState {
 /// The state, whoever panicked while holding it (its data stays consistent: every
 /// update is applied whole before the next).
 fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+    state.lock()
 }
 
 /// Runs the watches of one service, one per key prefix, forever.

@@ -28,7 +28,9 @@ pub use service::Service;
 pub use source::{EndpointSource, StaticSource, Update, Updates};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -110,7 +112,8 @@ impl LiveConfig {
 type ServiceMap = HashMap<ServiceName, Arc<Service>>;
 
 /// Why a service left the table (the `reason` label of its metric).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 enum DropReason {
     /// Without endpoints and calls for the idle time.
     Idle,
@@ -120,10 +123,7 @@ enum DropReason {
 
 impl DropReason {
     fn as_str(self) -> &'static str {
-        match self {
-            Self::Idle => "idle",
-            Self::Room => "room",
-        }
+        self.into()
     }
 }
 
@@ -268,8 +268,8 @@ impl Discovery {
         self.add_service(name)
     }
 
-    fn changing(&self) -> std::sync::MutexGuard<'_, Changing> {
-        self.changing.lock().unwrap_or_else(PoisonError::into_inner)
+    fn changing(&self) -> MutexGuard<'_, Changing> {
+        self.changing.lock()
     }
 
     fn idle_ns(&self) -> u64 {

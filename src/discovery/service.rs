@@ -5,7 +5,9 @@
 //! the snapshots.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -135,8 +137,8 @@ impl Service {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
-    pub(super) fn watching(&self) -> std::sync::MutexGuard<'_, Watching> {
-        self.watching.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(super) fn watching(&self) -> MutexGuard<'_, Watching> {
+        self.watching.lock()
     }
 
     /// Starts a watch of the service that follows `updates`, reconciled by

@@ -4,8 +4,8 @@
 //! ([`super::EtcdSource`]); [`StaticSource`] is fed by hand, so that discovery and
 //! balancing are tested and measured without etcd (pingora's `Static` discovery).
 
+use parking_lot::Mutex;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
@@ -79,7 +79,7 @@ impl StaticSource {
 
     /// Lists `endpoints` for `service` at once in every watch of it started from now on.
     pub fn preset(&self, service: &ServiceName, endpoints: Vec<Endpoint>) {
-        let mut presets = self.presets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut presets = self.presets.lock();
         presets.retain(|(s, _)| s != service);
         presets.push((service.clone(), endpoints));
     }
@@ -97,7 +97,7 @@ impl StaticSource {
         update: impl Into<Option<Update>>,
     ) -> usize {
         let update = update.into();
-        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut watches = self.watches.lock();
         watches.retain(|w| !w.tx.is_closed());
         let mut reached = 0;
         for w in watches.iter().filter(|w| pick(w)) {
@@ -114,20 +114,17 @@ impl StaticSource {
 impl EndpointSource for StaticSource {
     fn watch(&self, service: &ServiceName, prefixes: &[String]) -> Updates {
         let (tx, rx) = mpsc::unbounded_channel();
-        let presets = self.presets.lock().unwrap_or_else(PoisonError::into_inner);
+        let presets = self.presets.lock();
         if let Some((_, endpoints)) = presets.iter().find(|(s, _)| s == service) {
             // The receiver is right here: the send cannot fail.
             let _ = tx.send(Update::Reset(endpoints.clone()));
         }
         drop(presets);
-        self.watches
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(StaticWatch {
-                service: service.clone(),
-                prefixes: prefixes.to_vec(),
-                tx,
-            });
+        self.watches.lock().push(StaticWatch {
+            service: service.clone(),
+            prefixes: prefixes.to_vec(),
+            tx,
+        });
         rx
     }
 }

@@ -1,6 +1,7 @@
 //! Active health checks: the proxy watches each endpoint's `grpc.health.v1.Health` for
-//! the endpoint's service (Watch; Check every interval where Watch is unimplemented), and
-//! takes it out of rotation while it answers NOT_SERVING or does not answer.
+//! the endpoint's service (Watch; Check every interval where Watch is unimplemented), or
+//! connects to it over TCP every interval, and takes it out of rotation while it answers
+//! NOT_SERVING or does not answer.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use super::{CheckState, Member, ServiceHealth};
+use super::{ActiveCheck, CheckState, Member, ServiceHealth};
 use crate::endpoint::BackendAddr;
 use crate::upstream::BackendChannel;
 
@@ -50,6 +51,20 @@ struct Checker {
 impl Checker {
     async fn run(mut self) {
         let interval = self.service_health.settings().check_interval;
+        if self.service_health.settings().check == ActiveCheck::Tcp {
+            while self.ep.strong_count() > 0 {
+                let state = match tcp_probe(&self.addr, interval).await {
+                    Ok(()) => CheckState::Serving,
+                    Err(reason) => {
+                        tracing::debug!(backend = %self.addr, %reason, "tcp health check failed");
+                        CheckState::NotServing
+                    }
+                };
+                self.apply(state);
+                tokio::time::sleep(interval).await;
+            }
+            return;
+        }
         // On the endpoint's pooled connections, with their TLS and settings: a check is
         // one more stream on them (and keeps them from closing for idleness).
         let Some(upstream) = self.ep.upgrade().and_then(|ep| ep.upstream()) else {
@@ -149,5 +164,16 @@ fn state_of(status: i32) -> CheckState {
         CheckState::Serving
     } else {
         CheckState::NotServing
+    }
+}
+
+/// One TCP health probe of `addr`: `Err` says why the connect failed (the proxy's
+/// `--health-check tcp` and the sidecar's gate share it).
+pub async fn tcp_probe(addr: &BackendAddr, timeout: Duration) -> Result<(), String> {
+    let target = (addr.host(), addr.port());
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("tcp connect: {e}")),
+        Err(_) => Err(format!("tcp connect: no answer within {timeout:?}")),
     }
 }

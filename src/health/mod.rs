@@ -5,7 +5,9 @@
 //! connection ([`crate::upstream`]); the balancer reads both.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -14,8 +16,9 @@ pub mod active;
 mod ejection;
 mod settings;
 
+pub use active::tcp_probe;
 pub use ejection::MAX_EJECTION;
-pub use settings::{ActiveCheck, BadFailureCode, FailureCodes, HealthSettings};
+pub use settings::{ActiveCheck, BadFailureCode, FailureCodes, HealthSettings, UnknownCheck};
 
 use crate::clock::now_ns;
 use crate::endpoint::BackendAddr;
@@ -203,8 +206,8 @@ impl ServiceHealth {
         self.settings.load()
     }
 
-    fn deciding(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.deciding.lock().unwrap_or_else(|p| p.into_inner())
+    fn deciding(&self) -> MutexGuard<'_, ()> {
+        self.deciding.lock()
     }
 
     /// Runs with `settings` from now on (a reload): ejection's settings apply to the
@@ -247,7 +250,7 @@ impl ServiceHealth {
     /// Starts the active checks of `members` that have none of the current generation
     /// (under `deciding`).
     fn start_checks(self: &Arc<Self>, members: &[MemberRef]) {
-        if self.settings.load().check != ActiveCheck::Grpc {
+        if self.settings.load().check == ActiveCheck::None {
             return;
         }
         let generation = *self.checks.borrow();

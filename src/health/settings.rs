@@ -86,35 +86,44 @@ mod tests {
     }
 }
 
-/// Whether the proxy checks endpoints' health itself, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How an endpoint's health is checked: by the proxy's active checks (`--health-check`)
+/// and by the `register` sidecar's health gate alike.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    strum::Display,
+    strum::EnumString,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "kebab-case", parse_err_ty = UnknownCheck, parse_err_fn = UnknownCheck::new)]
 pub enum ActiveCheck {
-    /// No active checks: only calls' outcomes tell.
+    /// No check: the proxy goes by calls' outcomes only; the sidecar takes the backend as healthy.
     #[default]
     None,
-    /// `grpc.health.v1.Health` Watch (or Check every interval) for the endpoint's service.
+    /// `grpc.health.v1.Health` for the endpoint's service: healthy while it answers SERVING
+    /// (the proxy Watches, or Checks every interval where Watch is unimplemented).
     Grpc,
+    /// A TCP connect to the address every interval: healthy while it is accepted.
+    Tcp,
 }
 
-impl FromStr for ActiveCheck {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Self::None),
-            "grpc" => Ok(Self::Grpc),
-            _ => Err(format!(
-                "{s:?} is not a health check (choose one of: none, grpc)"
-            )),
+/// A health check name that is not one of [`ActiveCheck`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not a health check (choose one of: {})", <ActiveCheck as strum::VariantNames>::VARIANTS.join(", "))]
+pub struct UnknownCheck {
+    given: String,
+}
+
+impl UnknownCheck {
+    fn new(given: &str) -> Self {
+        Self {
+            given: given.to_owned(),
         }
-    }
-}
-
-impl fmt::Display for ActiveCheck {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::None => "none",
-            Self::Grpc => "grpc",
-        })
     }
 }
 

@@ -6,7 +6,8 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use super::export::register;
 
 /// What happened to a registration (the `event` label of `switchyard_registration_events_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum RegistrationEvent {
     /// The key was put in etcd (at start, under a new lease after one was lost, or back
     /// after a pause).
@@ -20,11 +21,7 @@ pub enum RegistrationEvent {
 impl RegistrationEvent {
     /// The label value.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Registered => "registered",
-            Self::LeaseLost => "lease_lost",
-            Self::Deregistered => "deregistered",
-        }
+        self.into()
     }
 }
 

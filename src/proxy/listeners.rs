@@ -79,7 +79,7 @@ pub(crate) struct Listeners {
 
 impl Listeners {
     /// No listener yet.
-    pub fn new(shared: ClientConnections) -> Self {
+    pub(crate) fn new(shared: ClientConnections) -> Self {
         Self {
             running: BTreeMap::new(),
             shared,
@@ -87,12 +87,12 @@ impl Listeners {
     }
 
     /// The addresses listened on, with their bound service.
-    pub fn bound(&self) -> impl Iterator<Item = (SocketAddr, Option<&ServiceName>)> {
+    pub(crate) fn bound(&self) -> impl Iterator<Item = (SocketAddr, Option<&ServiceName>)> {
         self.running.iter().map(|(a, r)| (*a, r.service.as_ref()))
     }
 
     /// Starts accepting on `listener` (at `addr`).
-    pub fn start(
+    pub(crate) fn start(
         &mut self,
         addr: SocketAddr,
         listener: TcpListener,
@@ -127,7 +127,12 @@ impl Listeners {
     /// Serves new connections of the listener at `addr` with `serving`. With another
     /// bound `service`, its open connections are told to go away (their calls finish;
     /// the clients reconnect to the new service).
-    pub fn update(&mut self, addr: SocketAddr, service: Option<ServiceName>, serving: Serving) {
+    pub(crate) fn update(
+        &mut self,
+        addr: SocketAddr,
+        service: Option<ServiceName>,
+        serving: Serving,
+    ) {
         let Some(r) = self.running.get_mut(&addr) else {
             return;
         };
@@ -149,7 +154,7 @@ impl Listeners {
     }
 
     /// Stops the listener at `addr`: its socket closes, its connections drain.
-    pub async fn remove(&mut self, addr: SocketAddr) {
+    pub(crate) async fn remove(&mut self, addr: SocketAddr) {
         if let Some(r) = self.running.remove(&addr) {
             tracing::info!(listen = %addr, "listener removed");
             r.close().await;
@@ -157,7 +162,7 @@ impl Listeners {
     }
 
     /// Changes the limit on client connections from `old` to `now`.
-    pub fn resize_connections(&self, old: usize, now: usize) {
+    pub(crate) fn resize_connections(&self, old: usize, now: usize) {
         let limit = &self.shared.connections;
         if now > old {
             limit.add_permits(now - old);
@@ -177,7 +182,7 @@ impl Listeners {
     }
 
     /// Stops every listener; their connections are told to go away.
-    pub async fn close_all(&mut self) {
+    pub(crate) async fn close_all(&mut self) {
         for (_, r) in std::mem::take(&mut self.running) {
             r.close().await;
         }

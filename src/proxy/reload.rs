@@ -135,7 +135,7 @@ pub(crate) struct Live {
 
 impl Live {
     /// Reads the settings again and applies them, or logs why not.
-    pub async fn reload(&mut self, read: &mut Reload) {
+    pub(crate) async fn reload(&mut self, read: &mut Reload) {
         let applied = match read() {
             Ok(loaded) => match self.apply(loaded.into()).await {
                 Ok(()) => true,
@@ -245,7 +245,7 @@ pub(crate) struct Hangups(Option<tokio::signal::unix::Signal>);
 
 impl Hangups {
     /// Listens for SIGHUP if `on` (SIGHUP's default, ending the process, is replaced).
-    pub fn new(on: bool) -> Self {
+    pub(crate) fn new(on: bool) -> Self {
         use tokio::signal::unix::{signal, SignalKind};
         Self(on.then(|| signal(SignalKind::hangup())).and_then(|s| match s {
             Ok(s) => Some(s),
@@ -257,7 +257,7 @@ impl Hangups {
     }
 
     /// The next SIGHUP.
-    pub async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         if let Some(s) = &mut self.0 {
             if s.recv().await.is_some() {
                 return;

@@ -4,7 +4,9 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -68,7 +70,7 @@ impl ReplayBody {
     }
 
     fn lock(&self) -> MutexGuard<'_, Recording> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     /// A fresh body replaying everything from the start, if the call is still replayable.
@@ -102,7 +104,7 @@ impl Body for ReplayBody {
         if this.finished {
             return Poll::Ready(None);
         }
-        let mut s = this.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = this.shared.lock();
         if this.pos < s.recorded.len() {
             let chunk = s.recorded[this.pos].clone();
             this.pos += 1;

@@ -43,7 +43,7 @@ pub(crate) struct Built {
 
 impl Built {
     /// Builds from `args`; a bad TLS file or routes that do not fit are errors.
-    pub fn new(args: &ProxySettings) -> Result<Self, ProxyError> {
+    pub(crate) fn new(args: &ProxySettings) -> Result<Self, ProxyError> {
         Ok(Self {
             acceptor: args.tls.server_config()?.map(TlsAcceptor::from),
             server: Arc::new(server_settings(args)),

@@ -10,24 +10,13 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::endpoint::BackendAddr;
-
-/// How the backend's health is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum HealthCheckKind {
-    /// The standard `grpc.health.v1.Health/Check`: healthy while it answers SERVING.
-    Grpc,
-    /// A TCP connect to the address: healthy while it is accepted.
-    Tcp,
-    /// No check: always healthy.
-    #[default]
-    None,
-}
+use crate::health::{tcp_probe, ActiveCheck};
 
 /// Settings of the health gate.
 #[derive(Debug, Clone)]
 pub struct HealthGateConfig {
     /// What to check.
-    pub kind: HealthCheckKind,
+    pub kind: ActiveCheck,
     /// The backend.
     pub addr: BackendAddr,
     /// The service name asked about in gRPC checks (`""`: the whole server).
@@ -71,7 +60,7 @@ impl HealthGate {
     /// A gate for `config` (connections are made lazily, at the first probe).
     pub fn new(config: HealthGateConfig) -> Result<Self, HealthGateError> {
         let grpc = match config.kind {
-            HealthCheckKind::Grpc => {
+            ActiveCheck::Grpc => {
                 let channel = Endpoint::from_shared(format!("http://{}", config.addr))
                     .map_err(|source| HealthGateError::Endpoint {
                         addr: config.addr.to_string(),
@@ -82,7 +71,7 @@ impl HealthGate {
                     .connect_lazy();
                 Some(HealthClient::new(channel))
             }
-            HealthCheckKind::Tcp | HealthCheckKind::None => None,
+            ActiveCheck::Tcp | ActiveCheck::None => None,
         };
         Ok(Self {
             config,
@@ -94,10 +83,10 @@ impl HealthGate {
     }
 
     /// Probes every interval until the backend's health changes; returns the new value.
-    /// With [`HealthCheckKind::None`] the first call returns `true` and later calls never
+    /// With [`ActiveCheck::None`] the first call returns `true` and later calls never
     /// return.
     pub async fn changed(&mut self) -> bool {
-        if self.config.kind == HealthCheckKind::None {
+        if self.config.kind == ActiveCheck::None {
             if self.healthy {
                 std::future::pending::<()>().await;
             }
@@ -141,16 +130,9 @@ impl HealthGate {
     async fn probe(&mut self) -> Result<(), String> {
         let timeout = self.config.timeout;
         match self.config.kind {
-            HealthCheckKind::None => Ok(()),
-            HealthCheckKind::Tcp => {
-                let addr = (self.config.addr.host(), self.config.addr.port());
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(format!("tcp connect: {e}")),
-                    Err(_) => Err(format!("tcp connect: no answer within {timeout:?}")),
-                }
-            }
-            HealthCheckKind::Grpc => {
+            ActiveCheck::None => Ok(()),
+            ActiveCheck::Tcp => tcp_probe(&self.config.addr, timeout).await,
+            ActiveCheck::Grpc => {
                 let Some(client) = self.grpc.as_mut() else {
                     return Err("no gRPC health client".to_owned());
                 };

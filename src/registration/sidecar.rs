@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use crate::admin::{reply, AdminResponse, METRICS, TEXT};
 use crate::backoff::Backoff;
 use crate::endpoint::{BackendAddr, Endpoint};
+use crate::health::ActiveCheck;
 use crate::metrics::RegistrationMetrics;
 use crate::registry::{metadata_formats, Instance, ValueFormat};
 use crate::route::ServiceName;
 use crate::settings::{duration, AdminListen, EtcdSettings};
 
-use super::health::{HealthCheckKind, HealthGate, HealthGateConfig, HealthGateError};
+use super::health::{HealthGate, HealthGateConfig, HealthGateError};
 use super::{check_ttl, Registration, RegistrationError, RegistrationSpec, RegistrationState};
 
 /// Flags of `switchyard register`.
@@ -60,8 +61,8 @@ pub struct RegisterArgs {
     #[arg(long, env = "SWITCHYARD_SERVICE_VERSION", value_name = "VERSION")]
     pub service_version: Option<String>,
     /// Health check that gates the registration: the key is held only while it passes.
-    #[arg(long, env = "SWITCHYARD_HEALTH_CHECK", value_enum, default_value_t = HealthCheckKind::None)]
-    pub health_check: HealthCheckKind,
+    #[arg(long, env = "SWITCHYARD_HEALTH_CHECK", value_enum, default_value_t = ActiveCheck::None)]
+    pub health_check: ActiveCheck,
     /// Service name asked about by the gRPC health check (empty: the whole server).
     #[arg(long, env = "SWITCHYARD_HEALTH_SERVICE", default_value = "")]
     pub health_service: String,
@@ -372,7 +373,7 @@ pub async fn run_until(
     let mut gate = HealthGate::new(args.health_gate())?;
     tokio::pin!(shutdown);
 
-    if args.health_check != HealthCheckKind::None {
+    if args.health_check != ActiveCheck::None {
         tracing::info!(addr = %args.addr, check = ?args.health_check, "waiting for the backend to be healthy before registering");
     }
     let healthy = tokio::select! {

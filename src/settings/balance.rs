@@ -127,7 +127,7 @@ pub struct EjectionSection {
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSection {
-    /// Check each endpoint's grpc.health.v1.Health for its service: none or grpc.
+    /// Check each endpoint itself: none, grpc (grpc.health.v1.Health for its service) or tcp (a connect).
     #[arg(
         id = "health_check.kind",
         long = "health-check",

@@ -108,7 +108,7 @@ impl Default for EtcdSettings {
 }
 
 /// The key prefix used when none is given.
-pub const DEFAULT_PREFIX: &str = "services";
+pub(super) const DEFAULT_PREFIX: &str = "services";
 
 /// One prefix (`prefix = "services"`) or a list of them.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

@@ -20,7 +20,7 @@ pub(crate) struct FileSource {
 
 impl FileSource {
     /// Reads and parses the file at `path`.
-    pub fn read(path: &Path) -> Result<(Self, Map<String, Value>), ConfigError> {
+    pub(super) fn read(path: &Path) -> Result<(Self, Map<String, Value>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
@@ -30,7 +30,10 @@ impl FileSource {
 
     /// Parses `text` (the file at `path`) into its tree of values; a syntax error is
     /// located.
-    pub fn parse(path: &Path, text: String) -> Result<(Self, Map<String, Value>), ConfigError> {
+    pub(super) fn parse(
+        path: &Path,
+        text: String,
+    ) -> Result<(Self, Map<String, Value>), ConfigError> {
         let src = Self {
             path: path.to_owned(),
             text,
@@ -57,13 +60,13 @@ impl FileSource {
     }
 
     /// The directory relative paths in the file are relative to.
-    pub fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new(""))
     }
 
     /// Where the key `path` (`etcd.prefix`, `listener[0].addr`) is defined (the file's
     /// start if it is not found).
-    pub fn locate(&self, path: &str) -> Location {
+    pub(super) fn locate(&self, path: &str) -> Location {
         self.location_of(key_offset(&self.text, path).unwrap_or(0))
     }
 

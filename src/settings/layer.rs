@@ -29,7 +29,7 @@ pub(crate) struct Flags<'a> {
 
 impl Flags<'_> {
     /// Whether the setting with id `id` was given by flag or environment variable.
-    pub fn given(&self, id: &str) -> bool {
+    pub(super) fn given(&self, id: &str) -> bool {
         self.matches.is_some_and(|m| {
             m.try_contains_id(id).is_ok()
                 && matches!(
@@ -51,7 +51,7 @@ impl Flags<'_> {
 
     /// How the setting `id` is named on the command line: `--flag ($ENV)` (or `id` for a
     /// setting that only the file sets).
-    pub fn flag_name(&self, id: &str) -> String {
+    pub(super) fn flag_name(&self, id: &str) -> String {
         let Some(arg) = self.arg(id) else {
             return id.to_owned();
         };

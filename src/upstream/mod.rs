@@ -138,7 +138,8 @@ impl Default for UpstreamConfig {
 }
 
 /// Connection state of a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::FromRepr)]
+#[strum(serialize_all = "lowercase")]
 #[repr(u8)]
 pub enum State {
     /// Connecting (first time, or right after a connection ended).
@@ -153,22 +154,12 @@ pub enum State {
 
 impl State {
     fn from_u8(v: u8) -> Self {
-        match v {
-            1 => State::Ready,
-            2 => State::Failed,
-            3 => State::Idle,
-            _ => State::Connecting,
-        }
+        Self::from_repr(v).unwrap_or(State::Connecting)
     }
 
     /// Lower-case name, for logs and admin output.
     pub fn as_str(self) -> &'static str {
-        match self {
-            State::Connecting => "connecting",
-            State::Ready => "ready",
-            State::Failed => "failed",
-            State::Idle => "idle",
-        }
+        self.into()
     }
 }
 
@@ -459,7 +450,8 @@ impl Upstream {
 }
 
 /// Why a backend connection was closed (the `reason` label of its metric).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 pub enum CloseReason {
     /// No stream for the idle timeout (or, for an extra connection, a shorter while).
     Idle,
@@ -475,10 +467,6 @@ impl CloseReason {
 
     /// Its label.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Idle => "idle",
-            Self::Lost => "lost",
-            Self::Unused => "unused",
-        }
+        self.into()
     }
 }

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use super::{CloseReason, Upstream, UpstreamConfig};
 use crate::endpoint::BackendAddr;
@@ -52,7 +54,7 @@ impl UpstreamPool {
 
     /// The upstream of `addr`: the one services already use, or a new one, connecting.
     pub fn get(&self, addr: &BackendAddr) -> Arc<Upstream> {
-        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_addr.lock();
         if let Some(up) = map.get(addr).and_then(Weak::upgrade) {
             return up;
         }
@@ -78,7 +80,7 @@ impl UpstreamPool {
 
     /// Backend addresses with an upstream in use.
     pub fn len(&self) -> usize {
-        let map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = self.by_addr.lock();
         map.values().filter(|w| w.strong_count() > 0).count()
     }
 

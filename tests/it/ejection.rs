@@ -198,6 +198,44 @@ async fn active_checks_follow_a_node_flipped_to_not_serving_and_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_checks_take_out_a_node_that_accepts_no_connection_before_any_call() {
+    let (etcd, _bs, _regs) = echo_backends(2).await;
+    // Registered, but nothing listens there.
+    let dead = switchyard::testkit::free_addr().unwrap();
+    let _dead_reg = register(etcd.endpoint(), "switchyard.echo.v1.Echo", dead, 10).await;
+    let (p, admin) = proxy(&etcd, |s| {
+        s.health_check.kind = ActiveCheck::Tcp;
+        s.health_check.interval = Duration::from_millis(500);
+    })
+    .await;
+    // One call starts the service's watch (and its checks).
+    let first = calls(p.addr, 1).await;
+    assert!(first[0].is_ok(), "{first:?}");
+    let dead_text = dead.to_string();
+    eventually(
+        Duration::from_secs(10),
+        "the dead node shown unhealthy",
+        || {
+            let dead_text = dead_text.clone();
+            async move {
+                let Some(eps) = admin_get(admin, "/endpoints").await else {
+                    return false;
+                };
+                let json: serde_json::Value = serde_json::from_str(&eps.body).unwrap_or_default();
+                json[0]["endpoints"].as_array().is_some_and(|eps| {
+                    eps.iter()
+                        .any(|e| e["address"] == dead_text.as_str() && e["state"] == "unhealthy")
+                })
+            }
+        },
+    )
+    .await;
+    let t = tally(&calls(p.addr, 40).await);
+    assert_eq!(t.get("b0"), Some(&20), "{t:?}");
+    assert_eq!(t.get("b1"), Some(&20), "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cancelling_a_stream_is_counted_cancelled_not_unavailable() {
     let (etcd, bs, _regs) = echo_backends(1).await;
     let _ = &bs;
