@@ -150,6 +150,11 @@ impl BackendCall {
         }
     }
 
+    /// The backend the attempt went to.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
     /// The call's stream is on `conn` until it ends.
     #[inline]
     pub fn hold(&mut self, conn: Arc<Connection>) {

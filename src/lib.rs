@@ -20,6 +20,8 @@
 //! - [`upstream`]: where a call leaves: one pool of multiplexed HTTP/2 connections per
 //!   backend address, shared by every service naming it, grown at the backend's stream limit.
 //! - [`registration`]: the other half of the pattern: leased keys kept alive.
+//! - [`service_config`]: gRPC service configs (per-method timeouts, retries, hedging,
+//!   throttling), applied per call by [`proxy::resend`].
 //! - [`settings`]: every setting declared once (flag, environment variable, config file
 //!   key, default), layered flag > environment > file > default.
 //! - [`observe`]: the access log and OpenTelemetry traces of every call.
@@ -51,6 +53,7 @@ pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod route;
+pub mod service_config;
 pub mod settings;
 pub mod status;
 pub mod stream;

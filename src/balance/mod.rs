@@ -66,6 +66,12 @@ impl EndpointSet {
         self.backends.is_empty()
     }
 
+    /// Endpoint `i` (an index the picks give).
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&Arc<Backend>> {
+        self.backends.get(i)
+    }
+
     /// All endpoints, in address order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend>> {
         self.backends.iter()

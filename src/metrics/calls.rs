@@ -34,6 +34,23 @@ pub fn status_slot(v: Option<&http::HeaderValue>) -> usize {
     }
 }
 
+/// What became of the attempts of calls whose method has a retry or hedging policy (the
+/// `outcome` label of `switchyard_call_attempts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumCount)]
+#[strum(serialize_all = "snake_case")]
+pub enum AttemptKind {
+    /// A call's first attempt.
+    FirstTry,
+    /// A retry sent.
+    Retried,
+    /// A hedge sent (beyond the first attempt).
+    Hedged,
+    /// A retry or hedge the service's throttle did not allow.
+    Throttled,
+    /// A retry or hedge not possible: the request had outgrown the replay buffer.
+    Committed,
+}
+
 /// The labelled families of the call metrics, registered once per process.
 #[derive(Debug)]
 pub(super) struct CallFamilies {
@@ -42,6 +59,7 @@ pub(super) struct CallFamilies {
     inflight: IntGaugeVec,
     endpoint_inflight: IntGaugeVec,
     ejections: IntCounterVec,
+    attempts: IntCounterVec,
 }
 
 impl CallFamilies {
@@ -83,8 +101,28 @@ impl CallFamilies {
             ),
             &["service", "endpoint"],
         );
-        let (Ok(calls), Ok(duration), Ok(inflight), Ok(endpoint_inflight), Ok(ejections)) =
-            (calls, duration, inflight, endpoint_inflight, ejections)
+        let attempts = IntCounterVec::new(
+            Opts::new(
+                "switchyard_call_attempts_total",
+                "Attempts of calls under a retry or hedging policy, by service and outcome (first_try, retried, hedged, throttled, committed).",
+            ),
+            &["service", "outcome"],
+        );
+        let (
+            Ok(calls),
+            Ok(duration),
+            Ok(inflight),
+            Ok(endpoint_inflight),
+            Ok(ejections),
+            Ok(attempts),
+        ) = (
+            calls,
+            duration,
+            inflight,
+            endpoint_inflight,
+            ejections,
+            attempts,
+        )
         else {
             unreachable!("static metric definitions are valid")
         };
@@ -94,6 +132,7 @@ impl CallFamilies {
             inflight: register(registry, inflight),
             endpoint_inflight: register(registry, endpoint_inflight),
             ejections: register(registry, ejections),
+            attempts: register(registry, attempts),
         }
     }
 }
@@ -107,6 +146,8 @@ pub struct ServiceMetrics {
     inflight: IntGauge,
     /// Calls answered by the proxy itself, by status.
     own: [OnceLock<IntCounter>; STATUS_SLOTS],
+    /// Attempts under a policy, by outcome (resolved on first use).
+    attempts: [OnceLock<IntCounter>; <AttemptKind as strum::EnumCount>::COUNT],
 }
 
 impl ServiceMetrics {
@@ -118,7 +159,19 @@ impl ServiceMetrics {
             duration: families.duration.with_label_values(&[service]),
             inflight: families.inflight.with_label_values(&[service]),
             own: Default::default(),
+            attempts: Default::default(),
         }
+    }
+
+    /// Counts one attempt of a call under a retry or hedging policy.
+    pub fn attempt(&self, kind: AttemptKind) {
+        self.attempts[kind as usize]
+            .get_or_init(|| {
+                self.families
+                    .attempts
+                    .with_label_values(&[&*self.service, kind.into()])
+            })
+            .inc();
     }
 
     /// Handles for one endpoint of this service.

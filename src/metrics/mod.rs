@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub use calls::{status_slot, EndpointMetrics, ServiceMetrics, STATUS_SLOTS};
+pub use calls::{status_slot, AttemptKind, EndpointMetrics, ServiceMetrics, STATUS_SLOTS};
 pub use export::{process_registry, render};
 pub use registration::{RegistrationEvent, RegistrationMetrics};
 pub use upstream::UpstreamMetrics;

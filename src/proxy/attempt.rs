@@ -28,8 +28,9 @@ pub const UNRESPONSIVE_AFTER: Duration = Duration::from_millis(250);
 /// What one attempt on one backend came to.
 pub(super) enum Attempt {
     /// The backend answered with response headers: the call is its, in flight there
-    /// until its response ends.
-    Answered(Response<h2::RecvStream>, BackendCall),
+    /// until its response ends (unless a retry policy sends it again). The body comes
+    /// back too while it is still replayable; whoever keeps the answer commits it.
+    Answered(Response<h2::RecvStream>, BackendCall, Option<ReplayBody>),
     /// The backend never got the call (connection not to be had or closed, stream
     /// refused): the body comes back, to be offered to another backend.
     NotTaken {
@@ -43,8 +44,9 @@ pub(super) enum Attempt {
         refused: bool,
     },
     /// The backend may have processed the call before its stream failed: not safe to
-    /// send elsewhere.
-    Failed(h2::Error),
+    /// send elsewhere unless a retry policy says the method may be (the body, if still
+    /// replayable, comes back for that).
+    Failed(h2::Error, Option<ReplayBody>),
 }
 
 /// Sends the call (`parts` and `body`) to `backend` and waits for its response headers.
@@ -96,13 +98,10 @@ pub(super) async fn try_backend(
     match result {
         Ok(resp) => {
             pump.disarm();
-            if let Some(b) = &retry_body {
-                b.commit();
-            }
             call.answered(sent_at);
             // The stream is on this connection until the response ends.
             call.hold(conn);
-            Ok(Attempt::Answered(resp, call))
+            Ok(Attempt::Answered(resp, call, retry_body))
         }
         // Refused before the backend processed it: replay elsewhere.
         Err(err) => match retry_body {
@@ -119,9 +118,9 @@ pub(super) async fn try_backend(
                     refused: true,
                 })
             }
-            _ => {
+            retry_body => {
                 call.set_outcome(Outcome::StreamFailed);
-                Ok(Attempt::Failed(err))
+                Ok(Attempt::Failed(err, retry_body))
             }
         },
     }

@@ -20,6 +20,7 @@ use super::error::CallError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
+use super::resend::{Avoid, Resender, Sent};
 use super::routing::LiveRouting;
 use crate::call::{Arrival, BackendCall};
 use crate::discovery::{Discovery, DiscoveryError, Service};
@@ -29,7 +30,8 @@ use crate::status::http_error;
 use http_body::Body as _;
 
 pub use super::attempt::UNRESPONSIVE_AFTER;
-use super::grpc::{grpc_timeout, is_grpc};
+use super::grpc::{grpc_timeout, is_grpc, timeout_value, GRPC_TIMEOUT};
+use crate::service_config::{CallPolicy, LivePolicies};
 
 /// A request that passed the checks, bound for `service`.
 struct Call {
@@ -37,6 +39,8 @@ struct Call {
     parts: Box<Parts>,
     body: H2Body,
     timeout: Option<Duration>,
+    /// Its method's service config, if it has one.
+    policy: Option<CallPolicy>,
     /// The call's access-log record and span, when either is on.
     obs: Option<Box<CallObs>>,
 }
@@ -72,6 +76,8 @@ pub struct Forwarder {
     routing: Arc<LiveRouting>,
     /// The access log and tracer, with this listener's address, when either is on.
     observe: Option<(Arc<Observer>, SocketAddr)>,
+    /// The service configs in force (timeouts, retries, hedging).
+    policies: Arc<LivePolicies>,
 }
 
 impl Forwarder {
@@ -83,7 +89,14 @@ impl Forwarder {
             local: None,
             routing,
             observe: None,
+            policies: LivePolicies::new(),
         }
+    }
+
+    /// The same forwarder, applying the service configs in `policies`.
+    pub fn with_policies(mut self, policies: Arc<LivePolicies>) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// The same forwarder, with its calls seen by `observer` (access log, traces) as
@@ -151,8 +164,17 @@ impl Forwarder {
                 Err(e) => return Err(Own::Grpc(e.response())),
             },
         };
-        let timeout = grpc_timeout(req.headers());
+        let mut timeout = grpc_timeout(req.headers());
         let (mut parts, body) = req.into_parts();
+        let policy = self.policies.for_path(parts.uri.path());
+        if let Some(limit) = policy.as_ref().and_then(|p| p.method.timeout) {
+            // The method's timeout bounds the client's deadline; the backend sees the
+            // effective one.
+            if timeout.is_none_or(|t| limit < t) {
+                timeout = Some(limit);
+                parts.headers.insert(&GRPC_TIMEOUT, timeout_value(limit));
+            }
+        }
         if let Some(o) = obs.as_mut() {
             // Routed: the service found is not the one the path names.
             let routed = matches!(self.target, Target::ByPath)
@@ -169,6 +191,7 @@ impl Forwarder {
             parts: Box::new(parts),
             body: H2Body::new(body),
             timeout,
+            policy,
             obs: obs.take(),
         })
     }
@@ -267,17 +290,19 @@ impl Forwarder {
             parts,
             body,
             timeout,
+            policy,
             obs: _,
         } = call;
-        let forwarded = self.forward(&service, &parts, body, obs);
-        match timeout {
-            Some(timeout) => {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let forwarded = self.forward(&service, &parts, body, obs, policy.as_ref(), deadline);
+        match deadline {
+            Some(deadline) => {
                 // Boxed: only calls with a deadline pay for the timer.
-                let deadline = Box::pin(tokio::time::sleep(timeout));
+                let expiry = Box::pin(tokio::time::sleep_until(deadline));
                 tokio::select! {
                     biased;
                     r = forwarded => r,
-                    _ = deadline => Err(CallError::DeadlineExceeded(service.name().clone())),
+                    _ = expiry => Err(CallError::DeadlineExceeded(service.name().clone())),
                 }
             }
             None => forwarded.await,
@@ -285,13 +310,16 @@ impl Forwarder {
     }
 
     /// Offers the call to the service's backends, as its balancer picks them, until one
-    /// takes it; returns that backend's response headers.
+    /// takes it (and, under a retry or hedging policy, as that policy says); returns
+    /// that backend's response headers.
     async fn forward(
         &self,
         service: &Service,
         parts: &Parts,
         body: H2Body,
         obs: &mut Option<Box<CallObs>>,
+        policy: Option<&CallPolicy>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Forwarded {
         let name = service.name();
         if !service.is_loaded() {
@@ -300,30 +328,82 @@ impl Forwarder {
                 return Err(CallError::NotLoaded(name.clone()));
             }
         }
-        let set = service.endpoints_full();
-        if set.is_empty() {
+        if service.endpoints_full().is_empty() {
             return Err(self.no_endpoints(service));
         }
         let counter = obs.as_ref().and_then(|o| o.request_counter());
-        let mut body = ReplayBody::counted(body, counter);
+        let body = ReplayBody::counted(body, counter);
+        if let Some(p) = policy {
+            if let Some(resend) = &p.method.resend {
+                let how = Resender {
+                    forwarder: self,
+                    service,
+                    parts,
+                    throttle: p.throttle.as_deref(),
+                    deadline,
+                };
+                return Box::pin(how.run(resend, body, obs)).await;
+            }
+        }
+        match self
+            .send(service, parts, body, &Avoid::default(), obs)
+            .await?
+        {
+            Sent::Answered(resp, call, replay) => {
+                if let Some(b) = replay {
+                    b.commit();
+                }
+                Ok((resp, call))
+            }
+            Sent::Failed { backend, error, .. } => Err(CallError::BackendFailed {
+                service: name.clone(),
+                backend,
+                error,
+            }),
+        }
+    }
+
+    /// Sends one attempt of the call: offers it to the service's backends (avoiding
+    /// those in `avoid` while another is usable) until one takes it. A backend that does
+    /// not take it (not connected, closed, refused the stream) never processed it, so the
+    /// next one is tried; when all refused, the round starts again after a pause, for as
+    /// long as the call's deadline (which bounds this future) allows.
+    pub(super) async fn send(
+        &self,
+        service: &Service,
+        parts: &Parts,
+        mut body: ReplayBody,
+        avoid: &Avoid,
+        obs: &mut Option<Box<CallObs>>,
+    ) -> Result<Sent, CallError> {
+        let name = service.name();
+        let set = service.endpoints_full();
         let mut last = None;
         let mut pauses = 0;
         loop {
             let mut tried = [usize::MAX; MAX_ATTEMPTS];
             let mut refused = false;
             for attempt in 0..set.len().min(MAX_ATTEMPTS) {
-                let Some((idx, backend)) = service
-                    .balancer()
-                    .select_with(&set, |i| !tried.contains(&i))
-                else {
+                let fresh = |i: usize| !tried.contains(&i);
+                let picked = match avoid.is_empty() {
+                    true => service.balancer().select_with(&set, fresh),
+                    false => service
+                        .balancer()
+                        .select_with(&set, |i| fresh(i) && !avoid.holds(set.get(i)))
+                        .or_else(|| service.balancer().select_with(&set, fresh)),
+                };
+                let Some((idx, backend)) = picked else {
                     break;
                 };
                 tried[attempt] = idx;
+                avoid.add(backend);
                 if let Some(o) = obs.as_mut() {
                     o.attempt(backend.addr());
                 }
                 match try_backend(name, backend, parts, body).await? {
-                    Attempt::Answered(resp, call) => return Ok((resp, call)),
+                    Attempt::Answered(resp, call, replay) => {
+                        return Ok(Sent::Answered(resp, call, replay))
+                    }
                     Attempt::NotTaken {
                         body: b,
                         why,
@@ -333,17 +413,15 @@ impl Forwarder {
                         refused |= r;
                         last = Some((backend.addr().clone(), why));
                     }
-                    Attempt::Failed(error) => {
-                        return Err(CallError::BackendFailed {
-                            service: name.clone(),
+                    Attempt::Failed(error, replay) => {
+                        return Ok(Sent::Failed {
                             backend: backend.addr().clone(),
                             error,
+                            replay,
                         })
                     }
                 }
             }
-            // A refused stream was never processed: it is sent again, after a pause,
-            // for as long as the call's deadline (which bounds this future) allows.
             if !refused || pauses >= MAX_REFUSAL_PAUSES {
                 break;
             }
@@ -413,7 +491,7 @@ fn send_own(respond: &mut SendResponse<Bytes>, own: Own, obs: Option<Box<CallObs
 
 /// What forwarding gives: the backend's response and the call's accounting, or why the
 /// proxy answers itself.
-type Forwarded = Result<(Response<h2::RecvStream>, BackendCall), CallError>;
+pub(super) type Forwarded = Result<(Response<h2::RecvStream>, BackendCall), CallError>;
 
 #[cfg(test)]
 mod state_size {

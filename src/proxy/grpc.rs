@@ -23,7 +23,30 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// The `grpc-timeout` header's name, built once (a `&str` name is parsed on every lookup).
-static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+pub static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// The `grpc-previous-rpc-attempts` header (gRFC A6), on the retries and hedges of a call.
+pub static PREVIOUS_ATTEMPTS: http::HeaderName =
+    http::HeaderName::from_static("grpc-previous-rpc-attempts");
+
+/// The `grpc-retry-pushback-ms` header (gRFC A6), a server's word on when to retry.
+pub static RETRY_PUSHBACK: http::HeaderName =
+    http::HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// `d` as a `grpc-timeout` value, rounded up to the unit that keeps it within 8 digits
+/// (for calls whose deadline the proxy sets or shortens).
+pub fn timeout_value(d: Duration) -> http::HeaderValue {
+    let us = d.as_micros().max(1);
+    let text = if us < 100_000_000 {
+        format!("{us}u")
+    } else if us / 1000 < 100_000_000 {
+        format!("{}m", us.div_ceil(1000))
+    } else {
+        format!("{}S", us.div_ceil(1_000_000).min(99_999_999))
+    };
+    // Digits and a unit letter: always a valid header value.
+    http::HeaderValue::from_str(&text).unwrap_or(http::HeaderValue::from_static("99999999S"))
+}
 
 /// Parses `grpc-timeout` (`<up to 8 digits><H|M|S|m|u|n>`); `None` if absent or malformed.
 #[inline]
@@ -60,6 +83,25 @@ pub fn set_authority<B>(req: &mut Request<B>, addr: &BackendAddr) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_values_read_back_as_at_least_what_was_set() {
+        for d in [
+            Duration::from_nanos(10),
+            Duration::from_millis(250),
+            Duration::from_secs(150),
+            Duration::from_secs(86_400 * 365),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(&GRPC_TIMEOUT, timeout_value(d));
+            let back = grpc_timeout(&h).unwrap();
+            assert!(
+                back >= d.min(Duration::from_secs(99_999_999)),
+                "{d:?} -> {back:?}"
+            );
+            assert!(back <= d + Duration::from_secs(1) || d > Duration::from_secs(99_999_999));
+        }
+    }
     use http::HeaderValue;
 
     fn headers(name: &'static str, v: &'static str) -> HeaderMap {

@@ -15,6 +15,7 @@ pub mod local;
 pub mod relay;
 pub mod reload;
 pub mod replay;
+pub mod resend;
 pub mod routing;
 pub mod runtime;
 pub mod sockets;
@@ -85,6 +86,9 @@ pub enum ProxyError {
     /// The settings could not be applied.
     #[error(transparent)]
     Settings(#[from] crate::settings::ConfigError),
+    /// A service config file is unreadable or invalid (`--service-config`).
+    #[error("--service-config: {0}")]
+    ServiceConfig(#[from] crate::service_config::source::FileError),
 }
 
 /// Which setting gave a listener its address (named when it cannot be bound).
@@ -224,6 +228,15 @@ async fn serve_with(
         },
     );
     let routing = LiveRouting::new(built.routing);
+    let policies = crate::service_config::LivePolicies::new();
+    policies.set_files(built.service_configs);
+    let config_watch = args.service_config.prefix.clone().map(|prefix| {
+        tokio::spawn(crate::service_config::source::watch_etcd(
+            etcd.clone(),
+            prefix,
+            Arc::clone(&policies),
+        ))
+    });
     let admin = AdminState::new(Arc::clone(&discovery));
     let (stop_tx, stop_rx) = watch::channel(false);
     let local = Arc::new(LocalContext {
@@ -242,6 +255,7 @@ async fn serve_with(
             bound.service.as_ref(),
             args,
             &local,
+            &policies,
             (observer.clone(), addr),
         )?;
         serving.push((addr, bound, forwarder));
@@ -302,6 +316,7 @@ async fn serve_with(
         metrics,
         listeners: open,
         observer,
+        policies,
     };
     let mut hangups = reload::Hangups::new(reload.is_some());
     tokio::pin!(shutdown);
@@ -316,6 +331,9 @@ async fn serve_with(
         }
     }
     probe.abort();
+    if let Some(w) = config_watch {
+        w.abort();
+    }
     let drain_timeout = live.running.settings.timeouts.drain;
     tracing::info!(
         ?drain_timeout,

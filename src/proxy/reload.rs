@@ -131,6 +131,8 @@ pub(crate) struct Live {
     pub listeners: Listeners,
     /// The access log and tracer, if either is on.
     pub observer: Option<Arc<crate::observe::Observer>>,
+    /// The service configs in force (the files' are replaced on reload).
+    pub policies: Arc<crate::service_config::LivePolicies>,
 }
 
 impl Live {
@@ -173,6 +175,7 @@ impl Live {
                     spec.service.as_ref(),
                     args,
                     &self.local,
+                    &self.policies,
                     (self.observer.clone(), spec.addr),
                 )?,
                 settings: Arc::clone(&built.server),
@@ -216,6 +219,7 @@ impl Live {
         self.listeners.resize_connections(old, now);
         // Open connections, health and reflection follow the new routes from here on.
         self.local.routing.store(built.routing);
+        self.policies.set_files(built.service_configs);
         let mut live = self.discovery.reconfigure(built.live);
         if args.log != self.running.settings.log {
             if let Some(control) = &new.log_control {

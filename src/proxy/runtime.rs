@@ -22,6 +22,7 @@ use crate::discovery::{Discovery, LiveConfig};
 use crate::health::HealthSettings;
 use crate::observe::Observer;
 use crate::route::ServiceName;
+use crate::service_config::LivePolicies;
 use crate::settings::ProxySettings;
 use crate::upstream::UpstreamConfig;
 
@@ -39,16 +40,20 @@ pub(crate) struct Built {
     pub routing: Routing,
     /// What discovery applies to the services.
     pub live: LiveConfig,
+    /// The `--service-config` files, read and checked.
+    pub service_configs: Vec<(std::path::PathBuf, crate::service_config::ServiceConfig)>,
 }
 
 impl Built {
-    /// Builds from `args`; a bad TLS file or routes that do not fit are errors.
+    /// Builds from `args`; a bad TLS or service config file, or routes that do not fit,
+    /// are errors.
     pub(crate) fn new(args: &ProxySettings) -> Result<Self, ProxyError> {
         Ok(Self {
             acceptor: args.tls.server_config()?.map(TlsAcceptor::from),
             server: Arc::new(server_settings(args)),
             routing: Routing::new(args)?,
             live: live_config(args),
+            service_configs: crate::service_config::source::load_files(&args.service_config.files)?,
         })
     }
 }
@@ -132,6 +137,7 @@ pub(crate) fn forwarder(
     service: Option<&ServiceName>,
     args: &ProxySettings,
     local: &Arc<LocalContext>,
+    policies: &Arc<LivePolicies>,
     (observer, listener): (Option<Arc<Observer>>, std::net::SocketAddr),
 ) -> Result<Arc<Forwarder>, ProxyError> {
     let target = match service {
@@ -144,8 +150,9 @@ pub(crate) fn forwarder(
         Target::ByPath => Some(Local::new(Arc::clone(local), None)),
     };
     let routing: Arc<LiveRouting> = Arc::clone(&local.routing);
-    let mut forwarder =
-        Forwarder::new(Arc::clone(discovery), target, routing).with_observer(observer, listener);
+    let mut forwarder = Forwarder::new(Arc::clone(discovery), target, routing)
+        .with_observer(observer, listener)
+        .with_policies(Arc::clone(policies));
     if let Some(own) = own {
         forwarder = forwarder.with_local(own);
     }

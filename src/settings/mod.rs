@@ -3,7 +3,8 @@
 //! config file key), and layered flag > environment > file > built-in default.
 //!
 //! The structs follow the config file: [`ProxySettings`] is its top, each section
-//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`, `[observe]`) is a struct of
+//! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`, `[observe]`,
+//! `[service_config]`) is a struct of
 //! its own, flattened into it with `#[command(flatten)]`. The library takes these structs;
 //! only [`load`] (at the binary's edge) sees clap's parse.
 //!
@@ -54,6 +55,7 @@ mod log;
 pub mod observe;
 mod proxy;
 mod restart;
+pub mod service_config;
 pub mod text;
 mod tls;
 mod upstream;

@@ -87,6 +87,10 @@ pub struct ProxySettings {
     /// The access log and tracing.
     #[command(flatten)]
     pub observe: super::observe::ObserveSection,
+    /// gRPC service configs: timeouts, retries, hedging.
+    #[command(flatten)]
+    #[serde(default)]
+    pub service_config: super::service_config::ServiceConfigSection,
 }
 
 impl Default for ProxySettings {

@@ -16,6 +16,7 @@ pub fn restart_only_keys() -> impl Iterator<Item = &'static str> {
         UpstreamTlsSettings::RESTART_ONLY,
         UpstreamSettings::RESTART_ONLY,
         ObserveSection::RESTART_ONLY,
+        super::service_config::ServiceConfigSection::RESTART_ONLY,
         AdminSettings::RESTART_ONLY,
         TimeoutSettings::RESTART_ONLY,
         LimitSettings::RESTART_ONLY,
