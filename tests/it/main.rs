@@ -21,6 +21,7 @@ mod registries;
 mod reload;
 mod resilience;
 mod restart;
+mod service_config;
 mod sidecar_admin;
 mod tls;
 mod upstream;
