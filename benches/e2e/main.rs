@@ -92,7 +92,10 @@ options:
   --degraded         only the degraded-backend scenario: one backend of three 10 ms late,
                      switchyard --balance round-robin|least-request|peak-ewma, HAProxy
                      roundrobin/leastconn, nginx least_conn; 4 conns x 64 streams closed loop
-                     and 10,000 calls/s offered; written to its own part of RESULTS.md
+                     and 8,000 calls/s offered; written to its own part of RESULTS.md
+  --hedged           with --degraded: the third backend 200 ms late instead, switchyard
+                     round-robin without and with a hedging service config (20 ms), HAProxy
+                     leastconn; 2,000 calls/s offered
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
@@ -113,6 +116,8 @@ struct Options {
     extras: bool,
     /// Only the degraded-backend scenario.
     degraded: bool,
+    /// The degraded scenario's hedging variant.
+    hedged: bool,
     build: bool,
     out: Option<PathBuf>,
     /// Set up, print the targets, and wait this long (for profiling by hand).
@@ -134,6 +139,7 @@ impl Options {
             main_table: true,
             extras: true,
             degraded: false,
+            hedged: false,
             build: true,
             out: Some(PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -167,6 +173,10 @@ impl Options {
                 "--no-extras" => o.extras = false,
                 "--extras-only" => o.main_table = false,
                 "--degraded" => o.degraded = true,
+                "--hedged" => {
+                    o.degraded = true;
+                    o.hedged = true;
+                }
                 "--no-build" => o.build = false,
                 "--out" => {
                     o.out = Some(PathBuf::from(
@@ -281,14 +291,20 @@ async fn run(opts: Options) -> Result<()> {
     let etcd_proc = EtcdProcess::start().await?;
     let mut etcd = etcd_proc.client().await?;
     let delays = if opts.degraded {
-        degraded::DELAYS
+        degraded::delays(opts.hedged)
     } else {
         [0; 3]
     };
     let (backend_addrs, backends) = backend::start_registered(&mut etcd, delays).await?;
 
     let (targets, notes) = if opts.degraded {
-        degraded::start(dir.path(), etcd_proc.endpoint(), &backend_addrs).await?
+        degraded::start(
+            dir.path(),
+            etcd_proc.endpoint(),
+            &backend_addrs,
+            opts.hedged,
+        )
+        .await?
     } else {
         targets::start(&opts, dir.path(), etcd_proc.endpoint(), &backend_addrs).await?
     };
@@ -315,7 +331,7 @@ async fn run(opts: Options) -> Result<()> {
         );
         println!("\n{text}");
         if let Some(out) = &opts.out {
-            write_results(out, &text, degraded::MARKERS)?;
+            write_results(out, &text, degraded::markers(opts.hedged))?;
             println!("e2e: written to {}", out.display());
         }
         return Ok(());

@@ -213,8 +213,14 @@ impl Backend {
     pub fn call_ended(&self, to_headers: Option<Duration>, failed: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.settings.track_latency() {
-            let decay = self.settings.load().ewma_decay;
-            self.latency.observe(decay, to_headers, failed, now_ns());
+            let s = self.settings.load();
+            if s.policy == super::Policy::Latency {
+                self.latency
+                    .observe_recent(s.ewma_decay, to_headers, failed, now_ns());
+            } else {
+                self.latency
+                    .observe(s.ewma_decay, to_headers, failed, now_ns());
+            }
         }
     }
 }

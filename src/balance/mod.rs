@@ -219,6 +219,16 @@ impl Balancer {
                     )
                 })
             }
+            Policy::Latency => {
+                let now = now_ns();
+                p2c::pick(set, fit, |b| {
+                    peak_ewma::latency_first_cost(
+                        b.latency_estimate_with(&settings, now),
+                        b.in_flight(),
+                        b.effective_weight_with(&settings, now),
+                    )
+                })
+            }
         }
     }
 }
@@ -479,6 +489,31 @@ mod policy_tests {
             "the failing endpoint is the dearest: {counts:?}"
         );
         assert!(counts[2] > 170 && counts[0] < 130, "{counts:?}");
+    }
+
+    #[test]
+    fn latency_first_keeps_a_slow_node_out_while_its_peers_are_busy_but_not_loaded() {
+        for policy in [Policy::PeakEwma, Policy::Latency] {
+            let st = settings(policy, None);
+            let (bal, s) = set_for(3, &[], &st, HealthSettings::default());
+            for _ in 0..20 {
+                finish(&s.backends[0], Duration::from_millis(11), false);
+                finish(&s.backends[1], Duration::from_millis(1), false);
+                finish(&s.backends[2], Duration::from_millis(1), false);
+            }
+            // The fast nodes have calls in flight (a burst); the slow one has none.
+            let busy: Vec<_> = (0..6)
+                .flat_map(|_| [Held::on(&s.backends[1]), Held::on(&s.backends[2])])
+                .collect();
+            let counts = picks(&bal, &s, 300, false);
+            match policy {
+                // Linkerd's cost: 1 ms × 7 in flight against 11 ms × 1: close; the slow
+                // node wins whenever drawn with a fast one (two thirds of draws).
+                Policy::PeakEwma => assert!(counts[0] > 100, "{counts:?}"),
+                _ => assert_eq!(counts[0], 0, "{counts:?}"),
+            }
+            drop(busy);
+        }
     }
 
     #[test]

@@ -3,6 +3,15 @@
 //! with every call's time to response headers: it jumps up at once on a slow answer,
 //! decays over time, and counts a failed call as slow.
 //!
+//! Latency-first (`latency`): the same two choices and the same estimate's atomics, but
+//! the estimate follows recent answers (a moving average per answer, not a time-weighted
+//! peak, so that one hiccup on a fast node does not make it look slow for seconds), and
+//! calls in flight count only past a knee ([`LATENCY_KNEE`]): backends that serve calls
+//! concurrently do not slow down with a few more in flight, so a node much slower than
+//! its peers gets almost no call until the others are loaded well past the knee. An idle
+//! node's estimate still decays over the decay window, so a slow node gets a probe now
+//! and then, and is found again once it recovers.
+//!
 //! The estimate is part of the backend ([`super::Backend`] holds one), so this file
 //! depends on no other of the module: the pick ([`super::Balancer::select_with`])
 //! draws two endpoints and compares their [`cost`].
@@ -20,6 +29,22 @@ const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 pub(super) fn cost(estimate_ns: f64, in_flight: u32, weight: f64) -> f64 {
     // +1 ns: an estimate decayed to zero still ranks by load.
     (estimate_ns + 1.0) * f64::from(in_flight + 1) / weight.max(f64::MIN_POSITIVE)
+}
+
+/// Calls in flight at which latency-first starts to weigh load as much as latency: below
+/// it, an endpoint's cost is mostly its latency.
+pub(super) const LATENCY_KNEE: f64 = 8.0;
+
+/// Share of each answer in latency-first's moving average (1/8: a sample's weight has
+/// halved after about 5 more answers).
+const RECENT_SHARE: f64 = 0.125;
+
+/// Latency-first's cost of an endpoint: its recent latency, grown by the calls in flight
+/// past [`LATENCY_KNEE`], per unit of weight.
+#[inline]
+pub(super) fn latency_first_cost(estimate_ns: f64, in_flight: u32, weight: f64) -> f64 {
+    (estimate_ns + 1.0) * (1.0 + f64::from(in_flight) / LATENCY_KNEE)
+        / weight.max(f64::MIN_POSITIVE)
 }
 
 /// One endpoint's estimate of its time to response headers: an exponentially weighted
@@ -76,6 +101,30 @@ impl LatencyEstimate {
             estimate * w + rtt * (1.0 - w)
         };
         // Racing updates may lose one sample: an estimate needs no more.
+        self.ns.store(next.to_bits(), Ordering::Relaxed);
+        self.at.store(now, Ordering::Relaxed);
+    }
+}
+
+impl LatencyEstimate {
+    /// Latency-first's update: folds in a call's answer with a fixed share
+    /// ([`RECENT_SHARE`]), from the estimate as decayed while idle; a failure counts as at
+    /// least [`FAILURE_PENALTY`]; an abandoned call says nothing.
+    #[inline]
+    pub(super) fn observe_recent(
+        &self,
+        decay: Duration,
+        to_headers: Option<Duration>,
+        failed: bool,
+        now: u64,
+    ) {
+        let rtt = match (to_headers, failed) {
+            (rtt, true) => rtt.unwrap_or_default().max(FAILURE_PENALTY),
+            (Some(rtt), false) => rtt,
+            (None, false) => return,
+        };
+        let current = self.get(decay, now);
+        let next = current + (rtt.as_nanos() as f64 - current) * RECENT_SHARE;
         self.ns.store(next.to_bits(), Ordering::Relaxed);
         self.at.store(now, Ordering::Relaxed);
     }
@@ -140,6 +189,29 @@ mod tests {
         // A shorter window forgets faster.
         let short = ms(e.get(Duration::from_secs(1), now(t0)));
         assert!(short < 0.01, "{short}");
+    }
+
+    #[tokio::test]
+    async fn the_recent_estimate_forgets_a_hiccup_within_a_few_answers() {
+        pause();
+        let t0 = Instant::now();
+        let e = LatencyEstimate::new(Duration::from_millis(1), now(t0));
+        e.observe_recent(DECAY, Some(Duration::from_millis(20)), false, now(t0));
+        let after_hiccup = ms(e.get(DECAY, now(t0)));
+        assert!(
+            (after_hiccup - (1.0 + 19.0 * RECENT_SHARE)).abs() < 1e-6,
+            "{after_hiccup}"
+        );
+        for _ in 0..20 {
+            e.observe_recent(DECAY, Some(Duration::from_millis(1)), false, now(t0));
+        }
+        assert!(ms(e.get(DECAY, now(t0))) < 1.2);
+        // Load counts past the knee only: 4 in flight on a 1 ms node is still far
+        // cheaper than an idle 11 ms one.
+        let fast = latency_first_cost(1e6, 4, 1.0);
+        let slow = latency_first_cost(11e6, 0, 1.0);
+        assert!(fast * 5.0 < slow, "{fast} {slow}");
+        assert!(latency_first_cost(1e6, 100, 1.0) > slow);
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ pub enum Policy {
     LeastRequest,
     /// Power of two choices over latency estimate × (calls in flight + 1) per unit of weight.
     PeakEwma,
+    /// Latency first: power of two choices over recent latency, with calls in flight
+    /// counting past a knee of 8, per unit of weight.
+    Latency,
 }
 
 impl Policy {
@@ -91,7 +94,7 @@ impl BalanceSettings {
     /// Whether calls' latencies are measured (only the latency-aware policy reads them).
     #[inline]
     pub fn track_latency(&self) -> bool {
-        self.policy == Policy::PeakEwma
+        matches!(self.policy, Policy::PeakEwma | Policy::Latency)
     }
 }
 

@@ -15,7 +15,8 @@ use crate::health::{ActiveCheck, FailureCodes};
 #[serde(deny_unknown_fields)]
 pub struct BalanceSection {
     /// How each call's backend is picked: round-robin, least-request (fewest calls in
-    /// flight of two random endpoints) or peak-ewma (lowest latency x load of two).
+    /// flight of two random endpoints), peak-ewma (lowest latency x load of two) or latency
+    /// (lowest recent latency of two, load counting past 8 calls in flight).
     #[arg(
         id = "balance.policy",
         long = "balance",
