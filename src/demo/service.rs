@@ -27,6 +27,8 @@ pub struct EchoStats {
     pub sent: AtomicU64,
     /// The `grpc-timeout` header of the last call that carried one.
     pub last_grpc_timeout: Mutex<Option<String>>,
+    /// The highest `grpc-previous-rpc-attempts` seen (retries and hedges of the proxy).
+    pub max_previous_attempts: AtomicU64,
 }
 
 impl EchoStats {
@@ -124,6 +126,15 @@ impl EchoService {
     }
 
     fn observe(&self, md: &MetadataMap) {
+        if let Some(n) = md
+            .get("grpc-previous-rpc-attempts")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            self.stats
+                .max_previous_attempts
+                .fetch_max(n, Ordering::SeqCst);
+        }
         if let Some(t) = md.get("grpc-timeout").and_then(|v| v.to_str().ok()) {
             if let Ok(mut last) = self.stats.last_grpc_timeout.lock() {
                 *last = Some(t.to_owned());
@@ -166,6 +177,10 @@ fn requested_failure(req: &EchoRequest, md: &MetadataMap) -> Option<Status> {
     }
     let mut trailers = MetadataMap::new();
     echo_metadata(md, &mut trailers);
+    // A request can ask for a server pushback (gRFC A6), to test retrying clients.
+    if let Some(v) = md.get("x-echo-pushback-ms") {
+        trailers.insert("grpc-retry-pushback-ms", v.clone());
+    }
     Some(Status::with_metadata(
         tonic::Code::from_i32(req.fail_code),
         req.message.clone(),

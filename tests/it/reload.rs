@@ -370,3 +370,35 @@ async fn a_changed_route_applies_to_open_connections_and_to_health() {
     );
     assert!(!p.logged(&["restart to apply"]), "{}", p.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_config_files_are_read_again_on_reload_and_a_bad_one_is_refused() {
+    let (etcd, _bs, _regs) = echo_backends(1).await;
+    let file = ConfigFile::new(&etcd);
+    // A relative path: from the config file's directory.
+    let json = |t: &str| {
+        format!(r#"{{"methodConfig": [{{"name": [{{"service": "{ECHO}"}}], "timeout": "{t}"}}]}}"#)
+    };
+    let dir = file.path().parent().unwrap().to_owned();
+    std::fs::write(dir.join("grpc.json"), json("0.2s")).unwrap();
+    file.write("", "[service_config]\nfiles = [\"grpc.json\"]\n");
+    let p = proxy(&file, None).await;
+    let mut c = client(file.listen).await;
+    let slow = || switchyard::echo::EchoRequest {
+        message: "slow".into(),
+        delay_ms: 600,
+        ..Default::default()
+    };
+    let e = c.unary(slow()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+
+    std::fs::write(dir.join("grpc.json"), json("5s")).unwrap();
+    signal(p.pid(), "-HUP");
+    wait_logged(&p, &["settings reloaded"]);
+    c.unary(slow()).await.expect("the new timeout applies");
+
+    std::fs::write(dir.join("grpc.json"), json("later")).unwrap();
+    signal(p.pid(), "-HUP");
+    wait_logged(&p, &["refused", "grpc.json", "methodConfig[0].timeout"]);
+    c.unary(slow()).await.expect("the running config stays");
+}

@@ -322,3 +322,51 @@ async fn an_etcd_config_change_applies_to_running_services_and_a_bad_one_keeps_t
     }
     assert!(back, "the deleted config still applies");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_carry_previous_attempts_and_honour_the_server_s_pushback() {
+    let (etcd, bs, _regs) = echo_backends(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, "retry.json", &retry_config(3, ""));
+    let (p, _admin) = proxy(&etcd, |s| {
+        s.service_config.files = vec![file];
+        s.ejection.after = 0;
+    })
+    .await;
+    let mut c = client(p.addr).await;
+    let failing = |pushback: Option<&str>| {
+        let mut r = tonic::Request::new(EchoRequest {
+            message: "fail".into(),
+            fail_code: 14,
+            ..Default::default()
+        });
+        if let Some(v) = pushback {
+            r.metadata_mut()
+                .insert("x-echo-pushback-ms", v.parse().unwrap());
+        }
+        r
+    };
+    // No pushback: three attempts, the last saying two came before.
+    let before = backend_calls(&bs);
+    let e = c.unary(failing(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(backend_calls(&bs) - before, 3);
+    let most = bs
+        .iter()
+        .map(|b| b.stats().max_previous_attempts.load(Ordering::SeqCst))
+        .max();
+    assert_eq!(most, Some(2));
+    // Every attempt on a different node: each of the three saw one.
+    assert!(
+        bs.iter().all(|b| b.stats().calls() == 1),
+        "retries went to a node already tried"
+    );
+    // A negative pushback: the server says not to retry.
+    let before = backend_calls(&bs);
+    c.unary(failing(Some("-1"))).await.unwrap_err();
+    assert_eq!(backend_calls(&bs) - before, 1);
+    // A pushback of 50 ms: still retried.
+    let before = backend_calls(&bs);
+    c.unary(failing(Some("50"))).await.unwrap_err();
+    assert_eq!(backend_calls(&bs) - before, 3);
+}
