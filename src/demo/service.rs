@@ -279,6 +279,13 @@ impl Echo for EchoService {
             message = req.message;
         }
         guard.done();
+        let code = self.faults.fail_code.load(Ordering::Relaxed);
+        if code != 0 {
+            return Err(Status::new(
+                tonic::Code::from_i32(code),
+                format!("{} fails every call", self.name),
+            ));
+        }
         Ok(with_metadata(
             EchoReply {
                 payload,

@@ -275,7 +275,7 @@ impl Resender<'_> {
         let max = policy.max_attempts.min(MAX_POLICY_ATTEMPTS);
         let heads: Vec<_> = (0..max).map(|n| self.head(n)).collect();
         let mut pending = FuturesUnordered::new();
-        let mut spare = Some(body);
+        let spare = body;
         let mut sent_n: u8 = 0;
         // The latest non-fatal answer (and its status), which stands if no other comes.
         let mut last: Option<(Forwarded, u8)> = None;
@@ -283,10 +283,9 @@ impl Resender<'_> {
         let result = loop {
             // Send the next hedge when it is due.
             if sent_n < max && tokio::time::Instant::now() >= next_at {
-                let body = match spare.as_ref() {
-                    Some(b) if sent_n + 1 < max => b.try_clone(),
-                    _ => spare.take(),
-                };
+                // Every attempt replays from the start: a view of a body past the buffer
+                // (committed) is never sent.
+                let body = spare.try_clone();
                 let allowed = sent_n == 0 || !self.throttled();
                 match body {
                     Some(b) if allowed => {
@@ -359,12 +358,7 @@ impl Resender<'_> {
             // other comes.
             let status = status.unwrap_or(14);
             let answer = match sent {
-                Sent::Answered(resp, call, replay) => {
-                    if let Some(b) = replay {
-                        spare.get_or_insert(b);
-                    }
-                    Ok((resp, call))
-                }
+                Sent::Answered(resp, call, _) => Ok((resp, call)),
                 failed @ Sent::Failed { .. } => self.commit(failed),
             };
             if let Some((Ok((_, call)), st)) = last.replace((answer, status)) {

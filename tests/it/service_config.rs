@@ -370,3 +370,57 @@ async fn retries_carry_previous_attempts_and_honour_the_server_s_pushback() {
     c.unary(failing(Some("50"))).await.unwrap_err();
     assert_eq!(backend_calls(&bs) - before, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_client_streams_are_retried_whole_and_long_ones_are_committed_to_their_attempt() {
+    let (etcd, bs, _regs) = echo_backends(3).await;
+    bs[0].faults().fail_code.store(14, Ordering::Relaxed);
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, "retry.json", &retry_config(3, ""));
+    let (p, admin) = proxy(&etcd, |s| {
+        s.service_config.files = vec![file];
+        s.ejection.after = 0;
+    })
+    .await;
+    let mut c = client(p.addr).await;
+    let stream_of = |size: usize| {
+        let msgs: Vec<EchoRequest> = (0..3)
+            .map(|i| EchoRequest {
+                message: format!("m{i}"),
+                payload: vec![b'a' + i as u8; size],
+                ..Default::default()
+            })
+            .collect();
+        tokio_stream::iter(msgs)
+    };
+    for _ in 0..15 {
+        let reply = c
+            .client_stream(stream_of(1024))
+            .await
+            .expect("retried")
+            .into_inner();
+        assert_eq!(reply.payload.len(), 3 * 1024);
+        assert_eq!(reply.seq, 3, "the retried stream arrived whole");
+        assert_ne!(reply.server, "b0");
+    }
+    // 3 × 40 KiB: past the 64 KiB replay buffer, so a failure is the answer.
+    let mut failed = 0;
+    for _ in 0..15 {
+        match c.client_stream(stream_of(40 * 1024)).await {
+            Ok(r) => assert_eq!(r.into_inner().payload.len(), 3 * 40 * 1024),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable);
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed >= 1, "no long stream reached the failing node");
+    let m = admin_get(admin, "/metrics").await.unwrap().body;
+    let committed = metric(
+        &m,
+        "switchyard_call_attempts_total",
+        &[("service", ECHO), ("outcome", "committed")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(committed, f64::from(failed), "{m}");
+}
