@@ -147,3 +147,153 @@ async fn an_idle_connection_closes_and_the_next_call_reopens_it() {
     assert_eq!(connections(admin).await, 1.0);
     proxy.shutdown().await;
 }
+
+/// A grpcio Echo/Unary backend named `argv[1]` that allows `argv[2]` streams per
+/// connection and answers each call after 100 ms; prints its port, serves until stdin
+/// closes. The reply is an `EchoReply` with only `server` set, encoded by hand.
+const GRPCIO_BACKEND: &str = r#"
+import sys, time, grpc
+from concurrent import futures
+name, streams = sys.argv[1], int(sys.argv[2])
+reply = b"\x1a" + bytes([len(name)]) + name.encode()
+def unary(request, context):
+    time.sleep(0.1)
+    return reply
+handler = grpc.method_handlers_generic_handler(
+    "switchyard.echo.v1.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), handlers=[handler],
+                     options=[("grpc.max_concurrent_streams", streams)])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+sys.stdin.read()
+server.stop(0)
+"#;
+
+/// `argv[2]` grpcio callers at `argv[1]`, each on its own connection (a local subchannel
+/// pool), each making `argv[3]` Echo/Unary calls in turn once every caller's channel is
+/// ready; prints `ok <server>` or `error <code> <details>` per call, then `wall <seconds>`
+/// from the first call to the last answer.
+const GRPCIO_CALLERS: &str = r#"
+import sys, threading, time, grpc
+target, callers, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# EchoRequest { message: "x", delay_ms: 100 } (the grpcio backend sleeps anyway).
+request = b"\x12\x01x\x30\x64"
+channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(callers)]
+for ch in channels:
+    grpc.channel_ready_future(ch).result(timeout=10)
+lines, lock, start = [], threading.Lock(), threading.Barrier(callers + 1)
+def caller(ch):
+    unary = ch.unary_unary("/switchyard.echo.v1.Echo/Unary")
+    start.wait()
+    for _ in range(calls):
+        try:
+            r = unary(request, timeout=10)
+            line = "ok " + r[2:2 + r[1]].decode()
+        except grpc.RpcError as e:
+            line = "error %s %s" % (e.code().name, e.details())
+        with lock:
+            lines.append(line)
+threads = [threading.Thread(target=caller, args=(ch,)) for ch in channels]
+for t in threads:
+    t.start()
+start.wait()
+t0 = time.monotonic()
+for t in threads:
+    t.join()
+wall = time.monotonic() - t0
+for line in lines:
+    print(line)
+print("wall %.3f" % wall, flush=True)
+"#;
+
+/// A grpcio backend process, stopped (stdin closed, then killed) when dropped.
+struct GrpcioBackend {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl GrpcioBackend {
+    fn start(python: &std::path::Path, name: &str, streams: u32) -> GrpcioBackend {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(python)
+            .args(["-c", GRPCIO_BACKEND, name, &streams.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        let stdout = child.stdout.take().expect("piped");
+        let mut port = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut port)
+            .expect("the backend prints its port");
+        let port: u16 = port.trim().parse().expect("a port");
+        GrpcioBackend {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for GrpcioBackend {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_backends_limiting_streams_fail_no_call_of_grpcio_callers() {
+    init_tracing();
+    let Some(tools) = crate::local::clients::tools() else {
+        return;
+    };
+    let python = tools.join("venv/bin/python");
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b1 = GrpcioBackend::start(&python, "g1", 4);
+    let b2 = GrpcioBackend::start(&python, "g2", 4);
+    let _r1 = register(etcd.endpoint(), SVC, b1.addr, 10).await;
+    let _r2 = register(etcd.endpoint(), SVC, b2.addr, 10).await;
+    let admin = switchyard::testkit::free_addr().unwrap();
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.admin.listen = AdminListen(Some(admin));
+    })
+    .await;
+    // The service's first call waits for its endpoints: make it before the load.
+    assert!(served_by(&mut client(proxy.addr).await).await.is_ok());
+    let target = proxy.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .args(["-c", GRPCIO_CALLERS, &target, "32", "4"])
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "grpcio callers failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let wall = lines
+        .last()
+        .and_then(|l| l.strip_prefix("wall "))
+        .unwrap_or("?");
+    let failed: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    let ok = |name: &str| lines.iter().filter(|l| **l == format!("ok {name}")).count();
+    // Wall time is reported, not asserted (the issue's target is 1.2 s).
+    eprintln!(
+        "32 grpcio callers x 4 calls of 100 ms, 2 backends limiting streams to 4: {} failed, g1 {}, g2 {}, wall {wall} s",
+        failed.len(),
+        ok("g1"),
+        ok("g2"),
+    );
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(ok("g1") + ok("g2"), 128, "{text}");
+    assert!(ok("g1") > 0 && ok("g2") > 0, "{text}");
+    proxy.shutdown().await;
+}
