@@ -190,7 +190,7 @@ async fn startup_many(
 }
 
 /// Calls `/<service>/Unary` until a backend (not the proxy) answers it.
-async fn first_call(ch: Channel, service: String) -> Result<()> {
+pub async fn first_call(ch: Channel, service: String) -> Result<()> {
     let path = http::uri::PathAndQuery::try_from(format!("/{service}/Unary"))?;
     let deadline = Instant::now() + Duration::from_secs(170);
     loop {

@@ -45,6 +45,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod targets;
+mod upstream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +94,11 @@ options:
                      switchyard --balance round-robin|least-request|peak-ewma, HAProxy
                      roundrobin/leastconn, nginx least_conn; 4 conns x 64 streams closed loop
                      and 10,000 calls/s offered; written to its own part of RESULTS.md
+  --upstream         only the upstream scenarios: start-up RSS and backend connections with
+                     no service, 1,000 services x 1 endpoint, 1,000 x 10 on 10 shared and on
+                     10,000 distinct addresses; 2 backends limiting streams to 4 under 32
+                     callers; written to its own part of RESULTS.md
+  --cases LIST       with --upstream: a subset of idle,one,shared,distinct,limited
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
@@ -113,6 +119,10 @@ struct Options {
     extras: bool,
     /// Only the degraded-backend scenario.
     degraded: bool,
+    /// Only the upstream scenarios.
+    upstream: bool,
+    /// Which of them (`--cases`).
+    cases: Vec<String>,
     build: bool,
     out: Option<PathBuf>,
     /// Set up, print the targets, and wait this long (for profiling by hand).
@@ -134,6 +144,8 @@ impl Options {
             main_table: true,
             extras: true,
             degraded: false,
+            upstream: false,
+            cases: upstream::CASES.map(String::from).to_vec(),
             build: true,
             out: Some(PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -167,6 +179,16 @@ impl Options {
                 "--no-extras" => o.extras = false,
                 "--extras-only" => o.main_table = false,
                 "--degraded" => o.degraded = true,
+                "--upstream" => o.upstream = true,
+                "--cases" => {
+                    let list = it.next().ok_or_else(|| anyhow!("--cases needs a list"))?;
+                    o.cases = list.split(',').map(|s| s.trim().to_owned()).collect();
+                    for c in &o.cases {
+                        if !upstream::CASES.contains(&c.as_str()) {
+                            bail!("--cases: unknown case {c:?}");
+                        }
+                    }
+                }
                 "--no-build" => o.build = false,
                 "--out" => {
                     o.out = Some(PathBuf::from(
@@ -260,7 +282,7 @@ async fn run(opts: Options) -> Result<()> {
     let tck = clk_tck();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpu_before = cpu_times();
-    if which("h2load").is_none() {
+    if which("h2load").is_none() && !opts.upstream {
         bail!("h2load not found: install Debian's nghttp2-client (the harness installs nothing)");
     }
     if opts.build {
@@ -280,6 +302,23 @@ async fn run(opts: Options) -> Result<()> {
     println!("e2e: starting etcd and 3 backends");
     let etcd_proc = EtcdProcess::start().await?;
     let mut etcd = etcd_proc.client().await?;
+    if opts.upstream {
+        let lines = upstream::run(etcd_proc.endpoint(), &mut etcd, tck, &opts.cases).await?;
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let text = format!(
+            "Versions: {}  \nCommand: `{}`  \nLoad average before: `{}`, after: `{}`\n\n{lines}",
+            report::versions(),
+            opts.command,
+            load_before.trim(),
+            load_after.trim(),
+        );
+        println!("\n{text}");
+        if let Some(out) = &opts.out {
+            write_results(out, &text, upstream::MARKERS)?;
+            println!("e2e: written to {}", out.display());
+        }
+        return Ok(());
+    }
     let delays = if opts.degraded {
         degraded::DELAYS
     } else {

@@ -1,6 +1,7 @@
-//! Backend connections: one pool per backend address shared by every service, more
-//! connections when a backend limits its streams, and idle connections closed and
-//! reopened by the next call.
+//! Backend connections: one pool per backend address shared by every service (and one
+//! etcd watch stream for all their watches), more connections when a backend limits its
+//! streams (tonic's and grpcio's), and idle connections closed and reopened by the next
+//! call.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -52,6 +53,19 @@ async fn services_sharing_an_address_share_its_connection() {
         .map(|e| e["connections"].as_u64().unwrap())
         .collect();
     assert_eq!(listed, [1, 1, 1], "{eps}");
+    // Their etcd watches share one watch stream (a stream per service cost about 14 KiB
+    // each in the proxy).
+    let etcd_metrics =
+        crate::faults::http_get(etcd.endpoint().trim_start_matches("http://"), "/metrics")
+            .await
+            .unwrap();
+    let gauge = |name: &str| {
+        etcd_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    assert_eq!(gauge("etcd_debugging_mvcc_watcher_total"), Some(3.0));
+    assert_eq!(gauge("etcd_debugging_mvcc_watch_stream_total"), Some(1.0));
     proxy.shutdown().await;
 }
 
