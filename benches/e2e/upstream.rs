@@ -89,13 +89,16 @@ fn proxy(listen: SocketAddr, admin: SocketAddr, etcd: &str, extra: &[&str]) -> R
     spawn_switchyard(&[listen.to_string()], etcd, &args, None)
 }
 
+/// Lists of addresses: one per backend process, or one per service.
+type AddrLists = Vec<Vec<SocketAddr>>;
+
 /// Backend addresses for `layout`: the listeners to start (grouped per process) and each
 /// service's endpoints.
 fn addresses(
     layout: Layout,
     services: usize,
     per_service: usize,
-) -> Result<(Vec<Vec<SocketAddr>>, Vec<Vec<SocketAddr>>)> {
+) -> Result<(AddrLists, AddrLists)> {
     match layout {
         Layout::Shared(n) => {
             let ports: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect::<Result<_, _>>()?;

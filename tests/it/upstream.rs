@@ -126,6 +126,61 @@ async fn a_stream_limited_backend_fails_no_call_and_gets_more_connections() {
     t2.abort();
 }
 
+/// An Echo backend that allows 4 streams per connection and serves only the first
+/// connection it accepts: every later one is closed at once.
+async fn one_connection_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(1);
+    let task = tokio::spawn(async move {
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(4)
+            .add_service(EchoServer::new(EchoService::new("single")))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let accept = async {
+            let mut first = true;
+            while let Ok((tcp, _)) = listener.accept().await {
+                if std::mem::take(&mut first) {
+                    let _ = tx.send(Ok(tcp)).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = server => {}
+            () = accept => {}
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queue_on_a_full_connection_when_no_other_can_be_opened() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (b, task) = one_connection_backend().await;
+    let _r = register(etcd.endpoint(), SVC, b, 10).await;
+    let proxy = Proxy::start(&[etcd.endpoint().to_owned()]).await;
+    // 12 calls of 300 ms at once on a backend taking 4 at a time on its one connection:
+    // the calls waiting for a second connection, which fails to open, queue on the first.
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(client(proxy.addr).await);
+    }
+    let results: Vec<Result<tonic::Response<switchyard::echo::EchoReply>, tonic::Status>> =
+        futures_util::future::join_all(clients.into_iter().map(|mut c| async move {
+            let mut r = req("x");
+            r.delay_ms = 300;
+            let mut call = tonic::Request::new(r);
+            call.set_timeout(Duration::from_secs(10));
+            c.unary(call).await
+        }))
+        .await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    proxy.shutdown().await;
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_closes_and_the_next_call_reopens_it() {
     init_tracing();
