@@ -47,7 +47,7 @@ const LISTENERS_PER_BACKEND: usize = 2_500;
 
 /// How backend addresses are laid out under the services.
 #[derive(Debug, Clone, Copy)]
-enum Layout {
+pub enum Layout {
     /// Every service lists the same `n` addresses.
     Shared(usize),
     /// Every endpoint of every service has its own address.
@@ -55,11 +55,14 @@ enum Layout {
 }
 
 /// What one start-up measurement found.
-struct Footprint {
-    ready: Duration,
-    rss_kib: u64,
-    connections: u64,
-    cpu_secs: f64,
+pub struct Footprint {
+    /// From spawning the proxy to its listener accepting.
+    pub listening: Duration,
+    /// From spawning the proxy to every service having answered one call.
+    pub ready: Duration,
+    pub rss_kib: u64,
+    pub connections: u64,
+    pub cpu_secs: f64,
 }
 
 /// The admin listener's `/metrics` value of `name` (no labels), if it answers.
@@ -130,7 +133,7 @@ fn addresses(
 
 /// Registers `services` × `per_service` endpoints laid out as `layout`, starts a proxy,
 /// calls every service once, and reads what the proxy holds then.
-async fn footprint(
+pub async fn footprint(
     etcd_endpoint: &str,
     etcd: &mut etcd_client::Client,
     services: usize,
@@ -166,6 +169,7 @@ async fn footprint(
     let sy = proxy(listen, admin, etcd_endpoint, &[])?;
     let result = async {
         wait_listening(listen, Duration::from_secs(30)).await?;
+        let listening = t0.elapsed();
         let mut channels = Vec::new();
         for _ in 0..8 {
             channels.push(channel(listen).await?);
@@ -190,6 +194,7 @@ async fn footprint(
         // (mimalloc): the RSS that stays is read after it.
         tokio::time::sleep(Duration::from_secs(3)).await;
         Ok::<_, anyhow::Error>(Footprint {
+            listening,
             ready,
             rss_kib: status_kib(sy.pid, "VmRSS:"),
             connections: scrape(admin, "switchyard_upstream_connections").await? as u64,
@@ -197,6 +202,12 @@ async fn footprint(
         })
     }
     .await;
+    teardown(sy, backends, etcd).await?;
+    result
+}
+
+/// Stops the proxy and the backends, and deletes what was registered.
+async fn teardown(sy: Proc, backends: Vec<Proc>, etcd: &mut etcd_client::Client) -> Result<()> {
     sy.stop_within(STOP_WITHIN).await;
     for b in backends {
         b.stop().await;
@@ -206,7 +217,7 @@ async fn footprint(
         Some(etcd_client::DeleteOptions::new().with_prefix()),
     )
     .await?;
-    result
+    Ok(())
 }
 
 /// What one stream-limited run found.
@@ -290,15 +301,7 @@ async fn stream_limited(etcd_endpoint: &str, etcd: &mut etcd_client::Client) -> 
         })
     }
     .await;
-    sy.stop_within(STOP_WITHIN).await;
-    for b in backends {
-        b.stop().await;
-    }
-    etcd.delete(
-        "bench/",
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    teardown(sy, backends, etcd).await?;
     result
 }
 
