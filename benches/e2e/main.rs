@@ -96,9 +96,10 @@ options:
                      and 10,000 calls/s offered; written to its own part of RESULTS.md
   --upstream         only the upstream scenarios: start-up RSS and backend connections with
                      no service, 1,000 services x 1 endpoint, 1,000 x 10 on 10 shared and on
-                     10,000 distinct addresses; 2 backends limiting streams to 4 under 32
+                     10,000 distinct addresses; what a connection keeps after a 256 KiB
+                     reply; 2 backends limiting streams to 4 under 32
                      callers; written to its own part of RESULTS.md
-  --cases LIST       with --upstream: a subset of idle,one,shared,distinct,limited
+  --cases LIST       with --upstream: a subset of idle,one,shared,distinct,burst,limited
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS

@@ -33,7 +33,12 @@ use crate::{SERVICE, UNARY_PATH};
 const STOP_WITHIN: Duration = Duration::from_secs(120);
 
 /// The scenarios `--upstream` runs, by the names `--cases` takes.
-pub const CASES: [&str; 5] = ["idle", "one", "shared", "distinct", "limited"];
+pub const CASES: [&str; 6] = ["idle", "one", "shared", "distinct", "burst", "limited"];
+
+/// Endpoints of the burst case, each on its own address, and the size of the one reply
+/// each connection carries.
+const BURST_ENDPOINTS: usize = 1000;
+const BURST_REPLY: u32 = 256 * 1024;
 
 /// Where the scenarios' report goes in RESULTS.md.
 pub const MARKERS: (&str, &str) = (
@@ -220,6 +225,84 @@ async fn teardown(sy: Proc, backends: Vec<Proc>, etcd: &mut etcd_client::Client)
     Ok(())
 }
 
+/// What a connection keeps after carrying one large reply: one service with
+/// [`BURST_ENDPOINTS`] endpoints on as many addresses, unary calls until every endpoint
+/// has its connection, then one server-streaming call of one [`BURST_REPLY`]-byte reply
+/// per endpoint (round-robin); RSS before and after (each read 3 s after its load).
+/// Returns (connections, RSS before, RSS after) in KiB.
+async fn burst(etcd_endpoint: &str, etcd: &mut etcd_client::Client) -> Result<(u64, u64, u64)> {
+    let (groups, endpoints) = addresses(Layout::Distinct, 1, BURST_ENDPOINTS)?;
+    let mut backends = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
+        backends.push(spawn_backend_with(group, &format!("burst{i}"), &[])?);
+    }
+    for group in &groups {
+        for a in [group[0], group[group.len() - 1]] {
+            wait_listening(a, Duration::from_secs(60)).await?;
+        }
+    }
+    for chunk in endpoints[0].chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|a| etcd_client::TxnOp::put(format!("bench/{SERVICE}/{a}"), a.to_string(), None))
+            .collect();
+        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    let (listen, admin) = (free_addr()?, free_addr()?);
+    let sy = proxy(listen, admin, etcd_endpoint, &[])?;
+    let result = async {
+        wait_listening(listen, Duration::from_secs(30)).await?;
+        first_call(channel(listen).await?, SERVICE.into()).await?;
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(crate::load::echo_client(channel(listen).await?));
+        }
+        // Every endpoint connected (a call whose turn falls on one still connecting goes
+        // to the next): unary rounds until the pool holds them all.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (scrape(admin, "switchyard_upstream_connections").await? as usize) < BURST_ENDPOINTS {
+            if Instant::now() > deadline {
+                return Err(anyhow!("not every burst endpoint connected within 120 s"));
+            }
+            let calls = (0..BURST_ENDPOINTS).map(|i| {
+                let mut c = clients[i % clients.len()].clone();
+                async move { c.unary(unary_request()).await.map(drop) }
+            });
+            futures_util::stream::iter(calls)
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = status_kib(sy.pid, "VmRSS:");
+        let calls = (0..BURST_ENDPOINTS).map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            async move {
+                let mut req = unary_request();
+                req.count = 1;
+                req.reply_size = BURST_REPLY;
+                let mut stream = c.server_stream(req).await?.into_inner();
+                while stream.message().await?.is_some() {}
+                Ok::<_, tonic::Status>(())
+            }
+        });
+        let replies: Vec<_> = futures_util::stream::iter(calls)
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        if let Some(Err(e)) = replies.into_iter().find(Result::is_err) {
+            return Err(anyhow!("a large reply failed: {e}"));
+        }
+        drop(clients);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let connections = scrape(admin, "switchyard_upstream_connections").await? as u64;
+        Ok::<_, anyhow::Error>((connections, before, status_kib(sy.pid, "VmRSS:")))
+    }
+    .await;
+    teardown(sy, backends, etcd).await?;
+    result
+}
+
 /// What one stream-limited run found.
 struct Limited {
     failed: usize,
@@ -363,6 +446,19 @@ pub async fn run(
     }
     if let [idle, one, shared, distinct] = &found[..] {
         derived(&mut out, idle, one, shared, distinct)?;
+    }
+    if cases.iter().any(|c| c == "burst") {
+        println!("e2e: upstream: one large reply per connection");
+        let (conns, before, after) = burst(etcd_endpoint, etcd).await?;
+        writeln!(
+            out,
+            "\n- kept per connection after one {} KiB reply on each of {conns} connections: \
+             {:.1} KiB (RSS {:.1} MiB before, {:.1} MiB after)",
+            BURST_REPLY / 1024,
+            after.saturating_sub(before) as f64 / conns.max(1) as f64,
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+        )?;
     }
     if cases.iter().any(|c| c == "limited") {
         limited_runs(&mut out, etcd_endpoint, etcd).await?;

@@ -3,7 +3,8 @@
 //! back off, re-list, re-watch. While etcd is unreachable nothing is sent, so the last
 //! listing keeps serving.
 //!
-//! The watches of every service share one etcd watch stream ([`hub`]).
+//! The watches of every service share one etcd watch stream ([`hub`]), and at most
+//! [`LISTS_AT_ONCE`] of their listings are in flight.
 //!
 //! A service's endpoints are the union of what its prefixes list (a fleet moving from one
 //! registry to another is served from both), sent as one [`Update::Reset`] once every
@@ -18,9 +19,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, KvClient};
+use etcd_client::{Client, GetOptions, KvClient, WatchClient};
 use tokio::sync::mpsc::{self, UnboundedSender};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use self::hub::{Subscription, WatchHub};
 
@@ -37,13 +38,16 @@ const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between attempts while etcd is unreachable.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Listings in flight at once, over every service: a thousand services starting (or
+/// re-listing after a lost watch stream) at once would otherwise hold a thousand requests'
+/// buffers, and grow the etcd connection's stream tables for good, for a few milliseconds
+/// sooner.
+const LISTS_AT_ONCE: usize = 16;
 
 /// Services' endpoints as the registries in etcd list them.
 #[derive(Clone)]
 pub struct EtcdSource {
-    client: Client,
-    /// The shared watch stream, started with the first watch.
-    hub: Arc<std::sync::OnceLock<WatchHub>>,
+    source: Arc<Source>,
 }
 
 impl std::fmt::Debug for EtcdSource {
@@ -56,9 +60,28 @@ impl EtcdSource {
     /// A source reading the registries in `client`'s etcd.
     pub fn new(client: Client) -> Self {
         Self {
-            client,
-            hub: Arc::default(),
+            source: Arc::new(Source {
+                kv: client.kv_client(),
+                watch: client.watch_client(),
+                hub: std::sync::OnceLock::new(),
+                lists: Semaphore::new(LISTS_AT_ONCE),
+            }),
         }
+    }
+}
+
+/// What every service's watches share: where they list, the watch stream (started with
+/// the first watch), and the bound on listings in flight.
+struct Source {
+    kv: KvClient,
+    watch: WatchClient,
+    hub: std::sync::OnceLock<WatchHub>,
+    lists: Semaphore,
+}
+
+impl Source {
+    fn hub(&self) -> &WatchHub {
+        self.hub.get_or_init(|| WatchHub::start(self.watch.clone()))
     }
 }
 
@@ -70,15 +93,13 @@ impl EndpointSource for EtcdSource {
             .map(|p| crate::registry::service_prefix(p, service.as_str()))
             .collect();
         let state = WatchState::new(service.clone(), key_prefixes.len(), tx.clone());
-        let kv = self.client.kv_client();
-        let hub = self
-            .hub
-            .get_or_init(|| WatchHub::start(self.client.watch_client()))
-            .clone();
+        let source = Arc::clone(&self.source);
+        // Started here, in the runtime the watches run in.
+        source.hub();
         tokio::spawn(async move {
             tokio::select! {
                 () = tx.closed() => {}
-                () = run(state, kv, hub, key_prefixes) => {}
+                () = run(state, source, key_prefixes) => {}
             }
         });
         rx
@@ -235,12 +256,12 @@ fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
 }
 
 /// Runs the watches of one service, one per key prefix, forever.
-async fn run(state: WatchState, kv: KvClient, hub: WatchHub, key_prefixes: Vec<String>) {
+async fn run(state: WatchState, source: Arc<Source>, key_prefixes: Vec<String>) {
     let state = Arc::new(Mutex::new(state));
     let watches = key_prefixes
         .iter()
         .enumerate()
-        .map(|(index, prefix)| watch_prefix(&state, index, kv.clone(), &hub, prefix));
+        .map(|(index, prefix)| watch_prefix(&state, index, &source, prefix));
     futures_util::future::join_all(watches).await;
 }
 
@@ -248,13 +269,12 @@ async fn run(state: WatchState, kv: KvClient, hub: WatchHub, key_prefixes: Vec<S
 async fn watch_prefix(
     state: &Arc<Mutex<WatchState>>,
     index: usize,
-    mut kv: KvClient,
-    hub: &WatchHub,
+    source: &Source,
     key_prefix: &str,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
-        let err = sync(&mut kv, hub, key_prefix, state, index, &mut backoff).await;
+        let err = sync(source, key_prefix, state, index, &mut backoff).await;
         lock(state).set_reachable(index, key_prefix, Err(&err));
         backoff.sleep().await;
     }
@@ -263,13 +283,15 @@ async fn watch_prefix(
 /// One round for one prefix: list, send, then watch (on the shared stream) until
 /// something ends the watch.
 async fn sync(
-    kv: &mut KvClient,
-    hub: &WatchHub,
+    source: &Source,
     key_prefix: &str,
     state: &Arc<Mutex<WatchState>>,
     index: usize,
     backoff: &mut Backoff,
 ) -> SyncError {
+    // The semaphore is never closed; were it, listing unbounded is still correct.
+    let permit = source.lists.acquire().await.ok();
+    let mut kv = source.kv.clone();
     // Boxed: the request's future is large, and the watch waits far longer than it.
     let listing = Box::pin(timed(
         "get",
@@ -277,6 +299,7 @@ async fn sync(
         kv.get(key_prefix, Some(GetOptions::new().with_prefix())),
     ))
     .await;
+    drop(permit);
     let listing = match listing {
         Ok(l) => l,
         Err(e) => return e.into(),
@@ -307,7 +330,7 @@ async fn sync(
         ended,
     };
     // Cancelled when dropped: when the service is no longer watched.
-    let _watching = hub.watch(key_prefix, revision + 1, sub);
+    let _watching = source.hub().watch(key_prefix, revision + 1, sub);
     why.await.unwrap_or(SyncError::Ended)
 }
 
