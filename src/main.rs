@@ -10,7 +10,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// mimalloc: a call allocates and frees many small blocks (HTTP/2 frames, header maps)
-/// across threads, where it costs less CPU than the system allocator.
+/// across threads, where it costs less CPU than the system allocator. The
+/// `system-allocator` feature leaves it out, for heap profilers that see only `malloc`
+/// (valgrind's dhat).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -99,6 +99,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
     let mut name = "echo".to_owned();
     let mut threads = 1usize;
     let mut delay_ms = 0u32;
+    let mut max_streams = 20_000u32;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or_else(|| anyhow!("{a} needs a value"))?;
@@ -107,6 +108,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
             "--name" => name.clone_from(v),
             "--threads" => threads = v.parse().context("--threads")?,
             "--delay-ms" => delay_ms = v.parse().context("--delay-ms")?,
+            "--max-streams" => max_streams = v.parse().context("--max-streams")?,
             other => bail!("unknown backend argument {other:?}"),
         }
     }
@@ -131,7 +133,7 @@ pub fn backend_main(args: &[String]) -> Result<()> {
             .max_encoding_message_size(switchyard::demo::MAX_MESSAGE_SIZE);
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .max_concurrent_streams(20_000)
+            .max_concurrent_streams(max_streams)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .add_service(health_service)
@@ -146,11 +148,15 @@ pub fn backend_main(args: &[String]) -> Result<()> {
 }
 
 pub fn spawn_backend(addrs: &[SocketAddr], name: &str, delay_ms: u32) -> Result<Proc> {
+    spawn_backend_with(addrs, name, &["--delay-ms", &delay_ms.to_string()])
+}
+
+/// Starts a backend listening on `addrs` with more backend arguments (`--delay-ms N`,
+/// `--max-streams N`: streams allowed per connection, 20,000 by default).
+pub fn spawn_backend_with(addrs: &[SocketAddr], name: &str, extra: &[&str]) -> Result<Proc> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.arg(BACKEND_ROLE)
-        .args(["--name", name])
-        .args(["--delay-ms", &delay_ms.to_string()]);
+    cmd.arg(BACKEND_ROLE).args(["--name", name]).args(extra);
     for a in addrs {
         cmd.arg("--listen").arg(a.to_string());
     }

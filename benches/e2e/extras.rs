@@ -13,9 +13,8 @@ use tonic::transport::Channel;
 use switchyard::echo::echo_client::EchoClient;
 use switchyard::echo::{EchoReply, EchoRequest};
 
-use crate::backend::spawn_backend;
 use crate::load::{channel, check_unary, echo_client, percentile, unary_request};
-use crate::procs::{cpu_secs, status_kib, wait_listening, Meter};
+use crate::procs::{status_kib, wait_listening, Meter};
 use crate::report::fmt_us;
 use crate::targets::spawn_switchyard;
 use crate::{FRESH_SERVICE, MESSAGE};
@@ -107,90 +106,8 @@ async fn open_streams(
     Ok(opened)
 }
 
-/// Start-up to ready with `services` × `per_service` endpoints in etcd: from spawning the
-/// proxy until one call of every service has reached a backend.
-struct Startup {
-    pub listening: Duration,
-    pub ready: Duration,
-    pub rss_kib: u64,
-    pub cpu_secs: f64,
-}
-
-async fn startup_many(
-    etcd_endpoint: &str,
-    etcd: &mut etcd_client::Client,
-    services: usize,
-    per_service: usize,
-    tck: f64,
-) -> Result<Startup> {
-    let ports: Vec<SocketAddr> = (0..per_service)
-        .map(|_| free_addr())
-        .collect::<std::io::Result<_>>()?;
-    let backend = spawn_backend(&ports, "wide", 0)?;
-    for p in &ports {
-        wait_listening(*p, Duration::from_secs(10)).await?;
-    }
-    let names: Vec<String> = (0..services).map(|i| format!("bench.s{i}")).collect();
-    for chunk in names.chunks(10) {
-        let ops: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .flat_map(|s| {
-                ports.iter().map(move |p| {
-                    etcd_client::TxnOp::put(format!("wide/{s}/{p}"), p.to_string(), None)
-                })
-            })
-            .collect();
-        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
-    }
-    let listen = free_addr()?;
-    let t0 = Instant::now();
-    let proxy = spawn_switchyard(
-        &[listen.to_string()],
-        etcd_endpoint,
-        &["--prefix", "wide", "--max-services", "2000"],
-        None,
-    )?;
-    let result = async {
-        wait_listening(listen, Duration::from_secs(30)).await?;
-        let listening = t0.elapsed();
-        let mut channels = Vec::new();
-        for _ in 0..8 {
-            channels.push(channel(listen).await?);
-        }
-        let mut pending: FuturesUnordered<_> = names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| first_call(channels[i % channels.len()].clone(), name.clone()))
-            .collect();
-        let all = async {
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-            Ok::<_, anyhow::Error>(())
-        };
-        tokio::time::timeout(Duration::from_secs(180), all)
-            .await
-            .map_err(|_| anyhow!("not all {services} services answered within 180 s"))??;
-        Ok::<_, anyhow::Error>(Startup {
-            listening,
-            ready: t0.elapsed(),
-            rss_kib: status_kib(proxy.pid, "VmRSS:"),
-            cpu_secs: cpu_secs(&[proxy.pid], tck),
-        })
-    }
-    .await;
-    proxy.stop().await;
-    backend.stop().await;
-    etcd.delete(
-        "wide/",
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
-    result
-}
-
 /// Calls `/<service>/Unary` until a backend (not the proxy) answers it.
-async fn first_call(ch: Channel, service: String) -> Result<()> {
+pub async fn first_call(ch: Channel, service: String) -> Result<()> {
     let path = http::uri::PathAndQuery::try_from(format!("/{service}/Unary"))?;
     let deadline = Instant::now() + Duration::from_secs(170);
     loop {
@@ -288,8 +205,8 @@ pub async fn with_a_fresh_proxy(
     Ok(())
 }
 
-/// Start-up with 1,000 services × 10 endpoints (with the other targets stopped); its line
-/// is added to `extras`.
+/// Start-up with 1,000 services × 10 endpoints on 10 shared addresses (with the other
+/// targets stopped); its line is added to `extras`.
 pub async fn startup(
     extras: &mut String,
     etcd_endpoint: &str,
@@ -297,14 +214,16 @@ pub async fn startup(
     tck: f64,
 ) -> Result<()> {
     println!("e2e: start-up with 1,000 services x 10 endpoints");
-    match startup_many(etcd_endpoint, etcd, 1000, 10, tck).await {
+    let shared = crate::upstream::Layout::Shared(10);
+    match crate::upstream::footprint(etcd_endpoint, etcd, 1000, 10, shared, tck).await {
         Ok(s) => writeln!(
             extras,
-            "- start-up with 1,000 services × 10 endpoints in etcd: listening after {:.0} ms, \
-             every service answered (1,000 calls; 10 backend addresses) after {:.2} s; \
-             RSS then {:.1} MiB, CPU {:.2} s",
+            "- start-up with 1,000 services × 10 endpoints in etcd (10 backend addresses): \
+             listening after {:.0} ms, every service answered (1,000 calls) after {:.2} s; \
+             {} backend connections, RSS then {:.1} MiB, CPU {:.2} s",
             s.listening.as_secs_f64() * 1000.0,
             s.ready.as_secs_f64(),
+            s.connections,
             s.rss_kib as f64 / 1024.0,
             s.cpu_secs,
         )?,

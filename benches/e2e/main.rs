@@ -45,6 +45,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod targets;
+mod upstream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,12 @@ options:
   --hedged           with --degraded: the third backend 200 ms late instead, switchyard
                      round-robin without and with a hedging service config (20 ms), HAProxy
                      leastconn; 2,000 calls/s offered
+  --upstream         only the upstream scenarios: start-up RSS and backend connections with
+                     no service, 1,000 services x 1 endpoint, 1,000 x 10 on 10 shared and on
+                     10,000 distinct addresses; what a connection keeps after a 256 KiB
+                     reply; 2 backends limiting streams to 4 under 32
+                     callers; written to its own part of RESULTS.md
+  --cases LIST       with --upstream: a subset of idle,one,shared,distinct,burst,limited
   --no-build         do not build the proxy first (`cargo build --release` into target/e2e-proxy)
   --out PATH         results file (default benches/RESULTS.md); --no-write to print only
   --hold SECS        set everything up, print the targets' addresses and pids, wait SECS
@@ -118,6 +125,10 @@ struct Options {
     degraded: bool,
     /// The degraded scenario's hedging variant.
     hedged: bool,
+    /// Only the upstream scenarios.
+    upstream: bool,
+    /// Which of them (`--cases`).
+    cases: Vec<String>,
     build: bool,
     out: Option<PathBuf>,
     /// Set up, print the targets, and wait this long (for profiling by hand).
@@ -140,6 +151,8 @@ impl Options {
             extras: true,
             degraded: false,
             hedged: false,
+            upstream: false,
+            cases: upstream::CASES.map(String::from).to_vec(),
             build: true,
             out: Some(PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -176,6 +189,16 @@ impl Options {
                 "--hedged" => {
                     o.degraded = true;
                     o.hedged = true;
+                }
+                "--upstream" => o.upstream = true,
+                "--cases" => {
+                    let list = it.next().ok_or_else(|| anyhow!("--cases needs a list"))?;
+                    o.cases = list.split(',').map(|s| s.trim().to_owned()).collect();
+                    for c in &o.cases {
+                        if !upstream::CASES.contains(&c.as_str()) {
+                            bail!("--cases: unknown case {c:?}");
+                        }
+                    }
                 }
                 "--no-build" => o.build = false,
                 "--out" => {
@@ -270,7 +293,7 @@ async fn run(opts: Options) -> Result<()> {
     let tck = clk_tck();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cpu_before = cpu_times();
-    if which("h2load").is_none() {
+    if which("h2load").is_none() && !opts.upstream {
         bail!("h2load not found: install Debian's nghttp2-client (the harness installs nothing)");
     }
     if opts.build {
@@ -290,6 +313,23 @@ async fn run(opts: Options) -> Result<()> {
     println!("e2e: starting etcd and 3 backends");
     let etcd_proc = EtcdProcess::start().await?;
     let mut etcd = etcd_proc.client().await?;
+    if opts.upstream {
+        let lines = upstream::run(etcd_proc.endpoint(), &mut etcd, tck, &opts.cases).await?;
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let text = format!(
+            "Versions: {}  \nCommand: `{}`  \nLoad average before: `{}`, after: `{}`\n\n{lines}",
+            report::versions(),
+            opts.command,
+            load_before.trim(),
+            load_after.trim(),
+        );
+        println!("\n{text}");
+        if let Some(out) = &opts.out {
+            write_results(out, &text, upstream::MARKERS)?;
+            println!("e2e: written to {}", out.display());
+        }
+        return Ok(());
+    }
     let delays = if opts.degraded {
         degraded::delays(opts.hedged)
     } else {

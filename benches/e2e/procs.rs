@@ -42,12 +42,17 @@ impl Proc {
     }
 
     /// Stops the process: SIGTERM, up to 5 s to exit, then SIGKILL.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(5)).await;
+    }
+
+    /// Stops the process: SIGTERM, up to `within` to exit, then SIGKILL.
+    pub async fn stop_within(mut self, within: Duration) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status()
             .await;
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+        if tokio::time::timeout(within, self.child.wait())
             .await
             .is_err()
         {

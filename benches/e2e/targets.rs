@@ -52,8 +52,12 @@ pub fn spawn_switchyard(
     for l in listen {
         cmd.arg("--listen").arg(l);
     }
-    cmd.args(["--etcd-endpoints", etcd, "--admin-listen", "off"])
-        .args(extra)
+    cmd.args(["--etcd-endpoints", etcd]);
+    // No admin listener unless asked for (two proxies would collide on its default port).
+    if !extra.contains(&"--admin-listen") {
+        cmd.args(["--admin-listen", "off"]);
+    }
+    cmd.args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
     Proc::spawn("switchyard", &mut cmd)

@@ -3,18 +3,27 @@
 //! back off, re-list, re-watch. While etcd is unreachable nothing is sent, so the last
 //! listing keeps serving.
 //!
+//! The watches of every service share one etcd watch stream ([`hub`]), and at most
+//! [`LISTS_AT_ONCE`] of their listings are in flight.
+//!
 //! A service's endpoints are the union of what its prefixes list (a fleet moving from one
 //! registry to another is served from both), sent as one [`Update::Reset`] once every
 //! prefix has been listed at least once, then as changes to that union. An address
 //! listed more than once is the first prefix's, then the first key's, listing of it; one
 //! without TLS before one with (only that one can be served with TLS to backends off).
 
+mod hub;
+
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, GetOptions, KvClient, WatchClient};
 use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::{oneshot, Semaphore};
+
+use self::hub::{Subscription, WatchHub};
 
 use super::keys::Keys;
 use super::source::{EndpointSource, Update, Updates};
@@ -29,11 +38,16 @@ const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between attempts while etcd is unreachable.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Listings in flight at once, over every service: a thousand services starting (or
+/// re-listing after a lost watch stream) at once would otherwise hold a thousand requests'
+/// buffers, and grow the etcd connection's stream tables for good, for a few milliseconds
+/// sooner.
+const LISTS_AT_ONCE: usize = 16;
 
 /// Services' endpoints as the registries in etcd list them.
 #[derive(Clone)]
 pub struct EtcdSource {
-    client: Client,
+    source: Arc<Source>,
 }
 
 impl std::fmt::Debug for EtcdSource {
@@ -45,7 +59,29 @@ impl std::fmt::Debug for EtcdSource {
 impl EtcdSource {
     /// A source reading the registries in `client`'s etcd.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            source: Arc::new(Source {
+                kv: client.kv_client(),
+                watch: client.watch_client(),
+                hub: std::sync::OnceLock::new(),
+                lists: Semaphore::new(LISTS_AT_ONCE),
+            }),
+        }
+    }
+}
+
+/// What every service's watches share: where they list, the watch stream (started with
+/// the first watch), and the bound on listings in flight.
+struct Source {
+    kv: KvClient,
+    watch: WatchClient,
+    hub: std::sync::OnceLock<WatchHub>,
+    lists: Semaphore,
+}
+
+impl Source {
+    fn hub(&self) -> &WatchHub {
+        self.hub.get_or_init(|| WatchHub::start(self.watch.clone()))
     }
 }
 
@@ -57,11 +93,13 @@ impl EndpointSource for EtcdSource {
             .map(|p| crate::registry::service_prefix(p, service.as_str()))
             .collect();
         let state = WatchState::new(service.clone(), key_prefixes.len(), tx.clone());
-        let client = self.client.clone();
+        let source = Arc::clone(&self.source);
+        // Started here, in the runtime the watches run in.
+        source.hub();
         tokio::spawn(async move {
             tokio::select! {
                 () = tx.closed() => {}
-                () = run(state, client, key_prefixes) => {}
+                () = run(state, source, key_prefixes) => {}
             }
         });
         rx
@@ -81,6 +119,8 @@ enum SyncError {
     Compacted(i64),
     #[error("watch stream ended")]
     Ended,
+    #[error("etcd watch stream: {0}")]
+    Stream(String),
 }
 
 /// One key prefix of the service: its keys, and where its watch stands.
@@ -216,45 +256,51 @@ fn lock(state: &Mutex<WatchState>) -> MutexGuard<'_, WatchState> {
 }
 
 /// Runs the watches of one service, one per key prefix, forever.
-async fn run(state: WatchState, client: Client, key_prefixes: Vec<String>) {
-    let state = Mutex::new(state);
+async fn run(state: WatchState, source: Arc<Source>, key_prefixes: Vec<String>) {
+    let state = Arc::new(Mutex::new(state));
     let watches = key_prefixes
         .iter()
         .enumerate()
-        .map(|(index, prefix)| watch_prefix(&state, index, client.clone(), prefix));
+        .map(|(index, prefix)| watch_prefix(&state, index, &source, prefix));
     futures_util::future::join_all(watches).await;
 }
 
 /// Keeps prefix `index` of the service listed and watched.
 async fn watch_prefix(
-    state: &Mutex<WatchState>,
+    state: &Arc<Mutex<WatchState>>,
     index: usize,
-    mut client: Client,
+    source: &Source,
     key_prefix: &str,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
-        let err = sync(&mut client, key_prefix, state, index, &mut backoff).await;
+        let err = sync(source, key_prefix, state, index, &mut backoff).await;
         lock(state).set_reachable(index, key_prefix, Err(&err));
         backoff.sleep().await;
     }
 }
 
-/// One round for one prefix: list, send, then watch until something ends the watch.
+/// One round for one prefix: list, send, then watch (on the shared stream) until
+/// something ends the watch.
 async fn sync(
-    client: &mut Client,
+    source: &Source,
     key_prefix: &str,
-    state: &Mutex<WatchState>,
+    state: &Arc<Mutex<WatchState>>,
     index: usize,
     backoff: &mut Backoff,
 ) -> SyncError {
-    let listing = match timed(
+    // The semaphore is never closed; were it, listing unbounded is still correct.
+    let permit = source.lists.acquire().await.ok();
+    let mut kv = source.kv.clone();
+    // Boxed: the request's future is large, and the watch waits far longer than it.
+    let listing = Box::pin(timed(
         "get",
         ETCD_REQUEST_TIMEOUT,
-        client.get(key_prefix, Some(GetOptions::new().with_prefix())),
-    )
-    .await
-    {
+        kv.get(key_prefix, Some(GetOptions::new().with_prefix())),
+    ))
+    .await;
+    drop(permit);
+    let listing = match listing {
         Ok(l) => l,
         Err(e) => return e.into(),
     };
@@ -274,48 +320,18 @@ async fn sync(
         st.send_changes();
         st.set_reachable(index, key_prefix, Ok(revision));
     }
+    drop(listing);
     backoff.reset();
 
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(revision + 1);
-    let mut stream = match timed(
-        "watch",
-        ETCD_REQUEST_TIMEOUT,
-        client.watch(key_prefix, Some(options)),
-    )
-    .await
-    {
-        Ok(stream) => stream,
-        Err(e) => return e.into(),
+    let (ended, why) = oneshot::channel();
+    let sub = Subscription {
+        state: Arc::clone(state),
+        index,
+        ended,
     };
-    loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return SyncError::Ended,
-            Err(e) => return SyncError::Watch(e),
-        };
-        if resp.compact_revision() > 0 {
-            return SyncError::Compacted(resp.compact_revision());
-        }
-        if resp.canceled() {
-            return SyncError::Cancelled(resp.cancel_reason().to_owned());
-        }
-        let mut st = lock(state);
-        let st = &mut *st;
-        let keys = &mut st.prefixes[index].keys;
-        let mut changed = false;
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            changed |= match event.event_type() {
-                EventType::Put => keys.put(&st.service, kv.key(), kv.value(), kv.mod_revision()),
-                EventType::Delete => keys.delete(kv.key()),
-            };
-        }
-        if changed {
-            st.send_changes();
-        }
-    }
+    // Cancelled when dropped: when the service is no longer watched.
+    let _watching = source.hub().watch(key_prefix, revision + 1, sub);
+    why.await.unwrap_or(SyncError::Ended)
 }
 
 #[cfg(test)]

@@ -176,17 +176,12 @@ impl ServiceMetrics {
 
     /// Handles for one endpoint of this service.
     pub fn endpoint(self: &Arc<Self>, addr: &BackendAddr) -> Arc<EndpointMetrics> {
-        let f = &self.families;
         Arc::new(EndpointMetrics {
             service: Arc::clone(self),
             endpoint: addr.as_str().into(),
-            inflight_gauge: f
-                .endpoint_inflight
-                .with_label_values(&[&self.service, addr.as_str()]),
+            inflight_gauge: OnceLock::new(),
             by_status: Default::default(),
-            ejections: f
-                .ejections
-                .with_label_values(&[&self.service, addr.as_str()]),
+            ejections: OnceLock::new(),
         })
     }
 
@@ -253,28 +248,47 @@ impl ServiceMetrics {
 pub struct EndpointMetrics {
     service: Arc<ServiceMetrics>,
     endpoint: Box<str>,
-    /// Calls in flight on this endpoint.
-    inflight_gauge: IntGauge,
+    /// Calls in flight on this endpoint. Like the counters, a series is made with its
+    /// first use: an endpoint no call went to costs no series (thousands of services
+    /// listing the same backends would otherwise hold two series per endpoint each).
+    inflight_gauge: OnceLock<IntGauge>,
     by_status: [OnceLock<IntCounter>; STATUS_SLOTS],
-    ejections: IntCounter,
+    ejections: OnceLock<IntCounter>,
 }
 
 impl EndpointMetrics {
     /// Counts one ejection of this endpoint.
     pub fn ejected(&self) {
-        self.ejections.inc();
+        self.ejections
+            .get_or_init(|| self.series(&self.service.families.ejections))
+            .inc();
     }
 
     /// A call was sent to this endpoint: in flight there until [`EndpointMetrics::ended`].
     #[inline]
     pub fn sent(&self) {
-        self.inflight_gauge.inc();
+        self.inflight().inc();
     }
 
     /// A call sent to this endpoint ended.
     #[inline]
     pub fn ended(&self) {
-        self.inflight_gauge.dec();
+        self.inflight().dec();
+    }
+
+    #[inline]
+    fn inflight(&self) -> &IntGauge {
+        self.inflight_gauge
+            .get_or_init(|| self.series(&self.service.families.endpoint_inflight))
+    }
+
+    /// The series of this endpoint in `family` (labelled by service and endpoint).
+    #[cold]
+    fn series<M: prometheus::core::Metric + Clone, B: prometheus::core::MetricVecBuilder<M = M>>(
+        &self,
+        family: &prometheus::core::MetricVec<B>,
+    ) -> M {
+        family.with_label_values(&[&self.service.service, &self.endpoint])
     }
 
     /// Counts a call this endpoint answered, by the status `slot` its client got,

@@ -185,7 +185,13 @@ struct Signals {
     more: Notify,
     /// A call found every connection full, and one more is being opened.
     grow: AtomicBool,
+    /// When opening one more connection last failed ([`crate::clock::now_ns`]; 0: never).
+    grow_failed_at: AtomicU64,
 }
+
+/// After one more connection failed to open, calls that find every connection full
+/// queue on the least loaded one (instead of waiting for another) for this long.
+const GROW_RETRY_NS: u64 = 1_000_000_000;
 
 /// One backend address and its pooled HTTP/2 connections.
 /// In declared order (`repr(C)`): the state every pick reads comes first, in the
@@ -385,16 +391,26 @@ impl Upstream {
         self.spill(&conns)
     }
 
-    /// The first connection was full: another with room, or (asking for one more
-    /// connection, if the limit allows) the least loaded, where h2 holds the stream until
-    /// a slot frees.
+    /// The first connection was full: another with room; or none while one more
+    /// connection is being opened (the limit allows it): the call waits for it in
+    /// [`Upstream::connection`] rather than queueing behind a full connection's streams,
+    /// where it would wait as long as they take; or, at the limit (or just after one
+    /// more failed to open), the least loaded, where h2 holds the stream until a slot
+    /// frees.
     #[cold]
     fn spill(&self, conns: &[Arc<Connection>]) -> Option<Arc<Connection>> {
         if let Some(c) = conns.iter().find(|c| c.has_room()) {
             return Some(Arc::clone(c));
         }
-        if conns.len() < self.max_connections && !self.signals.grow.swap(true, Ordering::AcqRel) {
-            self.signals.more.notify_one();
+        let failed_at = self.signals.grow_failed_at.load(Ordering::Relaxed);
+        let may_grow = conns.len() < self.max_connections
+            && (failed_at == 0
+                || crate::clock::now_ns().saturating_sub(failed_at) >= GROW_RETRY_NS);
+        if may_grow {
+            if !self.signals.grow.swap(true, Ordering::AcqRel) {
+                self.signals.more.notify_one();
+            }
+            return None;
         }
         conns
             .iter()
@@ -417,7 +433,8 @@ impl Upstream {
         }
     }
 
-    /// Adds an established connection (the first, or one more).
+    /// Adds an established connection (the first, or one more), and wakes the calls
+    /// waiting for one.
     fn add_connection(&self, conn: Arc<Connection>) {
         self.conns.rcu(|v| {
             let mut v = Vec::clone(v);
@@ -426,6 +443,18 @@ impl Upstream {
         });
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
+        // Before the wake-up: a woken call that finds this one full too asks for the next.
+        self.signals.grow.store(false, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// One more connection could not be opened: the calls waiting for it queue on the
+    /// connections there are, and for a while so do the next.
+    fn growth_failed(&self) {
+        self.signals
+            .grow_failed_at
+            .store(crate::clock::now_ns().max(1), Ordering::Relaxed);
+        self.signals.grow.store(false, Ordering::Release);
         self.changed.notify_waiters();
     }
 

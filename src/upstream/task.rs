@@ -295,9 +295,12 @@ pub(super) async fn grow(this: Weak<Upstream>, signals: Arc<Signals>, config: Up
 
 /// Opens one more connection and serves it until it goes unused or ends.
 async fn extra(this: Weak<Upstream>, signals: Arc<Signals>, config: UpstreamConfig) {
-    let opened = open(&this, &config).await;
-    signals.grow.store(false, Ordering::Release);
-    let Some(opened) = opened else { return };
+    let Some(opened) = open(&this, &config).await else {
+        if let Some(up) = this.upgrade() {
+            up.growth_failed();
+        }
+        return;
+    };
     if let Some(up) = this.upgrade() {
         tracing::debug!(backend = %up.addr, connections = up.conns.load().len(), "every connection was full: one more opened");
     }

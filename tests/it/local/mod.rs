@@ -2,7 +2,7 @@
 //! grpcio clients), server reflection (tonic's client and grpcurl), and two proxies on
 //! one host.
 
-mod clients;
+pub(crate) mod clients;
 mod health;
 mod reflection;
 mod startup;
