@@ -87,8 +87,8 @@ pub struct ObserveSection {
     )]
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
-    /// Share of calls traced (0 to 1) among those whose client sent no sampled
-    /// `traceparent`; a client's sampled one is always followed.
+    /// Share of calls traced (0 to 1) among those whose client sent no `traceparent`; a
+    /// client's sampled one is always followed, an unsampled one never.
     #[arg(
         id = "observe.trace_sample_rate",
         long = "trace-sample-rate",

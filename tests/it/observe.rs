@@ -509,3 +509,59 @@ async fn the_proxys_own_answers_have_their_line_and_span() {
     assert_eq!(text_attr(&span.attributes, "server.address"), None);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_parent_is_followed_whatever_the_rate() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (backend, seen) = recording_backend().await;
+    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
+    let (otlp, received) = otlp_receiver().await;
+    // Rate 1: every call without a traceparent is traced.
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.observe.otlp_endpoint = Some(otlp.clone());
+        a.observe.trace_sample_rate = 1.0;
+    })
+    .await;
+    let mut c = client(proxy.addr).await;
+    let unsampled = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
+    c.unary(traced("decided against", &[("traceparent", &unsampled)]))
+        .await
+        .unwrap();
+    c.unary(traced("no parent", &[])).await.unwrap();
+
+    // Spans are queued as calls end and exported in that order: once the second call's
+    // span has arrived, a span of the first would have too.
+    eventually(Duration::from_secs(15), "a span exported", || {
+        let got = !received.0.lock().unwrap().is_empty();
+        async move { got }
+    })
+    .await;
+    let spans: Vec<Span> = received
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s)| s.clone())
+        .collect();
+    assert_eq!(spans.len(), 1, "only the call without a parent: {spans:?}");
+    assert_ne!(hex(&spans[0].trace_id), TRACE_ID, "a trace of its own");
+    assert!(spans[0].parent_span_id.is_empty(), "a root span");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0].traceparent.as_deref(),
+        Some(unsampled.as_str()),
+        "the client's unsampled traceparent passes through untouched"
+    );
+    assert_eq!(
+        seen[1].traceparent,
+        Some(format!(
+            "00-{}-{}-01",
+            hex(&spans[0].trace_id),
+            hex(&spans[0].span_id)
+        )),
+        "the traced call's backend has the proxy's span as parent"
+    );
+    proxy.shutdown().await;
+}
