@@ -565,3 +565,67 @@ async fn an_unsampled_parent_is_followed_whatever_the_rate() {
     );
     proxy.shutdown().await;
 }
+
+/// The settings `switchyard proxy ARGS..` loads (without environment variables unless
+/// the test process has them).
+fn loaded(args: &[&str]) -> switchyard::settings::Loaded {
+    let m = switchyard::settings::proxy_command()
+        .try_get_matches_from(std::iter::once("proxy").chain(args.iter().copied()))
+        .unwrap();
+    switchyard::settings::load(&m).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_access_log_in_the_config_file_is_relative_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    let with = |access_log: &str| {
+        std::fs::write(&config, format!("[observe]\naccess_log = {access_log:?}\n")).unwrap();
+        let c = config.to_str().unwrap().to_owned();
+        loaded(&["--config", &c]).proxy.observe.access_log
+    };
+    assert_eq!(
+        with("logs/access.log"),
+        AccessLogTarget::File(dir.path().join("logs/access.log")),
+        "as the TLS and etcd files are"
+    );
+    assert_eq!(
+        with("/var/log/sy.log"),
+        AccessLogTarget::File("/var/log/sy.log".into())
+    );
+    assert_eq!(
+        with("stdout"),
+        AccessLogTarget::Stdout,
+        "a word, not a path"
+    );
+    assert_eq!(with("-"), AccessLogTarget::Stdout);
+    assert_eq!(with("off"), AccessLogTarget::Off);
+    assert_eq!(
+        with("./off"),
+        AccessLogTarget::File(dir.path().join("./off")),
+        "a file named off"
+    );
+    // A flag's relative path is the shell's: relative to the working directory.
+    let c = config.to_str().unwrap().to_owned();
+    let flagged = loaded(&["--config", &c, "--access-log", "here.log"]);
+    assert_eq!(
+        flagged.proxy.observe.access_log,
+        AccessLogTarget::File("here.log".into())
+    );
+
+    // The binary, started elsewhere, writes its lines beside its config file.
+    std::fs::write(&config, "[observe]\naccess_log = \"access.log\"\n").unwrap();
+    let (etcd, _backends, _regs) = echo_backends(1).await;
+    let p =
+        SwitchyardProcess::proxy(&[etcd.endpoint().to_owned()], "info", &["--config", &c]).await;
+    assert_ne!(std::env::current_dir().unwrap(), dir.path());
+    let mut client = client(p.addr()).await;
+    client.unary(req("beside its config")).await.unwrap();
+    let path = dir.path().join("access.log");
+    eventually(Duration::from_secs(10), "a line beside the config", || {
+        let n = lines(&path).len();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(lines(&path)[0]["grpc_status"], 0);
+}
