@@ -176,6 +176,15 @@ impl CallObs {
         self.routed = routed;
     }
 
+    /// The proxy answers the call itself (health, reflection): its service is the one
+    /// its path names, and no backend has it.
+    pub fn answered_locally(&mut self) {
+        self.service = crate::route::service_from_path(self.uri.path())
+            .ok()
+            .and_then(|s| ServiceName::new(s).ok());
+        self.routed = false;
+    }
+
     /// The counter the request body adds its DATA bytes to, when they are logged.
     pub fn request_counter(&self) -> Option<Arc<AtomicU64>> {
         self.request_bytes.clone()

@@ -7,6 +7,8 @@
 //! `grpc-status`, `grpc-message`) and finished where the response ends (or where the
 //! proxy answers itself). Finishing ends the span and hands the same box to the access
 //! log's queue: the line is formatted on the writer's thread, off the call path.
+//! The proxy's own answers (health, reflection) are seen the same way, through the
+//! bodies in [`body`], with no backend.
 //!
 //! # One span, of kind SERVER
 //!
@@ -20,6 +22,7 @@
 //! backend, with the endpoint in `server.address`/`server.port`.
 
 pub mod access_log;
+pub mod body;
 mod call;
 mod error;
 pub mod trace;

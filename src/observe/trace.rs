@@ -2,8 +2,11 @@
 //! batch processor (its own thread, a bounded queue that drops when full: a call never
 //! waits for the collector).
 //!
-//! Sampling is parent-based on the client's W3C `traceparent`: a sampled one is always
-//! followed; a call without one, or with an unsampled one, is sampled at
+//! Sampling is parent-based on the client's W3C `traceparent` (OpenTelemetry's
+//! `ParentBased` sampler with its defaults): a sampled parent (flags `01`) is always
+//! followed and an unsampled one (`00`) never, since the client, or a hop before it, has
+//! made the trace's decision and a span of the proxy's alone would hang from a parent
+//! nobody exported; a call without a `traceparent` is sampled at
 //! `observe.trace_sample_rate` (by trace id, so every hop that uses a ratio agrees).
 //! A call that is not sampled costs one header parse and no span: its headers go to the
 //! backend untouched.
@@ -73,8 +76,7 @@ impl Tracing {
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(batch)
             .build();
-        let ratio = || Sampler::TraceIdRatioBased(rate);
-        let sampler = Sampler::parent_based(ratio()).with_remote_parent_not_sampled(ratio());
+        let sampler = Sampler::parent_based(Sampler::TraceIdRatioBased(rate));
         let resource = Resource::builder_empty()
             .with_service_name("switchyard")
             .with_attribute(KeyValue::new("host.name", host_name()))

@@ -124,15 +124,15 @@ impl Forwarder {
         mut respond: SendResponse<Bytes>,
         peer: SocketAddr,
     ) -> Either<impl Future<Output = ()> + Send + 'static, Answer> {
-        if let Some(local) = &self.local {
-            if let Some(call) = local.claims(req.uri().path(), req.headers()) {
-                return Either::Right(local.serve(call, req, respond));
-            }
-        }
         let mut obs = self
             .observe
             .as_ref()
             .map(|(o, listener)| o.start(req.headers(), req.uri(), peer, *listener));
+        if let Some(local) = &self.local {
+            if let Some(call) = local.claims(req.uri().path(), req.headers()) {
+                return Either::Right(local.serve(call, req, respond, obs));
+            }
+        }
         match self.route(req, &mut obs) {
             Ok(call) => Either::Left(Arc::clone(self).proxy(call, respond)),
             Err(own) => {

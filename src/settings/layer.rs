@@ -39,10 +39,22 @@ impl Flags<'_> {
         })
     }
 
-    /// Whether the setting with id `id` is a file path.
+    /// Whether the setting with id `id` is a file path (clap infers the hint for a
+    /// `PathBuf`; a path-or-word setting, e.g. `observe.access_log`, declares it).
     fn is_path(&self, id: &str) -> bool {
         self.arg(id)
             .is_some_and(|a| a.get_value_hint() == ValueHint::AnyPath)
+    }
+
+    /// The words a path setting takes that are not paths (its possible values, e.g.
+    /// `stdout` and `off` for `observe.access_log`).
+    fn words(&self, id: &str) -> Vec<String> {
+        self.arg(id).map_or_else(Vec::new, |a| {
+            a.get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_owned())
+                .collect()
+        })
     }
 
     fn arg(&self, id: &str) -> Option<&clap::Arg> {
@@ -115,7 +127,7 @@ fn overlay_at(
             }
             (_, mut value) => {
                 if flags.is_path(&id) {
-                    relative_to(dir, &mut value);
+                    relative_to(dir, &mut value, &flags.words(&id));
                 }
                 tree.insert(key, value);
                 taken.push(id);
@@ -124,13 +136,14 @@ fn overlay_at(
     }
 }
 
-/// Makes the relative paths in `value` (a string or array of strings) relative to `dir`.
-fn relative_to(dir: &Path, value: &mut Value) {
+/// Makes the relative paths in `value` (a string or array of strings) relative to `dir`;
+/// `words` are not paths and stay as they are.
+fn relative_to(dir: &Path, value: &mut Value, words: &[String]) {
     match value {
-        Value::String(s) if Path::new(s.as_str()).is_relative() => {
+        Value::String(s) if Path::new(s.as_str()).is_relative() && !words.contains(s) => {
             *s = dir.join(s.as_str()).to_string_lossy().into_owned();
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| relative_to(dir, v)),
+        Value::Array(items) => items.iter_mut().for_each(|v| relative_to(dir, v, words)),
         _ => {}
     }
 }

@@ -2,10 +2,12 @@
 //! start only (a reload names a change as needing a restart); SIGHUP reopens the access
 //! log's file, for logrotate.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use clap::builder::{PossibleValue, StringValueParser, TypedValueParser};
 use serde::{Deserialize, Serialize};
 
 use super::text;
@@ -21,6 +23,9 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
+/// The access log's words that are not file paths (a file of that name: `./off`).
+const WORDS: [&str; 3] = ["off", "stdout", "-"];
+
 impl FromStr for AccessLogTarget {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -30,6 +35,31 @@ impl FromStr for AccessLogTarget {
             "stdout" | "-" => Ok(Self::Stdout),
             path => Ok(Self::File(PathBuf::from(path))),
         }
+    }
+}
+
+/// Parses `--access-log`, naming its [`WORDS`] as its possible values: the layering
+/// makes a relative path in the config file relative to the file's directory, as for
+/// every path setting, and leaves those words alone.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLogParser;
+
+impl TypedValueParser for AccessLogParser {
+    type Value = AccessLogTarget;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<AccessLogTarget, clap::Error> {
+        StringValueParser::new()
+            .try_map(|s| s.parse::<AccessLogTarget>())
+            .parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(WORDS.into_iter().map(PossibleValue::new)))
     }
 }
 
@@ -66,14 +96,17 @@ impl ObserveSection {
 #[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ObserveSection {
-    /// Access log: one JSON line per call, to this file (reopened on SIGHUP), `stdout`,
-    /// or `off`.
+    /// Access log: one JSON line per call, to this file (reopened on SIGHUP; relative to
+    /// the config file's directory when set there), `stdout`, or `off`.
     #[arg(
         id = "observe.access_log",
         long = "access-log",
         env = "SWITCHYARD_ACCESS_LOG",
         value_name = "PATH|stdout|off",
-        default_value = "off"
+        default_value = "off",
+        value_hint = clap::ValueHint::AnyPath,
+        value_parser = AccessLogParser,
+        hide_possible_values = true
     )]
     #[serde(with = "text")]
     pub access_log: AccessLogTarget,
@@ -87,8 +120,8 @@ pub struct ObserveSection {
     )]
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
-    /// Share of calls traced (0 to 1) among those whose client sent no sampled
-    /// `traceparent`; a client's sampled one is always followed.
+    /// Share of calls traced (0 to 1) among those whose client sent no `traceparent`; a
+    /// client's sampled one is always followed, an unsampled one never.
     #[arg(
         id = "observe.trace_sample_rate",
         long = "trace-sample-rate",

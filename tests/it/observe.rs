@@ -398,3 +398,234 @@ async fn sighup_reopens_the_access_log_for_logrotate() {
     assert_eq!(lines(&rotated).len(), 1, "the old file keeps its line");
     assert!(p.logged(&["access log reopened"]), "{}", p.log_text());
 }
+
+/// A request with a sampled `traceparent` of the test's trace.
+fn in_trace<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    let parent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    r.metadata_mut()
+        .insert("traceparent", parent.parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_answers_have_their_line_and_span() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1;
+
+    let (etcd, _backends, _regs) = echo_backends(1).await;
+    let (otlp, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let file = path.clone();
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.observe.access_log = AccessLogTarget::File(file);
+        a.observe.otlp_endpoint = Some(otlp.clone());
+        a.observe.trace_sample_rate = 0.0;
+    })
+    .await;
+    let ch = tonic::transport::Channel::from_shared(proxy.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    let ask = |service: &str| HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    // The proxy itself, in the client's trace.
+    let own = health.check(in_trace(ask(""))).await.unwrap().into_inner();
+    assert_eq!(own.status, 1, "SERVING");
+    // A name nobody registered: NOT_FOUND, answered by the proxy.
+    let e = health.check(ask("no.such.Service")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // Reflection: one request and its answer, then the client ends its stream.
+    let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let list = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some(), "a listing");
+    assert!(answers.message().await.unwrap().is_none(), "then the end");
+    // A Watch the client gives up after its first update.
+    let mut watch = health.watch(ask(ECHO)).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "an update");
+    drop(watch);
+
+    eventually(Duration::from_secs(10), "four access-log lines", || {
+        let n = lines(&path).len();
+        async move { n >= 4 }
+    })
+    .await;
+    let l = lines(&path);
+    assert_eq!(l.len(), 4, "{l:#?}");
+    let line = |method: &str, status: i32| {
+        l.iter()
+            .find(|x| x["method"] == method && x["grpc_status"] == status)
+            .unwrap_or_else(|| panic!("no line for {method} with status {status}: {l:#?}"))
+    };
+    let check = line("/grpc.health.v1.Health/Check", 0);
+    let not_found = line("/grpc.health.v1.Health/Check", 5);
+    let listed = line(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        0,
+    );
+    let watched = line("/grpc.health.v1.Health/Watch", 1);
+    for x in [check, not_found, listed, watched] {
+        assert!(x["backend"].is_null(), "answered by the proxy: {x}");
+        assert_eq!(x["attempts"], 0, "{x}");
+        assert_eq!(x["listener"], proxy.addr.to_string().as_str(), "{x}");
+        assert!(x["response_bytes"].as_u64().is_some(), "{x}");
+    }
+    assert_eq!(check["service"], "grpc.health.v1.Health");
+    assert_eq!(check["trace_id"], TRACE_ID, "the client's trace id");
+    assert!(check["response_bytes"].as_u64().unwrap() > 0, "{check}");
+    assert!(not_found["grpc_message"]
+        .as_str()
+        .is_some_and(|m| m.contains("no.such.Service")));
+    assert_eq!(listed["service"], "grpc.reflection.v1.ServerReflection");
+    assert!(listed["request_bytes"].as_u64().unwrap() > 0, "{listed}");
+    assert!(listed["response_bytes"].as_u64().unwrap() > 0, "{listed}");
+
+    // The sampled Check has its span, child of the client's, with no backend.
+    eventually(Duration::from_secs(15), "the Check's span", || {
+        let got = !received.0.lock().unwrap().is_empty();
+        async move { got }
+    })
+    .await;
+    let (_, span) = received.0.lock().unwrap()[0].clone();
+    assert_eq!(span.name, "grpc.health.v1.Health/Check");
+    assert_eq!(hex(&span.trace_id), TRACE_ID);
+    assert_eq!(hex(&span.parent_span_id), CLIENT_SPAN);
+    assert_eq!(int_attr(&span.attributes, "rpc.grpc.status_code"), Some(0));
+    assert_eq!(text_attr(&span.attributes, "server.address"), None);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_parent_is_followed_whatever_the_rate() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (backend, seen) = recording_backend().await;
+    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
+    let (otlp, received) = otlp_receiver().await;
+    // Rate 1: every call without a traceparent is traced.
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.observe.otlp_endpoint = Some(otlp.clone());
+        a.observe.trace_sample_rate = 1.0;
+    })
+    .await;
+    let mut c = client(proxy.addr).await;
+    let unsampled = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
+    c.unary(traced("decided against", &[("traceparent", &unsampled)]))
+        .await
+        .unwrap();
+    c.unary(traced("no parent", &[])).await.unwrap();
+
+    // Spans are queued as calls end and exported in that order: once the second call's
+    // span has arrived, a span of the first would have too.
+    eventually(Duration::from_secs(15), "a span exported", || {
+        let got = !received.0.lock().unwrap().is_empty();
+        async move { got }
+    })
+    .await;
+    let spans: Vec<Span> = received
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s)| s.clone())
+        .collect();
+    assert_eq!(spans.len(), 1, "only the call without a parent: {spans:?}");
+    assert_ne!(hex(&spans[0].trace_id), TRACE_ID, "a trace of its own");
+    assert!(spans[0].parent_span_id.is_empty(), "a root span");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0].traceparent.as_deref(),
+        Some(unsampled.as_str()),
+        "the client's unsampled traceparent passes through untouched"
+    );
+    assert_eq!(
+        seen[1].traceparent,
+        Some(format!(
+            "00-{}-{}-01",
+            hex(&spans[0].trace_id),
+            hex(&spans[0].span_id)
+        )),
+        "the traced call's backend has the proxy's span as parent"
+    );
+    proxy.shutdown().await;
+}
+
+/// The settings `switchyard proxy ARGS..` loads (without environment variables unless
+/// the test process has them).
+fn loaded(args: &[&str]) -> switchyard::settings::Loaded {
+    let m = switchyard::settings::proxy_command()
+        .try_get_matches_from(std::iter::once("proxy").chain(args.iter().copied()))
+        .unwrap();
+    switchyard::settings::load(&m).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_access_log_in_the_config_file_is_relative_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    let with = |access_log: &str| {
+        std::fs::write(&config, format!("[observe]\naccess_log = {access_log:?}\n")).unwrap();
+        let c = config.to_str().unwrap().to_owned();
+        loaded(&["--config", &c]).proxy.observe.access_log
+    };
+    assert_eq!(
+        with("logs/access.log"),
+        AccessLogTarget::File(dir.path().join("logs/access.log")),
+        "as the TLS and etcd files are"
+    );
+    assert_eq!(
+        with("/var/log/sy.log"),
+        AccessLogTarget::File("/var/log/sy.log".into())
+    );
+    assert_eq!(
+        with("stdout"),
+        AccessLogTarget::Stdout,
+        "a word, not a path"
+    );
+    assert_eq!(with("-"), AccessLogTarget::Stdout);
+    assert_eq!(with("off"), AccessLogTarget::Off);
+    assert_eq!(
+        with("./off"),
+        AccessLogTarget::File(dir.path().join("./off")),
+        "a file named off"
+    );
+    // A flag's relative path is the shell's: relative to the working directory.
+    let c = config.to_str().unwrap().to_owned();
+    let flagged = loaded(&["--config", &c, "--access-log", "here.log"]);
+    assert_eq!(
+        flagged.proxy.observe.access_log,
+        AccessLogTarget::File("here.log".into())
+    );
+
+    // The binary, started elsewhere, writes its lines beside its config file.
+    std::fs::write(&config, "[observe]\naccess_log = \"access.log\"\n").unwrap();
+    let (etcd, _backends, _regs) = echo_backends(1).await;
+    let p =
+        SwitchyardProcess::proxy(&[etcd.endpoint().to_owned()], "info", &["--config", &c]).await;
+    assert_ne!(std::env::current_dir().unwrap(), dir.path());
+    let mut client = client(p.addr()).await;
+    client.unary(req("beside its config")).await.unwrap();
+    let path = dir.path().join("access.log");
+    eventually(Duration::from_secs(10), "a line beside the config", || {
+        let n = lines(&path).len();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(lines(&path)[0]["grpc_status"], 0);
+}

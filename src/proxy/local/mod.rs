@@ -30,6 +30,8 @@ use super::body::H2Body;
 use super::relay::{Relay, ResetReason};
 use super::routing::LiveRouting;
 use crate::discovery::{Discovery, Service};
+use crate::observe::body::{Counted, Observed};
+use crate::observe::CallObs;
 
 /// What the local services read: the services, etcd (to list them), and whether the
 /// proxy is draining.
@@ -112,14 +114,18 @@ impl Local {
         claim(path, headers, self.reflection.is_some())
     }
 
-    /// Serves a claimed call on the client's stream until its response ends.
+    /// Serves a claimed call on the client's stream until its response ends; `obs`, the
+    /// call's access-log record and span (when either is on), sees it to its end.
     pub fn serve(
         self: &Arc<Self>,
         call: LocalCall,
         req: Request<h2::RecvStream>,
         respond: SendResponse<Bytes>,
+        obs: Option<Box<CallObs>>,
     ) -> Answer {
-        Answer(Some(Box::pin(Arc::clone(self).answer(call, req, respond))))
+        Answer(Some(Box::pin(
+            Arc::clone(self).answer(call, req, respond, obs),
+        )))
     }
 
     async fn answer(
@@ -127,8 +133,13 @@ impl Local {
         call: LocalCall,
         req: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
+        mut obs: Option<Box<CallObs>>,
     ) {
-        let req = req.map(H2Body::new);
+        if let Some(o) = obs.as_mut() {
+            o.answered_locally();
+        }
+        let counter = obs.as_ref().and_then(|o| o.request_counter());
+        let req = req.map(|b| Counted::new(H2Body::new(b), counter));
         let response = match (call, &self.reflection) {
             (LocalCall::Health, _) => self.health.clone().call(req).await,
             (LocalCall::ReflectionV1, Some(r)) => r.v1.clone().call(req).await,
@@ -140,6 +151,8 @@ impl Local {
         };
         let Ok(response) = response;
         let (parts, body) = response.into_parts();
+        // Dropped with this future at the latest: the record is finished either way.
+        let body = Observed::new(body, &parts.headers, obs);
         let eos = body.is_end_stream();
         match respond.send_response(Response::from_parts(parts, ()), eos) {
             Ok(tx) if !eos => {
