@@ -114,6 +114,10 @@ access_log = "stdout"
 otlp_endpoint = "http://127.0.0.1:4317"
 trace_sample_rate = 0.25
 
+[service_config]
+files = ["grpc.json", "/etc/switchyard/fleet.json"]
+prefix = "config/grpc"
+
 [balance]
 policy = "peak-ewma"
 slow_start = "3s"
@@ -205,6 +209,11 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
         Some("http://127.0.0.1:4317")
     );
     assert_eq!(a.observe.trace_sample_rate, 0.25);
+    assert_eq!(
+        a.service_config.files,
+        [dir.join("grpc.json"), "/etc/switchyard/fleet.json".into()]
+    );
+    assert_eq!(a.service_config.prefix.as_deref(), Some("config/grpc"));
     assert_eq!(
         a.upstream.idle_timeout,
         switchyard::settings::IdleTimeout(None)
