@@ -55,17 +55,57 @@ async fn services_sharing_an_address_share_its_connection() {
     assert_eq!(listed, [1, 1, 1], "{eps}");
     // Their etcd watches share one watch stream (a stream per service cost about 14 KiB
     // each in the proxy).
-    let etcd_metrics =
-        crate::faults::http_get(etcd.endpoint().trim_start_matches("http://"), "/metrics")
-            .await
-            .unwrap();
+    assert_eq!(watches(&etcd).await, (3.0, 1.0));
+    proxy.shutdown().await;
+}
+
+/// etcd's count of watchers and of watch streams.
+async fn watches(etcd: &EtcdProcess) -> (f64, f64) {
+    let text = crate::faults::http_get(etcd.endpoint().trim_start_matches("http://"), "/metrics")
+        .await
+        .unwrap();
     let gauge = |name: &str| {
-        etcd_metrics
-            .lines()
+        text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
     };
-    assert_eq!(gauge("etcd_debugging_mvcc_watcher_total"), Some(3.0));
-    assert_eq!(gauge("etcd_debugging_mvcc_watch_stream_total"), Some(1.0));
+    (
+        gauge("etcd_debugging_mvcc_watcher_total"),
+        gauge("etcd_debugging_mvcc_watch_stream_total"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_no_longer_watched_cancels_its_watch_on_the_shared_stream() {
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let b = EchoBackend::start("b").await.unwrap();
+    let r = register(etcd.endpoint(), SVC, b.addr(), 10).await;
+    let _ra = register(etcd.endpoint(), "a.Svc", b.addr(), 10).await;
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &["a.Svc"], |a| {
+        a.timeouts.service_idle = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = client(proxy.addr).await;
+    let mut bound = client(proxy.bound[0]).await;
+    assert_eq!(served_by(&mut c).await.unwrap(), "b");
+    assert_eq!(served_by(&mut bound).await.unwrap(), "b");
+    assert_eq!(watches(&etcd).await, (2.0, 1.0));
+    // Deregistered and unused: the service is dropped, and its watch cancelled; the
+    // other's goes on, on the same stream.
+    delete(etcd.endpoint(), &r.key).await;
+    drop(r);
+    eventually(
+        Duration::from_secs(20),
+        "the dropped service's watch cancelled",
+        || async { watches(&etcd).await == (1.0, 1.0) },
+    )
+    .await;
+    assert_eq!(served_by(&mut bound).await.unwrap(), "b");
+    // Registered again: watched again.
+    let _r = register(etcd.endpoint(), SVC, b.addr(), 10).await;
+    assert_eq!(served_by(&mut c).await.unwrap(), "b");
+    assert_eq!(watches(&etcd).await, (2.0, 1.0));
     proxy.shutdown().await;
 }
 
