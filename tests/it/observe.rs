@@ -1,8 +1,10 @@
 //! Seeing every call, with real parts: an OTLP receiver (the collector's `TraceService`,
 //! served by tonic in the test) gets the proxy's span, child of the client's trace; the
 //! backend sees the same trace with the proxy's span as its parent; the access log has a
-//! line for a forwarded call, an application error and an answer of the proxy's own; a
-//! log writer that cannot keep up costs lines, never calls.
+//! line for a forwarded call, an application error and an answer of the proxy's own
+//! (health and reflection included, with their spans); an unsampled client trace is not
+//! traced at any rate; a log writer that cannot keep up costs lines, never calls; a
+//! relative log path in the config file is relative to the file.
 use crate::common::*;
 
 use std::net::SocketAddr;
