@@ -61,6 +61,20 @@ impl Loaded {
         )
     }
 
+    /// An error about the part `path` (`traffic[1].split[0].weight`) of the file-only
+    /// setting `id`, located in the file.
+    pub(crate) fn element_error(&self, id: &str, path: &str, message: String) -> ConfigError {
+        ConfigError::Field(FieldError {
+            location: self
+                .file
+                .as_ref()
+                .filter(|f| f.taken.iter().any(|t| t == id))
+                .map(|f| f.locate(path)),
+            field: path.to_owned(),
+            message,
+        })
+    }
+
     /// How the setting `id` is named where it came from (or could have come from).
     pub(crate) fn describe(&self, id: &str) -> String {
         match &self.file {

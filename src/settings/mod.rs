@@ -58,6 +58,7 @@ mod restart;
 pub mod service_config;
 pub mod text;
 mod tls;
+pub mod traffic;
 mod upstream;
 mod validate;
 
