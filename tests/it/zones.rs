@@ -326,6 +326,72 @@ async fn a_subset_without_endpoints_falls_back_or_fails_when_strict() {
     proxy.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_zone_and_new_rules_and_refuses_a_bad_rule() {
+    use crate::reload::{echo_entry, proxy, ConfigFile};
+    use crate::restart::{assert_none_failed, signal, wait_logged, Calling};
+    init_tracing();
+    let etcd = EtcdProcess::start().await.unwrap();
+    let e = etcd.endpoint();
+    let mut backends = Vec::new();
+    for (name, meta) in [
+        ("a-v1", r#"{"zone":"a","version":"v1"}"#),
+        ("b-v2", r#"{"zone":"b","version":"v2"}"#),
+    ] {
+        let b = EchoBackend::start(name).await.unwrap();
+        put_naming(e, b.addr(), meta).await;
+        backends.push(b);
+    }
+    let file = ConfigFile::new(&etcd);
+    file.write("", "[balance]\nzone = \"a\"\n");
+    let p = proxy(&file, Some("info")).await;
+    wait_logged(&p, &["listening", "zone=a"]);
+    let calling = Calling::start(file.listen);
+    calling.more(20).await;
+    let only = |want: &'static str| async move {
+        let (served, failed) = tally(file.listen, 10, false).await;
+        failed == 0 && names(&served) == BTreeSet::from([want])
+    };
+    assert!(only("a-v1").await);
+    // Another zone, live.
+    file.write("", "[balance]\nzone = \"b\"\n");
+    signal(p.pid(), "-HUP");
+    eventually(Duration::from_secs(5), "calls in zone b", || only("b-v2")).await;
+    // Rules, live: the split sends everything to v1 (which is only in zone a).
+    let v1 = "[[traffic]]\nservice = \"switchyard.echo.v1.Echo\"\n[[traffic.split]]\nsubset = { version = \"v1\" }\nweight = 1\n";
+    file.write("", &format!("[balance]\nzone = \"b\"\n\n{v1}"));
+    signal(p.pid(), "-HUP");
+    eventually(Duration::from_secs(5), "calls in subset v1", || {
+        only("a-v1")
+    })
+    .await;
+    assert_eq!(
+        echo_entry(file.admin).await["traffic"]["split"][0]["weight"],
+        1
+    );
+    // A bad rule is refused, naming the file, the line and the key; the rules stay.
+    file.write(
+        "",
+        &format!(
+            "[balance]\nzone = \"b\"\n\n{}",
+            v1.replace("weight = 1", "weight = 0")
+        ),
+    );
+    signal(p.pid(), "-HUP");
+    wait_logged(
+        &p,
+        &[
+            "refused",
+            "switchyard.toml:",
+            "traffic[0].split",
+            "weights sum to 0",
+        ],
+    );
+    calling.more(20).await;
+    assert!(only("a-v1").await);
+    assert_none_failed(&calling.finish().await);
+}
+
 /// The error of loading `text` as a config file, and the file's path.
 fn config_error(dir: &std::path::Path, text: &str) -> String {
     let path = dir.join("bad.toml");
