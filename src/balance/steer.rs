@@ -13,7 +13,8 @@
 //! The zone's rule (Envoy's panic threshold, with a per-host proxy's signals): a call
 //! stays in the zone while at least one of the zone's endpoints, and at least half of
 //! them, can take calls (not ejected, not unhealthy by active check, not failing to
-//! connect); otherwise it is balanced over all endpoints. When every endpoint of the
+//! connect; counted at each pick, or every 64 picks in a zone of more than 16);
+//! otherwise it is balanced over all endpoints. When every endpoint of the
 //! zone a call may still try is used up, it is offered to the others: the zone never
 //! fails a call. Endpoints without a zone label count as another zone.
 
@@ -288,7 +289,15 @@ struct View {
     /// Each endpoint's index in the snapshot.
     index: Box<[u32]>,
     rr: RoundRobin,
+    /// A large zone's last count of usable endpoints (see [`View::enough`]).
+    gate: AtomicU32,
 }
+
+/// Zones of up to this many endpoints count their usable ones at every pick.
+const EXACT_GATE_UP_TO: usize = 16;
+
+/// A larger zone counts them again after this many picks.
+const GATE_RECHECK_EVERY: u32 = 64;
 
 impl View {
     /// The endpoints of `backends` that `keep` takes; `None` if it takes none.
@@ -310,13 +319,37 @@ impl View {
             set,
             index,
             rr: RoundRobin::starting_anywhere(),
+            gate: AtomicU32::new(0),
         })
     }
 
     /// Whether the zone can take the calls: at least one endpoint, and at least half of
-    /// them, usable (the scan stops as soon as it knows).
+    /// them, usable. Counted at each pick in a zone of up to [`EXACT_GATE_UP_TO`]
+    /// endpoints; in a larger one, once every [`GATE_RECHECK_EVERY`] picks (a count of
+    /// hundreds per call would cost more than the pick): until then a zone that lost
+    /// endpoints takes calls on those left, and one that got them back still spills.
+    /// Neither fails a call.
     #[inline]
     fn enough(&self) -> bool {
+        if self.set.len() <= EXACT_GATE_UP_TO {
+            return self.count_enough();
+        }
+        // Bit 0: the last count's answer; the others count picks (adding 2 keeps bit 0).
+        let state = self.gate.fetch_add(2, Ordering::Relaxed);
+        if (state >> 1) % GATE_RECHECK_EVERY != 0 {
+            return state & 1 == 1;
+        }
+        let enough = self.count_enough();
+        if enough {
+            self.gate.fetch_or(1, Ordering::Relaxed);
+        } else {
+            self.gate.fetch_and(!1, Ordering::Relaxed);
+        }
+        enough
+    }
+
+    /// [`View::enough`] counted now (the scan stops as soon as it knows).
+    fn count_enough(&self) -> bool {
         let n = self.set.len();
         let need = n.div_ceil(2).max(1);
         let mut usable = 0;

@@ -166,6 +166,26 @@ impl fmt::Display for Loaded {
             l.max_header_list_size,
             l.worker_threads
         )?;
+        let b = &a.balance;
+        match &b.zone {
+            Some(z) => writeln!(f, "zone {z} (metadata key {:?})", b.zone_key)?,
+            None => writeln!(f, "zone off")?,
+        }
+        for t in &a.traffic {
+            let splits: Vec<String> = t
+                .split
+                .iter()
+                .map(|s| format!("{:?}={}", s.subset, s.weight))
+                .collect();
+            writeln!(
+                f,
+                "traffic {}: {} header match(es), split [{}]{}",
+                t.service,
+                t.matches.len(),
+                splits.join(", "),
+                if t.strict { ", strict" } else { "" }
+            )?;
+        }
         write!(f, "log format {:?}, level {}", self.log_format, a.log.level)
     }
 }

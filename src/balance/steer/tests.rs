@@ -312,3 +312,26 @@ fn the_split_order_is_smooth() {
         "no split: the whole service"
     );
 }
+
+#[test]
+fn a_large_zone_counts_its_usable_endpoints_every_so_often() {
+    // 20 in zone a, 20 in zone b.
+    let labels: Vec<(&str, &str)> = (0..40)
+        .map(|i: usize| (if i.is_multiple_of(2) { "a" } else { "b" }, ""))
+        .collect();
+    let (b, s) = steered(&labels, zone("a"), Policy::RoundRobin);
+    let in_zone = |counts: &[usize]| counts.iter().step_by(2).sum::<usize>();
+    assert_eq!(in_zone(&picks(&b, &s, 100, &HeaderMap::new())), 100);
+    // 11 of the zone's 20 out (the cap allows 20 of 40): under half. Within the next
+    // 64 picks the zone is counted again, and from then on calls spill.
+    for i in (0..22).step_by(2) {
+        eject(&b, &s, i);
+    }
+    let _ = picks(&b, &s, 64, &HeaderMap::new());
+    let counts = picks(&b, &s, 290, &HeaderMap::new());
+    assert!(in_zone(&counts) < 100, "{counts:?}");
+    assert!(
+        counts.iter().skip(1).step_by(2).all(|&c| c > 0),
+        "{counts:?}"
+    );
+}
