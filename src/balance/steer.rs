@@ -336,7 +336,7 @@ impl View {
         }
         // Bit 0: the last count's answer; the others count picks (adding 2 keeps bit 0).
         let state = self.gate.fetch_add(2, Ordering::Relaxed);
-        if (state >> 1) % GATE_RECHECK_EVERY != 0 {
+        if !(state >> 1).is_multiple_of(GATE_RECHECK_EVERY) {
             return state & 1 == 1;
         }
         let enough = self.count_enough();
