@@ -14,7 +14,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderValue, Method, Request};
 
 use strum::IntoEnumIterator as _;
-use switchyard::balance::{Backend, BalanceSettings, Balancer, EndpointSet, Policy};
+use switchyard::balance::{
+    Backend, BalanceSettings, Balancer, EndpointSet, Policy, Steering, Subset, TrafficRules,
+};
 use switchyard::call::{Arrival, BackendCall, Outcome};
 use switchyard::discovery::{Discovery, DiscoveryConfig, LiveConfig, StaticSource, Update};
 use switchyard::endpoint::{BackendAddr, Endpoint};
@@ -51,6 +53,15 @@ fn grpc_request() -> Request<()> {
 }
 
 fn endpoint_set(n: usize, balancer: &Balancer) -> EndpointSet {
+    labelled_set(n, balancer, |_| None)
+}
+
+/// `n` endpoints as [`endpoint_set`], endpoint `i` with the metadata `meta(i)`.
+fn labelled_set(
+    n: usize,
+    balancer: &Balancer,
+    meta: impl Fn(usize) -> Option<serde_json::Value>,
+) -> EndpointSet {
     let cfg = UpstreamConfig::default();
     balancer.snapshot(
         (0..n)
@@ -61,7 +72,9 @@ fn endpoint_set(n: usize, balancer: &Balancer) -> EndpointSet {
                 let up = Upstream::new(addr.clone(), &cfg);
                 // As in production once connected: the preferred endpoints.
                 up.assume_ready();
-                Backend::new(up, &Endpoint::new(addr), balancer)
+                let mut ep = Endpoint::new(addr);
+                ep.metadata = meta(i);
+                Backend::new(up, &ep, balancer)
             })
             .collect(),
     )
@@ -84,6 +97,8 @@ fn bench_route(c: &mut Criterion) {
                 balance: Default::default(),
                 service_balance: Default::default(),
                 health: Default::default(),
+                steering: Default::default(),
+                traffic: Default::default(),
             },
             service_idle: std::time::Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
@@ -151,6 +166,72 @@ fn bench_pick(c: &mut Criterion) {
                         .select_with(&set, |_| true)
                         .expect("usable endpoint");
                     black_box((idx, Arc::clone(up)))
+                })
+            });
+        }
+    }
+}
+
+/// Pick, steered: round-robin as `forward` does it with a zone (half of the endpoints in
+/// it), and with a 95/5 split between versions (the subset chosen from the request's
+/// headers, then the pick within it, with the zone), beside the plain pick it adds to.
+fn bench_steered_pick(c: &mut Criterion) {
+    let (parts, ()) = grpc_request().into_parts();
+    let meta = |i: usize| {
+        Some(serde_json::json!({
+            "zone": if i.is_multiple_of(2) { "a" } else { "b" },
+            "version": if i.is_multiple_of(20) { "v2" } else { "v1" },
+        }))
+    };
+    let subset = |v: &str| Subset::new([("version".to_owned(), v.to_owned())].into());
+    let split = Arc::new(TrafficRules {
+        matches: Vec::new(),
+        splits: vec![(subset("v1"), 95), (subset("v2"), 5)],
+        strict: false,
+    });
+    for n in [3usize, 1000] {
+        let cases = [
+            ("plain", Steering::default()),
+            (
+                "zone",
+                Steering {
+                    zone: Some("a".into()),
+                    ..Steering::default()
+                },
+            ),
+            (
+                "95/5 split",
+                Steering {
+                    traffic: Some(Arc::clone(&split)),
+                    ..Steering::default()
+                },
+            ),
+            (
+                "95/5 split + zone",
+                Steering {
+                    zone: Some("a".into()),
+                    traffic: Some(Arc::clone(&split)),
+                    ..Steering::default()
+                },
+            ),
+        ];
+        for (label, steering) in cases {
+            let balancer = Balancer::new(
+                "bench",
+                Arc::new(BalanceSettings::default()),
+                HealthSettings::default(),
+            );
+            balancer.set_steering(steering);
+            let set = Arc::new(labelled_set(n, &balancer, meta));
+            c.bench_function(&format!("pick/steered {label}, round_robin of {n}"), |b| {
+                b.iter(|| {
+                    let tried = black_box([usize::MAX; MAX_ATTEMPTS]);
+                    let steer = balancer.steer(black_box(&parts.headers));
+                    let (idx, up) = balancer
+                        .select_steered(&set, steer, |i| !tried.contains(&i))
+                        .expect("not strict")
+                        .expect("usable endpoint");
+                    black_box((idx, up.addr().port()))
                 })
             });
         }
@@ -251,6 +332,8 @@ fn bench_update(c: &mut Criterion) {
                 balance: Default::default(),
                 service_balance: Default::default(),
                 health: Default::default(),
+                steering: Default::default(),
+                traffic: Default::default(),
             },
             service_idle: std::time::Duration::from_secs(60),
             // Documentation addresses (RFC 5737): connects go nowhere, and the first
@@ -290,6 +373,7 @@ criterion_group!(
     benches,
     bench_route,
     bench_pick,
+    bench_steered_pick,
     bench_build,
     bench_call_end,
     bench_update

@@ -111,6 +111,14 @@ struct EndpointJson<'a> {
     failures_in_a_row: u32,
     /// How long ago it was last ejected or found unhealthy.
     last_failure_ago_ms: Option<u64>,
+    /// Its zone (its metadata's value under the zone key), if labelled.
+    zone: Option<String>,
+    /// Whether it is in the proxy's zone (with a zone set only).
+    in_zone: Option<bool>,
+    /// The registry's own version field (Kratos, go-micro), if any.
+    version: Option<String>,
+    /// The registry's metadata, as read.
+    metadata: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -119,7 +127,29 @@ struct ServiceJson<'a> {
     balance: &'static str,
     etcd_watch_up: bool,
     loaded: bool,
+    /// The proxy's zone, if set.
+    zone: Option<String>,
+    /// The service's traffic rules, and which subsets fall back now.
+    traffic: Option<serde_json::Value>,
     endpoints: Vec<EndpointJson<'a>>,
+}
+
+/// A service's traffic rules as `/endpoints` shows them.
+fn traffic_json(t: &crate::balance::Traffic) -> serde_json::Value {
+    let r = t.rules();
+    serde_json::json!({
+        "strict": r.strict,
+        "match": r.matches.iter().map(|m| serde_json::json!({
+            "header": m.header.as_str(),
+            "value": m.value.to_str().unwrap_or_default(),
+            "subset": m.subset.pairs(),
+        })).collect::<Vec<_>>(),
+        "split": r.splits.iter().map(|(s, w)| serde_json::json!({
+            "subset": s.pairs(),
+            "weight": w,
+        })).collect::<Vec<_>>(),
+        "falling_back": t.falling_back().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    })
 }
 
 fn endpoints_json(state: &AdminState) -> Vec<u8> {
@@ -129,40 +159,51 @@ fn endpoints_json(state: &AdminState) -> Vec<u8> {
     let out: Vec<ServiceJson<'_>> = services
         .iter()
         .zip(&snaps)
-        .map(|(svc, snap)| ServiceJson {
-            service: svc.name().as_str(),
-            balance: svc.balancer().policy().name(),
-            etcd_watch_up: svc.etcd_reachable(),
-            loaded: svc.is_loaded(),
-            endpoints: snap
-                .iter()
-                .map(|ep| {
-                    let (connections, streams) = ep.upstream().load();
-                    EndpointJson {
-                        address: ep.addr().as_str(),
-                        connections,
-                        streams,
-                        state: ep.state_name(now),
-                        ejected_for_ms: ep
-                            .health()
-                            .ejected_until(now)
-                            .map(|until| (until - now) / 1_000_000),
-                        failures_in_a_row: ep.health().failures(),
-                        last_failure_ago_ms: ep
-                            .health()
-                            .last_failure_at()
-                            .map(|at| now.saturating_sub(at) / 1_000_000),
-                        inflight: i64::from(ep.in_flight()),
-                        weight: ep.weight(),
-                        effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
-                        latency_estimate_ms: svc
-                            .balancer()
-                            .settings()
-                            .track_latency()
-                            .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
-                    }
-                })
-                .collect(),
+        .map(|(svc, snap)| {
+            let steering = svc.balancer().steering();
+            ServiceJson {
+                service: svc.name().as_str(),
+                balance: svc.balancer().policy().name(),
+                etcd_watch_up: svc.etcd_reachable(),
+                loaded: svc.is_loaded(),
+                zone: steering.zone.as_deref().map(str::to_owned),
+                traffic: snap.traffic().map(|t| traffic_json(t)),
+                endpoints: snap
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ep)| {
+                        let (connections, streams) = ep.upstream().load();
+                        let registered = ep.endpoint();
+                        EndpointJson {
+                            zone: registered.label(&steering.zone_key).map(|z| z.into_owned()),
+                            in_zone: snap.is_local(i),
+                            version: registered.version.clone(),
+                            metadata: registered.metadata.clone(),
+                            address: ep.addr().as_str(),
+                            connections,
+                            streams,
+                            state: ep.state_name(now),
+                            ejected_for_ms: ep
+                                .health()
+                                .ejected_until(now)
+                                .map(|until| (until - now) / 1_000_000),
+                            failures_in_a_row: ep.health().failures(),
+                            last_failure_ago_ms: ep
+                                .health()
+                                .last_failure_at()
+                                .map(|at| now.saturating_sub(at) / 1_000_000),
+                            inflight: i64::from(ep.in_flight()),
+                            weight: ep.weight(),
+                            effective_weight: (ep.effective_weight(now) * 100.0).round() / 100.0,
+                            latency_estimate_ms: svc
+                                .balancer()
+                                .settings()
+                                .track_latency()
+                                .then(|| (ep.latency_estimate(now) / 1e4).round() / 100.0),
+                        }
+                    })
+                    .collect(),
+            }
         })
         .collect();
     serde_json::to_vec_pretty(&out).unwrap_or_default()

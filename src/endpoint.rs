@@ -117,6 +117,9 @@ pub struct Endpoint {
     pub tls: bool,
     /// Free-form metadata from the registry, if any.
     pub metadata: Option<serde_json::Value>,
+    /// The version the registry's own field gives (Kratos' `version`, go-micro's service
+    /// `version`), if any: a label like the metadata's, under the key `version`.
+    pub version: Option<String>,
 }
 
 impl Endpoint {
@@ -127,6 +130,26 @@ impl Endpoint {
             weight: DEFAULT_WEIGHT,
             tls: false,
             metadata: None,
+            version: None,
+        }
+    }
+
+    /// The endpoint's label `key`: the metadata's value under it (a string, or a number
+    /// or boolean as written), and for `version` the registry's own version field first.
+    /// Read when snapshots are made (zones, subsets), never per call.
+    pub fn label(&self, key: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        if key == "version" {
+            if let Some(v) = self.version.as_deref().filter(|v| !v.is_empty()) {
+                return Some(Cow::Borrowed(v));
+            }
+        }
+        match self.metadata.as_ref()?.get(key)? {
+            serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                Some(Cow::Owned(v.to_string()))
+            }
+            _ => None,
         }
     }
 
@@ -134,5 +157,29 @@ impl Endpoint {
     pub fn with_weight(mut self, weight: Weight) -> Self {
         self.weight = weight.clamp(1, MAX_WEIGHT);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_metadata_and_the_registry_s_version() {
+        let mut ep = Endpoint::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(ep.label("zone"), None);
+        ep.metadata = Some(serde_json::json!({"zone": "a", "gen": 2, "version": "m", "x": {}}));
+        assert_eq!(ep.label("zone").as_deref(), Some("a"));
+        assert_eq!(ep.label("gen").as_deref(), Some("2"));
+        assert_eq!(ep.label("x"), None);
+        assert_eq!(ep.label("version").as_deref(), Some("m"));
+        ep.version = Some("v2".into());
+        assert_eq!(ep.label("version").as_deref(), Some("v2"));
+        ep.version = Some(String::new());
+        assert_eq!(
+            ep.label("version").as_deref(),
+            Some("m"),
+            "an empty version is none"
+        );
     }
 }

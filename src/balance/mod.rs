@@ -22,15 +22,21 @@ mod reconcile;
 mod round_robin;
 mod settings;
 mod slow_start;
+mod steer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-use arc_swap::Guard;
+use arc_swap::{ArcSwapOption, Guard};
+use parking_lot::Mutex;
 
 pub use backend::{Backend, Fit};
 pub(crate) use reconcile::{Reconciler, UpstreamFor};
 pub use settings::{BalanceSettings, Policy, SharedSettings, UnknownPolicy};
+pub use steer::{
+    HeaderMatch, Steer, Steering, Subset, SubsetUnavailable, Traffic, TrafficRules,
+    DEFAULT_ZONE_KEY,
+};
 
 use crate::clock::now_ns;
 use crate::health::{HealthSettings, Member, ServiceHealth};
@@ -43,17 +49,42 @@ pub struct EndpointSet {
     backends: Box<[Arc<Backend>]>,
     /// The weighted rotation, when weights differ.
     schedule: round_robin::Schedule,
+    /// The zone's and the subsets' views, when the service is steered.
+    steered: Option<Box<steer::Steered>>,
 }
 
 impl EndpointSet {
     /// A snapshot of these backends (sorted by address for a stable order).
     pub fn new(mut backends: Vec<Arc<Backend>>) -> Self {
         backends.sort_by(|a, b| a.addr().as_str().cmp(b.addr().as_str()));
+        Self::sorted(backends)
+    }
+
+    /// A snapshot of backends already in order.
+    fn sorted(backends: Vec<Arc<Backend>>) -> Self {
         let schedule = round_robin::Schedule::new(&backends);
         Self {
             backends: backends.into_boxed_slice(),
             schedule,
+            steered: None,
         }
+    }
+
+    /// Whether calls are steered (a zone, traffic rules): picks then go through
+    /// [`Balancer::select_steered`].
+    #[inline]
+    pub fn is_steered(&self) -> bool {
+        self.steered.is_some()
+    }
+
+    /// Whether endpoint `i` is in the proxy's zone (`None`: no zone set).
+    pub fn is_local(&self, i: usize) -> Option<bool> {
+        self.steered.as_deref().and_then(|s| s.is_local(i))
+    }
+
+    /// The compiled traffic rules this snapshot's views were made for.
+    pub fn traffic(&self) -> Option<&Arc<Traffic>> {
+        self.steered.as_deref().and_then(|s| s.traffic())
     }
 
     /// Number of endpoints, usable or not.
@@ -85,11 +116,18 @@ pub struct Balancer {
     /// Round-robin without slow start: the pick reads no settings. Kept beside the
     /// rotation's cursor, which every pick touches anyway.
     plain_round_robin: AtomicBool,
+    /// The service has traffic rules: each call chooses its subset.
+    has_traffic: AtomicBool,
     rr: round_robin::RoundRobin,
     settings: Arc<SharedSettings>,
     health: Arc<ServiceHealth>,
     /// Where its endpoints' calls are counted, if measured.
     metrics: Option<Arc<ServiceMetrics>>,
+    /// The rules compiled, for the calls' choice of subset.
+    traffic: ArcSwapOption<Traffic>,
+    /// The zone and rules the snapshots are made for (read when one is made).
+    steering: Mutex<Steering>,
+    name: Box<str>,
 }
 
 impl Default for Balancer {
@@ -108,11 +146,53 @@ impl Balancer {
     pub fn new(name: &str, settings: Arc<BalanceSettings>, health: HealthSettings) -> Self {
         Self {
             plain_round_robin: AtomicBool::new(settings.is_plain_round_robin()),
+            has_traffic: AtomicBool::new(false),
             rr: round_robin::RoundRobin::default(),
             settings: Arc::new(SharedSettings::new(settings)),
             health: Arc::new(ServiceHealth::new(name, health)),
             metrics: None,
+            traffic: ArcSwapOption::empty(),
+            steering: Mutex::new(Steering::default()),
+            name: name.into(),
         }
+    }
+
+    /// Steers the calls as `steering` says from the next snapshot on (the caller
+    /// publishes one when this returns true: it changed).
+    pub fn set_steering(&self, steering: Steering) -> bool {
+        let mut current = self.steering.lock();
+        if *current == steering {
+            return false;
+        }
+        if current.traffic != steering.traffic {
+            let compiled = steering.traffic.as_ref().map(|rules| {
+                Arc::new(Traffic::new(
+                    &self.name,
+                    Arc::clone(rules),
+                    self.metrics.as_deref(),
+                ))
+            });
+            self.has_traffic
+                .store(compiled.is_some(), Ordering::Release);
+            self.traffic.store(compiled);
+        }
+        *current = steering;
+        true
+    }
+
+    /// The zone and rules the snapshots are made for.
+    pub fn steering(&self) -> Steering {
+        self.steering.lock().clone()
+    }
+
+    /// The subset of a call with `headers`, when the service has traffic rules (one
+    /// flag read otherwise).
+    #[inline]
+    pub fn steer(&self, headers: &http::HeaderMap) -> Option<Steer> {
+        if !self.has_traffic.load(Ordering::Acquire) {
+            return None;
+        }
+        self.traffic.load().as_ref()?.choose(headers)
     }
 
     /// The same balancer, its endpoints' calls counted in `metrics`.
@@ -172,7 +252,16 @@ impl Balancer {
                 .map(|b| (Arc::downgrade(b) as Weak<dyn Member>, b.addr().clone()))
                 .collect(),
         );
-        EndpointSet::new(backends)
+        let mut set = EndpointSet::new(backends);
+        let steering = self.steering.lock();
+        let traffic = self.traffic.load_full();
+        set.steered = steer::Steered::build(
+            &set.backends,
+            &steering,
+            traffic.as_ref(),
+            self.metrics.as_deref(),
+        );
+        set
     }
 
     /// The policy this balancer runs now.
@@ -192,18 +281,30 @@ impl Balancer {
         set: &'s EndpointSet,
         accept: impl Fn(usize) -> bool,
     ) -> Option<(usize, &'s Arc<Backend>)> {
+        self.pick_in(set, &self.rr, accept)
+    }
+
+    /// The policy's pick in `set` (the snapshot, or a view of it with its own rotation
+    /// `rr`).
+    #[inline(always)]
+    fn pick_in<'s>(
+        &self,
+        set: &'s EndpointSet,
+        rr: &round_robin::RoundRobin,
+        accept: impl Fn(usize) -> bool,
+    ) -> Option<(usize, &'s Arc<Backend>)> {
         let fit = |i: usize, b: &Backend| if accept(i) { b.fit() } else { Fit::No };
         if self.plain_round_robin.load(Ordering::Acquire) {
-            return self.rr.pick(set, fit);
+            return rr.pick(set, fit);
         }
         // Read once per pick: a reload may swap them meanwhile.
         let settings = self.settings.load();
         match settings.policy {
-            Policy::RoundRobin if settings.slow_start.is_none() => self.rr.pick(set, fit),
+            Policy::RoundRobin if settings.slow_start.is_none() => rr.pick(set, fit),
             Policy::RoundRobin => {
                 // An endpoint in slow start takes its turn only with its ramp's odds.
                 let now = now_ns();
-                self.rr.pick(set, |i, b| match fit(i, b) {
+                rr.pick(set, |i, b| match fit(i, b) {
                     Fit::Preferred if fastrand::f64() >= b.ramp_with(&settings, now) => Fit::Usable,
                     f => f,
                 })

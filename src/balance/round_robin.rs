@@ -24,30 +24,38 @@ impl Schedule {
         if weights.windows(2).all(|w| w[0] == w[1]) {
             return Self::default();
         }
-        let g = weights.iter().fold(0, |a, &w| gcd(a, w)).max(1);
-        let mut weights: Vec<u64> = weights.iter().map(|w| w / g).collect();
-        let total: u64 = weights.iter().sum();
-        if total > MAX_PERIOD {
-            for w in &mut weights {
-                *w = (*w * MAX_PERIOD / total).max(1);
-            }
-        }
-        let total: u64 = weights.iter().sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut order = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            let mut best = 0;
-            for (i, w) in weights.iter().enumerate() {
-                current[i] += *w as i64;
-                if current[i] > current[best] {
-                    best = i;
-                }
-            }
-            current[best] -= total as i64;
-            order.push(best as u32);
-        }
-        Self(order.into_boxed_slice())
+        Self(smooth_order(&weights).into_boxed_slice())
     }
+}
+
+/// One period of the smooth weighted order of `weights` (nginx's algorithm: 3:1 gives
+/// `0 0 1 0`): indices, each as often as its weight (reduced by their common divisor,
+/// and scaled down to [`MAX_PERIOD`] in all). A zero weight never appears; all zero
+/// gives an empty order.
+pub(super) fn smooth_order(weights: &[u64]) -> Vec<u32> {
+    let g = weights.iter().fold(0, |a, &w| gcd(a, w)).max(1);
+    let mut weights: Vec<u64> = weights.iter().map(|w| w / g).collect();
+    let total: u64 = weights.iter().sum();
+    if total > MAX_PERIOD {
+        for w in weights.iter_mut().filter(|w| **w > 0) {
+            *w = (*w * MAX_PERIOD / total).max(1);
+        }
+    }
+    let total: u64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += *w as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        order.push(best as u32);
+    }
+    order
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -65,6 +73,14 @@ pub(super) struct RoundRobin {
 }
 
 impl RoundRobin {
+    /// A rotation starting at a random turn (a subset's or zone's own, made anew with
+    /// each snapshot: not always the first endpoint first).
+    pub(super) fn starting_anywhere() -> Self {
+        Self {
+            cursor: AtomicUsize::new(fastrand::usize(..1 << 16)),
+        }
+    }
+
     /// The next preferred endpoint in the rotation (else the first usable one it met).
     /// An endpoint passed over gives up its turn by taking another tick, so the others
     /// still share calls in proportion to their weights.

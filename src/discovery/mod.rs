@@ -38,7 +38,7 @@ use tokio::task::AbortHandle;
 
 use negative::NegativeCache;
 
-use crate::balance::{BalanceSettings, Balancer, Reconciler, UpstreamFor};
+use crate::balance::{BalanceSettings, Balancer, Reconciler, Steering, TrafficRules, UpstreamFor};
 use crate::health::HealthSettings;
 use crate::metrics::Metrics;
 use crate::route::{ServiceName, ServiceNameError};
@@ -98,12 +98,24 @@ pub struct LiveConfig {
     pub service_balance: HashMap<ServiceName, BalanceSettings>,
     /// Outlier ejection and active health checks.
     pub health: HealthSettings,
+    /// The proxy's zone and where endpoints' zones are read; no service's rules here.
+    pub steering: Steering,
+    /// Traffic rules, by service name.
+    pub traffic: HashMap<ServiceName, Arc<TrafficRules>>,
 }
 
 impl LiveConfig {
     /// The balancing settings of service `name`.
     fn balance_of(&self, name: &str) -> &BalanceSettings {
         self.service_balance.get(name).unwrap_or(&self.balance)
+    }
+
+    /// How the calls of service `name` are steered: the zone, and its traffic rules.
+    fn steering_of(&self, name: &str) -> Steering {
+        Steering {
+            traffic: self.traffic.get(name).cloned(),
+            ..self.steering.clone()
+        }
     }
 }
 
@@ -232,6 +244,12 @@ impl Discovery {
         if (o.check, o.check_interval) != (n.check, n.check_interval) {
             changed.push("health_check");
         }
+        if old.steering != live.steering {
+            changed.push("balance.zone");
+        }
+        if old.traffic != live.traffic {
+            changed.push("traffic");
+        }
         for service in services.values() {
             let name = service.name().as_str();
             service
@@ -241,6 +259,10 @@ impl Discovery {
                 .balancer()
                 .health()
                 .set_settings(live.health.clone());
+            if service.balancer().set_steering(live.steering_of(name)) {
+                // The views of the zone and subsets are made with each snapshot.
+                service.republish();
+            }
         }
         changed
     }
@@ -319,6 +341,7 @@ impl Discovery {
             live.health.clone(),
         )
         .with_metrics(Arc::clone(&metrics));
+        balancer.set_steering(live.steering_of(name.as_str()));
         let service = Arc::new(Service::new(name.clone(), metrics, balancer));
         self.start_watch(&service, &live.prefixes);
         next.insert(name.clone(), Arc::clone(&service));

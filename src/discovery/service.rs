@@ -198,6 +198,18 @@ impl Service {
         true
     }
 
+    /// Publishes the current backends again, in a snapshot made with the balancer's
+    /// steering as it is now (a reload changed the zone or the rules). A service not
+    /// loaded yet gets its first snapshot from its watch.
+    pub(super) fn republish(&self) {
+        let _w = self.watching();
+        if !self.is_loaded() {
+            return;
+        }
+        let backends = self.endpoints().iter().cloned().collect();
+        self.publish(self.balancer.snapshot(backends));
+    }
+
     pub(super) fn publish(&self, set: EndpointSet) {
         if !set.is_empty() && !self.ever_served.load(Ordering::Relaxed) {
             self.ever_served.store(true, Ordering::Relaxed);

@@ -19,6 +19,8 @@ fn live(prefixes: &[&str]) -> LiveConfig {
         balance: BalanceSettings::default(),
         service_balance: HashMap::new(),
         health: HealthSettings::default(),
+        steering: Default::default(),
+        traffic: HashMap::new(),
     }
 }
 

@@ -60,7 +60,15 @@ pub(super) struct CallFamilies {
     endpoint_inflight: IntGaugeVec,
     ejections: IntCounterVec,
     attempts: IntCounterVec,
+    locality: IntCounterVec,
+    subsets: IntCounterVec,
 }
+
+/// The `locality` labels of `switchyard_calls_by_locality_total`, by index.
+const LOCALITY_LABELS: [&str; 2] = ["same_zone", "other_zone"];
+
+/// The `routed` labels of `switchyard_calls_by_subset_total`, by index.
+const SUBSET_LABELS: [&str; 2] = ["subset", "fallback"];
 
 impl CallFamilies {
     /// Creates the families and registers them in `registry`.
@@ -108,6 +116,20 @@ impl CallFamilies {
             ),
             &["service", "outcome"],
         );
+        let locality = IntCounterVec::new(
+            Opts::new(
+                "switchyard_calls_by_locality_total",
+                "Calls (each attempt) sent to a backend in the proxy's zone or in another, by service and locality (same_zone, other_zone); with a zone set only.",
+            ),
+            &["service", "locality"],
+        );
+        let subsets = IntCounterVec::new(
+            Opts::new(
+                "switchyard_calls_by_subset_total",
+                "Calls (each attempt) of a traffic rule's subset, by service, subset and routed (subset: sent within it; fallback: it had no usable endpoint, sent to the whole service).",
+            ),
+            &["service", "subset", "routed"],
+        );
         let (
             Ok(calls),
             Ok(duration),
@@ -115,6 +137,8 @@ impl CallFamilies {
             Ok(endpoint_inflight),
             Ok(ejections),
             Ok(attempts),
+            Ok(locality),
+            Ok(subsets),
         ) = (
             calls,
             duration,
@@ -122,6 +146,8 @@ impl CallFamilies {
             endpoint_inflight,
             ejections,
             attempts,
+            locality,
+            subsets,
         )
         else {
             unreachable!("static metric definitions are valid")
@@ -133,6 +159,8 @@ impl CallFamilies {
             endpoint_inflight: register(registry, endpoint_inflight),
             ejections: register(registry, ejections),
             attempts: register(registry, attempts),
+            locality: register(registry, locality),
+            subsets: register(registry, subsets),
         }
     }
 }
@@ -148,6 +176,8 @@ pub struct ServiceMetrics {
     own: [OnceLock<IntCounter>; STATUS_SLOTS],
     /// Attempts under a policy, by outcome (resolved on first use).
     attempts: [OnceLock<IntCounter>; <AttemptKind as strum::EnumCount>::COUNT],
+    /// Subsets whose series were made, to remove them with the service's.
+    subsets: parking_lot::Mutex<Vec<Arc<str>>>,
 }
 
 impl ServiceMetrics {
@@ -160,7 +190,31 @@ impl ServiceMetrics {
             inflight: families.inflight.with_label_values(&[service]),
             own: Default::default(),
             attempts: Default::default(),
+            subsets: Default::default(),
         }
+    }
+
+    /// The calls-by-locality handles (same zone, other zone), for a snapshot to keep.
+    pub fn locality_counters(&self) -> [IntCounter; 2] {
+        LOCALITY_LABELS.map(|l| {
+            self.families
+                .locality
+                .with_label_values(&[&*self.service, l])
+        })
+    }
+
+    /// The calls-by-subset handles of `subset` (sent within it, fallen back), for
+    /// compiled traffic rules to keep.
+    pub fn subset_counters(&self, subset: &Arc<str>) -> [IntCounter; 2] {
+        let mut made = self.subsets.lock();
+        if !made.contains(subset) {
+            made.push(Arc::clone(subset));
+        }
+        SUBSET_LABELS.map(|r| {
+            self.families
+                .subsets
+                .with_label_values(&[&*self.service, subset, r])
+        })
     }
 
     /// Counts one attempt of a call under a retry or hedging policy.
@@ -191,6 +245,16 @@ impl ServiceMetrics {
         let f = &self.families;
         let _ = f.duration.remove_label_values(&[&self.service]);
         let _ = f.inflight.remove_label_values(&[&self.service]);
+        for l in LOCALITY_LABELS {
+            let _ = f.locality.remove_label_values(&[&*self.service, l]);
+        }
+        for subset in self.subsets.lock().iter() {
+            for r in SUBSET_LABELS {
+                let _ = f
+                    .subsets
+                    .remove_label_values(&[&*self.service, &**subset, r]);
+            }
+        }
         for (slot, cell) in self.own.iter().enumerate() {
             if cell.get().is_some() {
                 let _ = f

@@ -61,6 +61,14 @@ pub enum CallError {
         /// What failed.
         error: h2::Error,
     },
+    /// The call's subset has no usable endpoint, and its rules are strict.
+    #[error("switchyard: service '{service}': no usable endpoint in subset {subset} (strict traffic rule)")]
+    SubsetUnavailable {
+        /// The service.
+        service: ServiceName,
+        /// The subset, as `key=value` pairs.
+        subset: std::sync::Arc<str>,
+    },
     /// The call's deadline passed before a backend answered.
     #[error("switchyard: deadline exceeded before a backend of service '{0}' answered")]
     DeadlineExceeded(ServiceName),
@@ -79,7 +87,8 @@ impl CallError {
             Self::NotLoaded(_)
             | Self::NoEndpoints(_)
             | Self::Unreachable { .. }
-            | Self::BackendFailed { .. } => Code::Unavailable,
+            | Self::BackendFailed { .. }
+            | Self::SubsetUnavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::BadRequest(_) => Code::Internal,
         }

@@ -22,6 +22,7 @@ use super::relay::Relay;
 use super::replay::ReplayBody;
 use super::resend::{Avoid, Resender, Sent};
 use super::routing::LiveRouting;
+use crate::balance::{Backend, EndpointSet, Steer};
 use crate::call::{Arrival, BackendCall};
 use crate::discovery::{Discovery, DiscoveryError, Service};
 use crate::observe::{CallObs, Observer};
@@ -166,6 +167,10 @@ impl Forwarder {
         };
         let mut timeout = grpc_timeout(req.headers());
         let (mut parts, body) = req.into_parts();
+        // The call's subset, chosen once for all its attempts (services with rules only).
+        if let Some(steer) = service.balancer().steer(&parts.headers) {
+            parts.extensions.insert(steer);
+        }
         let policy = self.policies.for_path(parts.uri.path());
         if let Some(limit) = policy.as_ref().and_then(|p| p.method.timeout) {
             // The method's timeout bounds the client's deadline; the backend sees the
@@ -385,9 +390,10 @@ impl Forwarder {
             let mut refused = false;
             for attempt in 0..set.len().min(MAX_ATTEMPTS) {
                 let fresh = |i: usize| !tried.contains(&i);
-                let picked = match avoid.is_empty() {
-                    true => service.balancer().select_with(&set, fresh),
-                    false => service
+                let picked = match (set.is_steered(), avoid.is_empty()) {
+                    (true, _) => steered_pick(service, &set, parts, avoid, fresh)?,
+                    (false, true) => service.balancer().select_with(&set, fresh),
+                    (false, false) => service
                         .balancer()
                         .select_with(&set, |i| fresh(i) && !avoid.holds(set.get(i)))
                         .or_else(|| service.balancer().select_with(&set, fresh)),
@@ -451,6 +457,33 @@ impl Forwarder {
             CallError::NoEndpoints(name)
         }
     }
+}
+
+/// [`Forwarder::send`]'s pick in a steered snapshot (a zone, traffic rules): in the
+/// call's subset, avoiding `avoid` while another is usable.
+#[inline(never)]
+fn steered_pick<'s>(
+    service: &Service,
+    set: &'s EndpointSet,
+    parts: &Parts,
+    avoid: &Avoid,
+    fresh: impl Fn(usize) -> bool,
+) -> Result<Option<(usize, &'s Arc<Backend>)>, CallError> {
+    let balancer = service.balancer();
+    let steer = parts.extensions.get::<Steer>().copied();
+    let picked = match avoid.is_empty() {
+        true => balancer.select_steered(set, steer, &fresh),
+        false => {
+            match balancer.select_steered(set, steer, |i| fresh(i) && !avoid.holds(set.get(i))) {
+                Ok(None) => balancer.select_steered(set, steer, &fresh),
+                other => other,
+            }
+        }
+    };
+    picked.map_err(|e| CallError::SubsetUnavailable {
+        service: service.name().clone(),
+        subset: e.subset,
+    })
 }
 
 /// Most pauses a call makes after every endpoint it was offered to refused it (about 5 s

@@ -287,6 +287,7 @@ async fn serve_with(
         listeners = %listening.join(" "),
         prefixes = %args.etcd.prefixes().join(" "),
         admin = %admin_text,
+        zone = %args.balance.zone.as_deref().unwrap_or("off"),
         "listening"
     );
     let admin_task = admin_listener.map(|listener| {

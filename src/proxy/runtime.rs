@@ -17,12 +17,13 @@ use super::forward::{Forwarder, Target};
 use super::local::{Local, LocalContext};
 use super::routing::{LiveRouting, Routing};
 use super::ProxyError;
-use crate::balance::BalanceSettings;
+use crate::balance::{BalanceSettings, HeaderMatch, Steering, Subset, TrafficRules};
 use crate::discovery::{Discovery, LiveConfig};
 use crate::health::HealthSettings;
 use crate::observe::Observer;
 use crate::route::ServiceName;
 use crate::service_config::LivePolicies;
+use crate::settings::traffic::TrafficSection;
 use crate::settings::ProxySettings;
 use crate::upstream::UpstreamConfig;
 
@@ -82,6 +83,22 @@ pub fn live_config(args: &ProxySettings) -> LiveConfig {
         })
         .collect();
     let (e, c) = (&args.ejection, &args.health_check);
+    let steering = Steering {
+        zone: b.zone.as_deref().map(Arc::from),
+        zone_key: Arc::from(b.zone_key.as_str()),
+        traffic: None,
+    };
+    let traffic = args
+        .traffic
+        .iter()
+        // Checked with the other settings; none is invalid here.
+        .filter_map(|t| {
+            Some((
+                ServiceName::new(&t.service).ok()?,
+                Arc::new(traffic_rules(t)?),
+            ))
+        })
+        .collect();
     LiveConfig {
         prefixes: args.etcd.prefixes(),
         max_services: args.limits.max_services,
@@ -95,7 +112,34 @@ pub fn live_config(args: &ProxySettings) -> LiveConfig {
             check: c.kind,
             check_interval: c.interval,
         },
+        steering,
+        traffic,
     }
+}
+
+/// One `[[traffic]]` section in its runtime form (`None` if a header does not parse,
+/// which the settings' checks rule out).
+fn traffic_rules(t: &TrafficSection) -> Option<TrafficRules> {
+    let matches = t
+        .matches
+        .iter()
+        .map(|m| {
+            Some(HeaderMatch {
+                header: http::HeaderName::from_bytes(m.header.as_bytes()).ok()?,
+                value: http::HeaderValue::from_str(&m.value).ok()?,
+                subset: Subset::new(m.subset.clone()),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(TrafficRules {
+        matches,
+        splits: t
+            .split
+            .iter()
+            .map(|s| (Subset::new(s.subset.clone()), s.weight))
+            .collect(),
+        strict: t.strict,
+    })
 }
 
 /// The backend connections' settings (read at start only).

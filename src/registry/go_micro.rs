@@ -24,9 +24,11 @@ use crate::endpoint::{Endpoint, DEFAULT_WEIGHT};
 #[derive(Debug, Clone, Copy)]
 pub struct GoMicro;
 
-/// `registry.Service` as read: only the nodes matter.
+/// `registry.Service` as read: its version and its nodes.
 #[derive(Debug, Deserialize)]
 struct ReadService {
+    #[serde(default)]
+    version: Option<String>,
     #[serde(default)]
     nodes: Option<Vec<ReadNode>>,
 }
@@ -100,6 +102,7 @@ impl Codec for GoMicro {
             }
             let mut endpoint = Endpoint::new(node.address.parse()?);
             endpoint.metadata = metadata;
+            endpoint.version.clone_from(&service.version);
             endpoints.push(endpoint);
         }
         Ok(endpoints)
@@ -169,6 +172,9 @@ mod tests {
         assert_eq!(addrs, ["10.0.0.5:9090", "10.0.0.7:9090"]);
         assert_eq!(eps[0].metadata, Some(json!({"protocol": "grpc"})));
         assert!(eps.iter().all(|e| e.weight == 1 && !e.tls));
+        assert!(eps
+            .iter()
+            .all(|e| e.label("version").as_deref() == Some("latest")));
         assert_eq!(skipped.len(), 1);
         assert!(
             skipped[0].to_string().contains("10.0.0.6:9090 (b)"),

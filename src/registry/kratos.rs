@@ -12,8 +12,9 @@
 //! `id` and `endpoints` fields. Each gRPC endpoint is served: `grpc://host:port`, and
 //! `grpcs://host:port` (or the older `grpc://host:port?isSecure=true`) with TLS; others
 //! (`http://`, `https://`) are listed as skipped. The weight is `metadata.weight` (a
-//! string, as Kratos's selectors read it). A value whose `name` is not the service in
-//! its key is invalid, as Kratos's own watcher skips it.
+//! string, as Kratos's selectors read it); `version` is kept as the endpoint's version.
+//! A value whose `name` is not the service in its key is invalid, as Kratos's own
+//! watcher skips it.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,8 @@ pub struct Kratos;
 struct ReadInstance {
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
     #[serde(default)]
@@ -93,6 +96,7 @@ impl Codec for Kratos {
                     let mut endpoint = Endpoint::new(addr).with_weight(weight);
                     endpoint.tls = tls;
                     endpoint.metadata.clone_from(&metadata);
+                    endpoint.version.clone_from(&instance.version);
                     endpoints.push(endpoint);
                 }
                 None => skipped.push(Skipped {
@@ -176,6 +180,8 @@ mod tests {
         assert_eq!(eps[0].addr.as_str(), "10.0.0.5:9000");
         assert_eq!((eps[0].weight, eps[0].tls), (3, false));
         assert_eq!(eps[0].metadata, Some(json!({"weight": "3", "zone": "a"})));
+        assert_eq!(eps[0].label("version").as_deref(), Some("v1"));
+        assert_eq!(eps[0].label("zone").as_deref(), Some("a"));
         assert_eq!(
             skipped,
             [Skipped {

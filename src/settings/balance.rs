@@ -59,6 +59,25 @@ pub struct BalanceSection {
     )]
     #[serde(with = "duration")]
     pub ewma_default_rtt: Duration,
+    /// The proxy's own zone: calls go to endpoints of this zone while it has enough usable
+    /// ones, to the others otherwise (off by default).
+    #[arg(
+        id = "balance.zone",
+        long = "zone",
+        env = "SWITCHYARD_ZONE",
+        value_name = "NAME"
+    )]
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The metadata key holding an endpoint's zone (e.g. topology.kubernetes.io/zone).
+    #[arg(
+        id = "balance.zone_key",
+        long = "zone-key",
+        env = "SWITCHYARD_ZONE_KEY",
+        value_name = "KEY",
+        default_value = "zone"
+    )]
+    pub zone_key: String,
     /// Per-service settings, by service name (config file only).
     #[arg(skip)]
     #[serde(

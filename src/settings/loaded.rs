@@ -61,6 +61,20 @@ impl Loaded {
         )
     }
 
+    /// An error about the part `path` (`traffic[1].split[0].weight`) of the file-only
+    /// setting `id`, located in the file.
+    pub(crate) fn element_error(&self, id: &str, path: &str, message: String) -> ConfigError {
+        ConfigError::Field(FieldError {
+            location: self
+                .file
+                .as_ref()
+                .filter(|f| f.taken.iter().any(|t| t == id))
+                .map(|f| f.locate(path)),
+            field: path.to_owned(),
+            message,
+        })
+    }
+
     /// How the setting `id` is named where it came from (or could have come from).
     pub(crate) fn describe(&self, id: &str) -> String {
         match &self.file {
@@ -152,6 +166,26 @@ impl fmt::Display for Loaded {
             l.max_header_list_size,
             l.worker_threads
         )?;
+        let b = &a.balance;
+        match &b.zone {
+            Some(z) => writeln!(f, "zone {z} (metadata key {:?})", b.zone_key)?,
+            None => writeln!(f, "zone off")?,
+        }
+        for t in &a.traffic {
+            let splits: Vec<String> = t
+                .split
+                .iter()
+                .map(|s| format!("{:?}={}", s.subset, s.weight))
+                .collect();
+            writeln!(
+                f,
+                "traffic {}: {} header match(es), split [{}]{}",
+                t.service,
+                t.matches.len(),
+                splits.join(", "),
+                if t.strict { ", strict" } else { "" }
+            )?;
+        }
         write!(f, "log format {:?}, level {}", self.log_format, a.log.level)
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! The structs follow the config file: [`ProxySettings`] is its top, each section
 //! (`[etcd]`, `[timeouts]`, `[limits]`, `[tls]`, `[upstream_tls]`, `[admin]`, `[observe]`,
-//! `[service_config]`) is a struct of
+//! `[service_config]`; the file-only `[[traffic]]` rules) is a struct of
 //! its own, flattened into it with `#[command(flatten)]`. The library takes these structs;
 //! only [`load`] (at the binary's edge) sees clap's parse.
 //!
@@ -58,6 +58,7 @@ mod restart;
 pub mod service_config;
 pub mod text;
 mod tls;
+pub mod traffic;
 mod upstream;
 mod validate;
 

@@ -91,6 +91,10 @@ pub struct ProxySettings {
     #[command(flatten)]
     #[serde(default)]
     pub service_config: super::service_config::ServiceConfigSection,
+    /// Traffic rules per registered service (`[[traffic]]`, config file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<super::traffic::TrafficSection>,
 }
 
 impl Default for ProxySettings {

@@ -40,6 +40,7 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
             format!("{name:?} is not a service name: {e}"),
         ));
     }
+    validate_zone_and_traffic(s)?;
     let e = &a.etcd;
     if e.endpoints.is_empty() {
         return Err(s.field_error("etcd.endpoints", "no etcd endpoint given".into()));
@@ -146,6 +147,96 @@ pub(crate) fn validate(s: &Loaded) -> Result<(), ConfigError> {
     ] {
         if zero {
             return Err(s.field_error(id, "must be greater than zero".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Most a split's weight may be (keeps the split's period short).
+const MAX_SPLIT_WEIGHT: u32 = 10_000;
+
+/// The zone settings, and each `[[traffic]]` rule: what serde cannot check alone.
+fn validate_zone_and_traffic(s: &Loaded) -> Result<(), ConfigError> {
+    let b = &s.proxy.balance;
+    if b.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
+        return Err(s.field_error("balance.zone", "is empty".into()));
+    }
+    if b.zone_key.trim().is_empty() {
+        return Err(s.field_error("balance.zone_key", "is empty".into()));
+    }
+    let err = |path: String, message: String| s.element_error("traffic", &path, message);
+    let subset_ok = |path: String, subset: &std::collections::BTreeMap<String, String>| {
+        if subset.is_empty() {
+            return Err(err(
+                path,
+                "names no metadata pair (e.g. { version = \"v2\" })".into(),
+            ));
+        }
+        match subset.keys().find(|k| k.trim().is_empty()) {
+            Some(_) => Err(err(path, "has an empty key".into())),
+            None => Ok(()),
+        }
+    };
+    for (i, t) in s.proxy.traffic.iter().enumerate() {
+        let at = format!("traffic[{i}]");
+        if let Err(e) = crate::route::ServiceName::new(&t.service) {
+            return Err(err(
+                format!("{at}.service"),
+                format!("{:?} is not a service name: {e}", t.service),
+            ));
+        }
+        if s.proxy.traffic[..i].iter().any(|o| o.service == t.service) {
+            return Err(err(
+                format!("{at}.service"),
+                format!(
+                    "service {:?} has rules already (one [[traffic]] per service)",
+                    t.service
+                ),
+            ));
+        }
+        if t.matches.is_empty() && t.split.is_empty() {
+            return Err(err(
+                at,
+                "has neither [[traffic.match]] nor [[traffic.split]]".into(),
+            ));
+        }
+        for (j, m) in t.matches.iter().enumerate() {
+            let at = format!("{at}.match[{j}]");
+            if http::HeaderName::from_bytes(m.header.as_bytes()).is_err() {
+                return Err(err(
+                    format!("{at}.header"),
+                    format!("{:?} is not a header name", m.header),
+                ));
+            }
+            if http::HeaderValue::from_str(&m.value).is_err() {
+                return Err(err(
+                    format!("{at}.value"),
+                    format!("{:?} is not a header value", m.value),
+                ));
+            }
+            subset_ok(format!("{at}.subset"), &m.subset)?;
+        }
+        for (j, sp) in t.split.iter().enumerate() {
+            let at = format!("{at}.split[{j}]");
+            subset_ok(format!("{at}.subset"), &sp.subset)?;
+            if sp.weight > MAX_SPLIT_WEIGHT {
+                return Err(err(
+                    format!("{at}.weight"),
+                    format!("must be at most {MAX_SPLIT_WEIGHT}"),
+                ));
+            }
+            if t.split[..j].iter().any(|o| o.subset == sp.subset) {
+                return Err(err(
+                    format!("{at}.subset"),
+                    "is split to twice (give it one weight)".into(),
+                ));
+            }
+        }
+        if !t.split.is_empty() && t.split.iter().all(|sp| sp.weight == 0) {
+            return Err(err(
+                format!("{at}.split"),
+                "weights sum to 0: no call could be sent".into(),
+            ));
         }
     }
     Ok(())

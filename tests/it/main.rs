@@ -25,3 +25,4 @@ mod service_config;
 mod sidecar_admin;
 mod tls;
 mod upstream;
+mod zones;

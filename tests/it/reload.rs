@@ -15,16 +15,16 @@ use std::time::{Duration, Instant};
 const ECHO: &str = "switchyard.echo.v1.Echo";
 
 /// A config file for one listener, the admin listener and etcd; `extra` is appended.
-struct ConfigFile {
+pub(crate) struct ConfigFile {
     _dir: tempfile::TempDir,
     path: PathBuf,
-    listen: SocketAddr,
-    admin: SocketAddr,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin: SocketAddr,
     etcd: String,
 }
 
 impl ConfigFile {
-    fn new(etcd: &EtcdProcess) -> ConfigFile {
+    pub(crate) fn new(etcd: &EtcdProcess) -> ConfigFile {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("switchyard.toml");
         ConfigFile {
@@ -37,7 +37,7 @@ impl ConfigFile {
     }
 
     /// Writes the file with `etcd_extra` in its `[etcd]` section and `extra` after it.
-    fn write(&self, etcd_extra: &str, extra: &str) {
+    pub(crate) fn write(&self, etcd_extra: &str, extra: &str) {
         let text = format!(
             "[[listener]]\naddr = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n[etcd]\nendpoints = [\"{}\"]\n{etcd_extra}\n{extra}",
             self.listen, self.admin, self.etcd
@@ -51,7 +51,7 @@ impl ConfigFile {
 }
 
 /// A proxy process reading `file`, with `RUST_LOG` as given (unset: `None`).
-async fn proxy(file: &ConfigFile, rust_log: Option<&str>) -> SwitchyardProcess {
+pub(crate) async fn proxy(file: &ConfigFile, rust_log: Option<&str>) -> SwitchyardProcess {
     let mut cmd = Command::new(BIN);
     cmd.arg("proxy")
         .arg("--config")
@@ -76,7 +76,7 @@ async fn endpoints(admin: SocketAddr) -> String {
 }
 
 /// The Echo service's entry in `/endpoints`.
-async fn echo_entry(admin: SocketAddr) -> serde_json::Value {
+pub(crate) async fn echo_entry(admin: SocketAddr) -> serde_json::Value {
     let body = endpoints(admin).await;
     let all: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     all.into_iter()
