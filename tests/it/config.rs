@@ -123,6 +123,8 @@ policy = "peak-ewma"
 slow_start = "3s"
 ewma_decay = "2s"
 ewma_default_rtt = "5ms"
+zone = "eu-1a"
+zone_key = "topology.kubernetes.io/zone"
 
 [balance.service."pkg.Slow"]
 policy = "least-request"
@@ -220,6 +222,8 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     );
     assert_eq!(a.balance.policy, switchyard::balance::Policy::PeakEwma);
     assert_eq!(a.balance.slow_start, Duration::from_secs(3));
+    assert_eq!(a.balance.zone.as_deref(), Some("eu-1a"));
+    assert_eq!(a.balance.zone_key, "topology.kubernetes.io/zone");
     let tuned = switchyard::proxy::runtime::live_config(a).balance;
     assert_eq!(
         (tuned.ewma_decay, tuned.default_rtt),
