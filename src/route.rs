@@ -38,14 +38,28 @@ pub fn validate_service_name(s: &str) -> Result<(), ServiceNameError> {
     if s.len() > MAX_SERVICE_NAME_LEN {
         return Err(ServiceNameError::TooLong);
     }
-    match s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(c) => Err(ServiceNameError::BadChar(c)),
+    // Byte by byte: every call's path is checked, and a table lookup per byte is a
+    // fraction of decoding chars. A non-ASCII byte is never allowed, so the offending
+    // char starts where the first bad byte is.
+    match s.bytes().position(|b| !NAME_BYTE[usize::from(b)]) {
+        Some(i) => Err(ServiceNameError::BadChar(
+            s[i..].chars().next().unwrap_or(char::REPLACEMENT_CHARACTER),
+        )),
         None => Ok(()),
     }
 }
+
+/// Which bytes a service name may hold: `[A-Za-z0-9._-]`.
+static NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-';
+        b += 1;
+    }
+    t
+};
 
 impl ServiceName {
     /// Parses and validates a service name.
@@ -98,6 +112,26 @@ pub enum PathError {
 
 /// Splits a gRPC path `/pkg.Svc/Method` into its service part, borrowed from `path`.
 pub fn service_from_path(path: &str) -> Result<&str, PathError> {
+    // Every call's path comes through here: one pass over the bytes for a well-formed
+    // path; anything else is sorted out by the full checks below.
+    let b = path.as_bytes();
+    let mut end = 1;
+    while end < b.len() && NAME_BYTE[usize::from(b[end])] {
+        end += 1;
+    }
+    if b.first() == Some(&b'/')
+        && (2..=MAX_SERVICE_NAME_LEN + 1).contains(&end)
+        && b.get(end) == Some(&b'/')
+        && end + 1 < b.len()
+        && !b[end + 1..].contains(&b'/')
+    {
+        return Ok(&path[1..end]);
+    }
+    service_from_path_checked(path)
+}
+
+#[cold]
+fn service_from_path_checked(path: &str) -> Result<&str, PathError> {
     let rest = path.strip_prefix('/').ok_or(PathError::NotServiceMethod)?;
     let (service, method) = rest.split_once('/').ok_or(PathError::NotServiceMethod)?;
     if method.is_empty() || method.contains('/') {
@@ -237,6 +271,49 @@ mod tests {
         assert_eq!(
             service_from_path(&long),
             Err(PathError::BadService(ServiceNameError::TooLong))
+        );
+    }
+
+    #[test]
+    fn fast_path_agrees_with_full_checks() {
+        let max = "x".repeat(MAX_SERVICE_NAME_LEN);
+        let over = "x".repeat(MAX_SERVICE_NAME_LEN + 1);
+        let mut paths = vec![format!("/{max}/M"), format!("/{over}/M")];
+        for p in [
+            "",
+            "/",
+            "//",
+            "//M",
+            "/a",
+            "/a/",
+            "a/M",
+            "/a/M",
+            "/a/M/",
+            "/a/M/x",
+            "/a b/M",
+            "/ä/M",
+            "/a.b_c-d/Method",
+            "/a/ä",
+            "/-/x",
+            "x",
+            "/a//",
+        ] {
+            paths.push(p.to_string());
+        }
+        for p in &paths {
+            assert_eq!(service_from_path(p), service_from_path_checked(p), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn bad_names_report_the_first_bad_char() {
+        assert_eq!(
+            validate_service_name("abä"),
+            Err(ServiceNameError::BadChar('ä'))
+        );
+        assert_eq!(
+            validate_service_name("a b"),
+            Err(ServiceNameError::BadChar(' '))
         );
     }
 
