@@ -469,4 +469,92 @@ mod tests {
         assert_eq!(union.len(), 1);
         assert!(union.values().all(|e| !e.tls));
     }
+
+    /// Waits (up to 10 s) for the next change of endpoints and gives it as `sent` does
+    /// (reachability updates are skipped).
+    async fn next(rx: &mut Updates) -> (&'static str, Vec<String>) {
+        loop {
+            let u = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an update within 10 s")
+                .expect("the source is running");
+            if matches!(u, Update::Reachable(_)) {
+                continue;
+            }
+            let (tx, mut one) = mpsc::unbounded_channel();
+            tx.send(u).expect("open");
+            return sent(&mut one).remove(0);
+        }
+    }
+
+    #[cfg(feature = "demo")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_watch_survives_compaction_and_a_compacted_start_ends_for_a_re_list() {
+        let etcd = crate::testkit::EtcdProcess::start().await.unwrap();
+        let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+        client
+            .put("services/svc/127.0.0.1:1", "127.0.0.1:1", None)
+            .await
+            .unwrap();
+        let source = EtcdSource::new(client.clone());
+        let mut rx = source.watch(&name(), &["services".to_owned()]);
+        // Other services' watches share the stream.
+        let _other = source.watch(
+            &ServiceName::new("other").unwrap(),
+            &["services".to_owned()],
+        );
+        assert_eq!(next(&mut rx).await, ("reset", addrs(&["127.0.0.1:1"])));
+
+        // History moves on, and is compacted away while the watch is live.
+        let mut rev = 0;
+        for i in 0..20 {
+            let r = client
+                .put(
+                    "services/unrelated/127.0.0.1:9",
+                    format!("127.0.0.1:{i}"),
+                    None,
+                )
+                .await
+                .unwrap();
+            rev = r.header().map_or(0, |h| h.revision());
+        }
+        client
+            .compact(
+                rev,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .unwrap();
+        // The live watch goes on: changes after the compaction still arrive.
+        client
+            .put("services/svc/127.0.0.1:2", "127.0.0.1:2", None)
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx).await, ("add", addrs(&["127.0.0.1:2"])));
+        client
+            .delete("services/svc/127.0.0.1:1", None)
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx).await, ("remove", addrs(&["127.0.0.1:1"])));
+
+        // A watch asked to start before the compacted revision is ended as compacted,
+        // so its watcher re-lists instead of missing what was compacted away.
+        let hub = WatchHub::start(client.watch_client());
+        let (w, _updates) = state(1);
+        let (ended, why) = oneshot::channel();
+        let sub = Subscription {
+            state: Arc::new(Mutex::new(w)),
+            index: 0,
+            ended,
+        };
+        let _watching = hub.watch("services/svc/", 2, sub);
+        let why = tokio::time::timeout(Duration::from_secs(10), why)
+            .await
+            .expect("ended within 10 s")
+            .expect("told why");
+        assert!(
+            matches!(why, SyncError::Compacted(r) if r >= rev),
+            "{why:?}"
+        );
+    }
 }

@@ -79,12 +79,7 @@ impl Observer {
         let mut trace_id = None;
         let mut span = None;
         if let Some(t) = &self.tracing {
-            let parent = t.parent(headers);
-            span = t.start(&parent, uri.path(), peer.ip());
-            trace_id = match &span {
-                Some(s) => Some(s.span_context().trace_id()),
-                None => trace::trace_id(&parent),
-            };
+            (span, trace_id) = t.start(headers, uri.path(), peer.ip());
         } else if self.log.is_some() && headers.contains_key(&trace::TRACEPARENT) {
             trace_id = trace::trace_id(&trace::parent_only(headers));
         }

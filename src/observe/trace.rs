@@ -7,9 +7,11 @@
 //! followed and an unsampled one (`00`) never, since the client, or a hop before it, has
 //! made the trace's decision and a span of the proxy's alone would hang from a parent
 //! nobody exported; a call without a `traceparent` is sampled at
-//! `observe.trace_sample_rate` (by trace id, so every hop that uses a ratio agrees).
-//! A call that is not sampled costs one header parse and no span: its headers go to the
-//! backend untouched.
+//! `observe.trace_sample_rate`.
+//! Both decisions are made before the SDK is asked for anything: a call that is not
+//! sampled costs a header lookup (and, with a `traceparent`, its parse) and no span, and
+//! its headers go to the backend untouched. The SDK's own root sampler then always says
+//! yes, since the ratio has been applied already.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +49,8 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// The tracer of the process: spans, their sampler and their export.
 #[derive(Debug)]
 pub struct Tracing {
+    /// Root calls sampled when a uniform `u64` draw is below this (`u64::MAX`: all).
+    root_threshold: u64,
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
@@ -76,7 +80,8 @@ impl Tracing {
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(batch)
             .build();
-        let sampler = Sampler::parent_based(Sampler::TraceIdRatioBased(rate));
+        // Roots are sampled in `start`, before a span is built.
+        let sampler = Sampler::parent_based(Sampler::AlwaysOn);
         let resource = Resource::builder_empty()
             .with_service_name("switchyard")
             .with_attribute(KeyValue::new("host.name", host_name()))
@@ -88,29 +93,46 @@ impl Tracing {
             .build();
         let tracer = provider.tracer("switchyard");
         Ok(Self {
+            root_threshold: root_threshold(rate),
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
         })
     }
 
-    /// The client's trace context, from `traceparent` and `tracestate`.
-    pub fn parent(&self, headers: &HeaderMap) -> Context {
-        self.propagator.extract(&Headers(headers))
-    }
-
-    /// The call's span, child of `parent`, if sampled; `path` is the call's
-    /// `/package.Service/Method`.
-    pub fn start(&self, parent: &Context, path: &str, peer: std::net::IpAddr) -> Option<Span> {
+    /// The call's span, if sampled, child of the client's `traceparent` (and
+    /// `tracestate`) when it sent one, and the call's trace id if it has one; `path` is
+    /// the call's `/package.Service/Method`.
+    pub fn start(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        peer: std::net::IpAddr,
+    ) -> (Option<Span>, Option<TraceId>) {
+        let parent = if headers.contains_key(&TRACEPARENT) {
+            let parent = self.propagator.extract(&Headers(headers));
+            let sc = parent.span().span_context().clone();
+            if sc.is_valid() && !sc.is_sampled() {
+                // The client's trace is not sampled: no span, the trace id for the log.
+                return (None, Some(sc.trace_id()));
+            }
+            parent
+        } else {
+            if self.root_threshold != u64::MAX && fastrand::u64(..) >= self.root_threshold {
+                return (None, None);
+            }
+            Context::new()
+        };
         // A placeholder name: the real one is built only for a sampled span.
         let mut span = self
             .tracer
             .span_builder("grpc")
             .with_kind(SpanKind::Server)
-            .start_with_context(&self.tracer, parent);
+            .start_with_context(&self.tracer, &parent);
         if !span.span_context().is_sampled() {
-            return None;
+            return (None, trace_id(&parent));
         }
+        let id = span.span_context().trace_id();
         let name = path.strip_prefix('/').unwrap_or(path);
         let (service, method) = name.split_once('/').unwrap_or((name, ""));
         span.set_attributes([
@@ -120,7 +142,7 @@ impl Tracing {
             KeyValue::new("network.peer.address", peer.to_string()),
         ]);
         span.update_name(name.to_owned());
-        Some(span)
+        (Some(span), Some(id))
     }
 
     /// Exports what is queued and stops the export thread (blocks: call off the runtime's
@@ -129,6 +151,16 @@ impl Tracing {
         if let Err(e) = self.provider.shutdown() {
             tracing::debug!(error = %e, "trace export did not shut down cleanly");
         }
+    }
+}
+
+/// The draw below which a root call is sampled at `rate` (0 to 1).
+fn root_threshold(rate: f64) -> u64 {
+    if rate >= 1.0 {
+        u64::MAX
+    } else {
+        // Saturating float-to-int conversion: 0 for 0 (never), about `rate` × 2^64 else.
+        (rate.max(0.0) * u64::MAX as f64) as u64
     }
 }
 
@@ -243,5 +275,20 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_threshold_spans_the_draws() {
+        assert_eq!(root_threshold(0.0), 0);
+        assert_eq!(root_threshold(1.0), u64::MAX);
+        let half = root_threshold(0.5);
+        assert!(half.abs_diff(u64::MAX / 2) < u64::MAX / 1_000_000, "{half}");
+        let hundredth = root_threshold(0.01) as f64 / u64::MAX as f64;
+        assert!((hundredth - 0.01).abs() < 1e-9, "{hundredth}");
     }
 }

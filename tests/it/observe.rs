@@ -568,6 +568,46 @@ async fn an_unsampled_parent_is_followed_whatever_the_rate() {
     proxy.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fractional_rate_samples_that_share_of_root_calls() {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (backend, seen) = recording_backend().await;
+    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
+    let (otlp, received) = otlp_receiver().await;
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.observe.otlp_endpoint = Some(otlp.clone());
+        a.observe.trace_sample_rate = 0.25;
+    })
+    .await;
+    let mut c = client(proxy.addr).await;
+    const CALLS: usize = 400;
+    for _ in 0..CALLS {
+        c.unary(traced("root", &[])).await.unwrap();
+    }
+    // The backend saw a proxy traceparent exactly on the sampled calls.
+    let sampled = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.traceparent.is_some())
+        .count();
+    // 100 expected; the bounds are more than 5 standard deviations (8.7) away.
+    assert!(
+        (55..=145).contains(&sampled),
+        "{sampled} of {CALLS} sampled"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "every sampled span exported",
+        || {
+            let got = received.0.lock().unwrap().len();
+            async move { got == sampled }
+        },
+    )
+    .await;
+    proxy.shutdown().await;
+}
+
 /// The settings `switchyard proxy ARGS..` loads (without environment variables unless
 /// the test process has them).
 fn loaded(args: &[&str]) -> switchyard::settings::Loaded {
