@@ -141,6 +141,20 @@ interval = "2s"
 
 [log]
 level = "warn,switchyard=debug"
+
+[[traffic]]
+service = "b.rpc"
+strict = true
+[[traffic.match]]
+header = "x-canary"
+value = "1"
+subset = { version = "v2" }
+[[traffic.split]]
+subset = { version = "v1" }
+weight = 95
+[[traffic.split]]
+subset = { version = "v2", zone = "eu-1a" }
+weight = 5
 "#;
 
 /// A directory with the PEM files FULL names (relative to it).
@@ -245,6 +259,17 @@ fn the_file_sets_every_setting_and_relative_paths_are_relative_to_it() {
     assert_eq!(a.health_check.kind, switchyard::health::ActiveCheck::Grpc);
     assert_eq!(a.health_check.interval, Duration::from_secs(2));
     assert_eq!(a.log.level.as_str(), "warn,switchyard=debug");
+    assert_eq!(a.traffic.len(), 1);
+    let t = &a.traffic[0];
+    assert_eq!((t.service.as_str(), t.strict), ("b.rpc", true));
+    assert_eq!(
+        (t.matches[0].header.as_str(), t.matches[0].value.as_str()),
+        ("x-canary", "1")
+    );
+    assert_eq!(t.matches[0].subset["version"], "v2");
+    let split: Vec<_> = t.split.iter().map(|s| (s.subset.len(), s.weight)).collect();
+    assert_eq!(split, [(1, 95), (2, 5)]);
+    assert_eq!(t.split[1].subset["zone"], "eu-1a");
     // Every setting came from the file.
     let cmd = config::proxy_command();
     for arg in cmd.get_arguments() {
