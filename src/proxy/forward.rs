@@ -20,7 +20,7 @@ use super::error::CallError;
 use super::local::{Answer, Local};
 use super::relay::Relay;
 use super::replay::ReplayBody;
-use super::resend::{Avoid, Resender, Sent};
+use super::resend::{Avoid, Resender, Sent, NO_AVOID};
 use super::routing::LiveRouting;
 use crate::balance::{Backend, EndpointSet, Steer};
 use crate::call::{Arrival, BackendCall};
@@ -224,7 +224,11 @@ impl Forwarder {
         // Boxed: the header phase's state (request head, retry state, backend choice)
         // is freed once the response starts; a stream then holds only its relay for as
         // long as the response lasts.
-        let mut started = Box::pin(self.start_response(call, respond)).await;
+        //
+        // Boxed in a statement of its own: a future made in the expression that awaits it
+        // would keep a slot of its size in this future's state, box or no box.
+        let started = Box::pin(self.start_response(call, respond));
+        let mut started = started.await;
         // Relayed in place (moving it out would give the state a second copy).
         if let Some(relay) = started.as_mut() {
             poll_fn(|cx| relay.poll_relay(cx)).await;
@@ -329,7 +333,8 @@ impl Forwarder {
         let name = service.name();
         if !service.is_loaded() {
             let wait = self.routing.load().discovery_timeout;
-            if !Box::pin(service.wait_loaded(wait)).await {
+            let loaded = Box::pin(service.wait_loaded(wait));
+            if !loaded.await {
                 return Err(CallError::NotLoaded(name.clone()));
             }
         }
@@ -347,13 +352,11 @@ impl Forwarder {
                     throttle: p.throttle.as_deref(),
                     deadline,
                 };
-                return Box::pin(how.run(resend, body, obs)).await;
+                let resent = Box::pin(how.run(resend, body, obs));
+                return resent.await;
             }
         }
-        match self
-            .send(service, parts, body, &Avoid::default(), obs)
-            .await?
-        {
+        match self.send(service, parts, body, &NO_AVOID, obs).await? {
             Sent::Answered(resp, call, replay) => {
                 if let Some(b) = replay {
                     b.commit();
@@ -432,7 +435,8 @@ impl Forwarder {
                 break;
             }
             pauses += 1;
-            Box::pin(refusal_pause(pauses)).await;
+            let pause = Box::pin(refusal_pause(pauses));
+            pause.await;
         }
         Err(CallError::Unreachable {
             service: name.clone(),

@@ -59,6 +59,14 @@ pub(super) struct Avoid {
     slots: [AtomicUsize; AVOID_SLOTS],
 }
 
+/// The [`Avoid`] of calls without a policy: records nothing. A static, so that a call's
+/// future does not hold one across its attempt.
+pub(super) static NO_AVOID: Avoid = Avoid {
+    on: false,
+    len: AtomicUsize::new(0),
+    slots: [const { AtomicUsize::new(0) }; AVOID_SLOTS],
+};
+
 impl Avoid {
     fn tracking() -> Self {
         Self {

@@ -398,7 +398,8 @@ async fn sighup_reopens_the_access_log_for_logrotate() {
     })
     .await;
     assert_eq!(lines(&rotated).len(), 1, "the old file keeps its line");
-    assert!(p.logged(&["access log reopened"]), "{}", p.log_text());
+    // The process's log is read by another thread: wait for the line rather than race it.
+    crate::restart::wait_logged(&p, &["access log reopened"]);
 }
 
 /// A request with a sampled `traceparent` of the test's trace.
