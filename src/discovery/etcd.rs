@@ -357,20 +357,23 @@ mod tests {
         w.send_changes();
     }
 
-    /// The updates sent so far, each as its kind and its addresses (sorted).
+    /// An update as its kind and its addresses (sorted).
+    fn describe(u: Update) -> (&'static str, Vec<String>) {
+        let (kind, mut addrs): (_, Vec<String>) = match u {
+            Update::Reset(e) => ("reset", e.iter().map(|e| e.addr.to_string()).collect()),
+            Update::Add(e) => ("add", e.iter().map(|e| e.addr.to_string()).collect()),
+            Update::Remove(a) => ("remove", a.iter().map(ToString::to_string).collect()),
+            Update::Reachable(r) => ("reachable", vec![r.to_string()]),
+        };
+        addrs.sort();
+        (kind, addrs)
+    }
+
+    /// The updates sent so far, as `describe` gives them.
     fn sent(rx: &mut Updates) -> Vec<(&'static str, Vec<String>)> {
-        let mut v = Vec::new();
-        while let Ok(u) = rx.try_recv() {
-            let (kind, mut addrs): (_, Vec<String>) = match u {
-                Update::Reset(e) => ("reset", e.iter().map(|e| e.addr.to_string()).collect()),
-                Update::Add(e) => ("add", e.iter().map(|e| e.addr.to_string()).collect()),
-                Update::Remove(a) => ("remove", a.iter().map(ToString::to_string).collect()),
-                Update::Reachable(r) => ("reachable", vec![r.to_string()]),
-            };
-            addrs.sort();
-            v.push((kind, addrs));
-        }
-        v
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(describe)
+            .collect()
     }
 
     fn addrs(list: &[&str]) -> Vec<String> {
@@ -470,20 +473,17 @@ mod tests {
         assert!(union.values().all(|e| !e.tls));
     }
 
-    /// Waits (up to 10 s) for the next change of endpoints and gives it as `sent` does
-    /// (reachability updates are skipped).
+    /// Waits (up to 10 s) for the next change of endpoints and gives it as `describe`
+    /// does (reachability updates are skipped).
     async fn next(rx: &mut Updates) -> (&'static str, Vec<String>) {
         loop {
             let u = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("an update within 10 s")
                 .expect("the source is running");
-            if matches!(u, Update::Reachable(_)) {
-                continue;
+            if !matches!(u, Update::Reachable(_)) {
+                return describe(u);
             }
-            let (tx, mut one) = mpsc::unbounded_channel();
-            tx.send(u).expect("open");
-            return sent(&mut one).remove(0);
         }
     }
 

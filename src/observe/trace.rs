@@ -6,8 +6,8 @@
 //! `ParentBased` sampler with its defaults): a sampled parent (flags `01`) is always
 //! followed and an unsampled one (`00`) never, since the client, or a hop before it, has
 //! made the trace's decision and a span of the proxy's alone would hang from a parent
-//! nobody exported; a call without a `traceparent` is sampled at
-//! `observe.trace_sample_rate`.
+//! nobody exported; a call without a `traceparent` (or with one that does not parse) is
+//! sampled at `observe.trace_sample_rate`.
 //! Both decisions are made before the SDK is asked for anything: a call that is not
 //! sampled costs a header lookup (and, with a `traceparent`, its parse) and no span, and
 //! its headers go to the backend untouched. The SDK's own root sampler then always says
@@ -110,19 +110,21 @@ impl Tracing {
         peer: std::net::IpAddr,
     ) -> (Option<Span>, Option<TraceId>) {
         let parent = if headers.contains_key(&TRACEPARENT) {
-            let parent = self.propagator.extract(&Headers(headers));
-            let sc = parent.span().span_context().clone();
-            if sc.is_valid() && !sc.is_sampled() {
+            self.propagator.extract(&Headers(headers))
+        } else {
+            Context::new()
+        };
+        let client = parent.span();
+        let sc = client.span_context();
+        if sc.is_valid() {
+            if !sc.is_sampled() {
                 // The client's trace is not sampled: no span, the trace id for the log.
                 return (None, Some(sc.trace_id()));
             }
-            parent
-        } else {
-            if self.root_threshold != u64::MAX && fastrand::u64(..) >= self.root_threshold {
-                return (None, None);
-            }
-            Context::new()
-        };
+        } else if self.root_threshold != u64::MAX && fastrand::u64(..) >= self.root_threshold {
+            // A root call (no `traceparent`, or one that does not parse) not drawn.
+            return (None, None);
+        }
         // A placeholder name: the real one is built only for a sampled span.
         let mut span = self
             .tracer

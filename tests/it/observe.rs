@@ -142,19 +142,51 @@ fn traced(
     r
 }
 
+/// A traced setup: etcd, a recording Echo backend registered in it, an OTLP receiver,
+/// and a proxy exporting its spans there, sampling root calls at `rate`. Bind `_reg` and
+/// `_etcd` when taking it apart: dropped, they end the registration and etcd.
+struct Traced {
+    proxy: Proxy,
+    backend: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    received: Received,
+    _reg: TestRegistration,
+    _etcd: EtcdProcess,
+}
+
+async fn traced_proxy(rate: f64) -> Traced {
+    let etcd = EtcdProcess::start().await.unwrap();
+    let (backend, seen) = recording_backend().await;
+    let reg = register(etcd.endpoint(), ECHO, backend, 10).await;
+    let (otlp, received) = otlp_receiver().await;
+    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
+        a.observe.otlp_endpoint = Some(otlp.clone());
+        a.observe.trace_sample_rate = rate;
+    })
+    .await;
+    Traced {
+        proxy,
+        backend,
+        seen,
+        received,
+        _reg: reg,
+        _etcd: etcd,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_trace_continues_through_the_proxy_to_the_backend() {
     init_tracing();
-    let etcd = EtcdProcess::start().await.unwrap();
-    let (backend, seen) = recording_backend().await;
-    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
-    let (otlp, received) = otlp_receiver().await;
     // Rate 0: only a client's sampled trace is followed.
-    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.observe.otlp_endpoint = Some(otlp.clone());
-        a.observe.trace_sample_rate = 0.0;
-    })
-    .await;
+    let Traced {
+        proxy,
+        backend,
+        seen,
+        received,
+        _reg,
+        _etcd,
+        ..
+    } = traced_proxy(0.0).await;
     let mut c = client(proxy.addr).await;
     let parent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
     c.unary(traced(
@@ -169,6 +201,10 @@ async fn a_clients_trace_continues_through_the_proxy_to_the_backend() {
     .unwrap();
     // Not sampled (rate 0): no span, and the backend gets no traceparent of the proxy's.
     c.unary(traced("untraced", &[])).await.unwrap();
+    // A traceparent that does not parse is no parent: a root call, drawn at the rate too.
+    c.unary(traced("garbled", &[("traceparent", "00-not-a-trace-01")]))
+        .await
+        .unwrap();
 
     eventually(
         Duration::from_secs(15),
@@ -206,7 +242,7 @@ async fn a_clients_trace_continues_through_the_proxy_to_the_backend() {
     assert!(text_attr(&resource, "host.name").is_some_and(|h| !h.is_empty()));
 
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
     let to_backend = seen[0].traceparent.clone().expect("a traceparent");
     assert_eq!(
         to_backend,
@@ -220,6 +256,11 @@ async fn a_clients_trace_continues_through_the_proxy_to_the_backend() {
         "other trace headers pass through"
     );
     assert_eq!(seen[1].traceparent, None, "an unsampled call gets no span");
+    assert_eq!(
+        seen[2].traceparent.as_deref(),
+        Some("00-not-a-trace-01"),
+        "a garbled traceparent is not sampled at rate 0 and passes through untouched"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         received.0.lock().unwrap().len(),
@@ -515,16 +556,15 @@ async fn the_proxys_own_answers_have_their_line_and_span() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsampled_parent_is_followed_whatever_the_rate() {
-    let etcd = EtcdProcess::start().await.unwrap();
-    let (backend, seen) = recording_backend().await;
-    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
-    let (otlp, received) = otlp_receiver().await;
     // Rate 1: every call without a traceparent is traced.
-    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.observe.otlp_endpoint = Some(otlp.clone());
-        a.observe.trace_sample_rate = 1.0;
-    })
-    .await;
+    let Traced {
+        proxy,
+        seen,
+        received,
+        _reg,
+        _etcd,
+        ..
+    } = traced_proxy(1.0).await;
     let mut c = client(proxy.addr).await;
     let unsampled = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
     c.unary(traced("decided against", &[("traceparent", &unsampled)]))
@@ -571,15 +611,14 @@ async fn an_unsampled_parent_is_followed_whatever_the_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fractional_rate_samples_that_share_of_root_calls() {
-    let etcd = EtcdProcess::start().await.unwrap();
-    let (backend, seen) = recording_backend().await;
-    let _reg = register(etcd.endpoint(), ECHO, backend, 10).await;
-    let (otlp, received) = otlp_receiver().await;
-    let proxy = Proxy::start_with(&[etcd.endpoint().to_owned()], &[], |a| {
-        a.observe.otlp_endpoint = Some(otlp.clone());
-        a.observe.trace_sample_rate = 0.25;
-    })
-    .await;
+    let Traced {
+        proxy,
+        seen,
+        received,
+        _reg,
+        _etcd,
+        ..
+    } = traced_proxy(0.25).await;
     let mut c = client(proxy.addr).await;
     const CALLS: usize = 400;
     for _ in 0..CALLS {
